@@ -1,14 +1,263 @@
 """Minimal stand-ins for the ComfyUI modules the pack imports (only for unit tests).
 
-They implement just enough behaviour for the node adapters to run on the CPU: a folder registry,
-a ModelPatcher that keeps the model where it is, a ProgressBar that records updates, and an
-interrupt flag tests can set.
+They implement just enough behaviour for the node adapters to run on the CPU: a folder registry
+(with ComfyUI's merge semantics), a ModelPatcher that keeps the model where it is and records
+loads, a ProgressBar that records updates, dtype policy functions that answer float32 / no cast,
+``comfy.ops`` namespaces built from torch layers, and an interrupt flag tests can set.
+
+Nothing here imports torch at install time (``comfy.ops`` builds its namespaces on first use), so
+the pack-import test can check that importing the pack does not pull in heavy modules.
+
+Tests reach the recorded state through ``comfy_stubs.STATE`` and reset it with ``reset()``.
 """
 
+import os
 import sys
+import tempfile
 import types
 
 _INSTALLED = False
+
+STATE = types.SimpleNamespace(
+    progress=[],        # (node_id or None, value, total) per ProgressBar update
+    loaded=[],          # list of lists of ModelPatcher passed to load_models_gpu
+    interrupt=False,    # set True to make throw_exception_if_processing_interrupted raise
+    interrupt_after=None,  # int: raise on the n-th check from now (counts down)
+    checks=0,           # how many interrupt checks ran
+)
+
+
+def reset():
+    STATE.progress.clear()
+    STATE.loaded.clear()
+    STATE.interrupt = False
+    STATE.interrupt_after = None
+    STATE.checks = 0
+
+
+# --------------------------------------------------------------------------------- folder_paths
+def _make_folder_paths():
+    m = types.ModuleType("folder_paths")
+    m.__stub__ = True
+    base = tempfile.mkdtemp(prefix="keyface-comfy-stub-")
+    m.base_path = base
+    m.models_dir = os.path.join(base, "models")
+    m.supported_pt_extensions = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+    m.folder_names_and_paths = {
+        "vae": ([os.path.join(m.models_dir, "vae")], m.supported_pt_extensions),
+        "audio_encoders": ([os.path.join(m.models_dir, "audio_encoders")], m.supported_pt_extensions),
+        "custom_nodes": ([os.path.join(base, "custom_nodes")], set()),
+    }
+    m.output_directory = os.path.join(base, "output")
+    m.temp_directory = os.path.join(base, "temp")
+    m.input_directory = os.path.join(base, "input")
+
+    def add_model_folder_path(folder_name, full_folder_path, is_default=False):
+        if folder_name in m.folder_names_and_paths:
+            paths, _ = m.folder_names_and_paths[folder_name]
+            if full_folder_path in paths:
+                if is_default and paths[0] != full_folder_path:
+                    paths.remove(full_folder_path)
+                    paths.insert(0, full_folder_path)
+            elif is_default:
+                paths.insert(0, full_folder_path)
+            else:
+                paths.append(full_folder_path)
+        else:
+            m.folder_names_and_paths[folder_name] = ([full_folder_path], set())
+
+    def get_folder_paths(folder_name):
+        return list(m.folder_names_and_paths[folder_name][0])
+
+    def get_filename_list(folder_name):
+        paths, exts = m.folder_names_and_paths[folder_name]
+        out = set()
+        for p in paths:
+            if not os.path.isdir(p):
+                continue
+            for root, dirs, files in os.walk(p, followlinks=True):
+                dirs[:] = [d for d in dirs if d != ".git"]
+                for f in files:
+                    rel = os.path.relpath(os.path.join(root, f), p).replace(os.sep, "/")
+                    if not exts or os.path.splitext(f)[1].lower() in exts:
+                        out.add(rel)
+        return sorted(out)
+
+    def get_full_path(folder_name, filename):
+        if folder_name not in m.folder_names_and_paths:
+            return None
+        filename = os.path.relpath(os.path.join("/", filename), "/")
+        for p in m.folder_names_and_paths[folder_name][0]:
+            full = os.path.join(p, filename)
+            if os.path.isfile(full):
+                return full
+        return None
+
+    def get_full_path_or_raise(folder_name, filename):
+        full = get_full_path(folder_name, filename)
+        if full is None:
+            raise FileNotFoundError(f"Model in folder '{folder_name}' with filename '{filename}' not found.")
+        return full
+
+    m.add_model_folder_path = add_model_folder_path
+    m.get_folder_paths = get_folder_paths
+    m.get_filename_list = get_filename_list
+    m.get_full_path = get_full_path
+    m.get_full_path_or_raise = get_full_path_or_raise
+    m.get_output_directory = lambda: m.output_directory
+    m.get_temp_directory = lambda: m.temp_directory
+    m.get_input_directory = lambda: m.input_directory
+
+    def get_annotated_filepath(name, default_dir=None):
+        return os.path.join(default_dir or m.input_directory, name)
+
+    m.get_annotated_filepath = get_annotated_filepath
+
+    def get_save_image_path(filename_prefix, output_dir, image_width=0, image_height=0):
+        subfolder = os.path.dirname(os.path.normpath(filename_prefix))
+        filename = os.path.basename(os.path.normpath(filename_prefix))
+        full_output_folder = os.path.join(output_dir, subfolder)
+        os.makedirs(full_output_folder, exist_ok=True)
+        counter = 1
+        existing = [f for f in os.listdir(full_output_folder) if f.startswith(filename + "_")]
+        for f in existing:
+            try:
+                counter = max(counter, int(f[len(filename) + 1:].split("_")[0].split(".")[0]) + 1)
+            except ValueError:
+                pass
+        return full_output_folder, filename, counter, subfolder, filename_prefix
+
+    m.get_save_image_path = get_save_image_path
+    return m
+
+
+# ------------------------------------------------------------------------- comfy.model_management
+def _make_model_management():
+    m = types.ModuleType("comfy.model_management")
+    m.__stub__ = True
+
+    def _torch():
+        import torch
+        return torch
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    m.InterruptProcessingException = InterruptProcessingException
+    m.get_torch_device = lambda: _torch().device("cpu")
+    m.unet_offload_device = lambda: _torch().device("cpu")
+    m.text_encoder_device = lambda: _torch().device("cpu")
+    m.text_encoder_offload_device = lambda: _torch().device("cpu")
+    m.vae_device = lambda: _torch().device("cpu")
+    m.vae_offload_device = lambda: _torch().device("cpu")
+    m.intermediate_device = lambda: _torch().device("cpu")
+    m.unet_dtype = lambda device=None, model_params=0, supported_dtypes=None, weight_dtype=None: _torch().float32
+    m.unet_manual_cast = lambda weight_dtype, inference_device, supported_dtypes=None: None
+    m.text_encoder_dtype = lambda device=None: _torch().float32
+    m.vae_dtype = lambda device=None, allowed_dtypes=(): _torch().float32
+    m.should_use_fp16 = lambda *a, **k: False
+    m.should_use_bf16 = lambda *a, **k: False
+    m.soft_empty_cache = lambda force=False: None
+
+    def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                        force_full_load=False):
+        STATE.loaded.append(list(models))
+        for p in models:
+            p.model.to(p.load_device)
+
+    m.load_models_gpu = load_models_gpu
+    m.load_model_gpu = lambda model: load_models_gpu([model])
+
+    def interrupt_current_processing(value=True):
+        STATE.interrupt = value
+
+    def processing_interrupted():
+        return STATE.interrupt
+
+    def throw_exception_if_processing_interrupted():
+        STATE.checks += 1
+        if STATE.interrupt_after is not None:
+            STATE.interrupt_after -= 1
+            if STATE.interrupt_after <= 0:
+                STATE.interrupt_after = None
+                STATE.interrupt = True
+        if STATE.interrupt:
+            STATE.interrupt = False
+            raise InterruptProcessingException()
+
+    m.interrupt_current_processing = interrupt_current_processing
+    m.processing_interrupted = processing_interrupted
+    m.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    return m
+
+
+# ---------------------------------------------------------------------------- comfy.model_patcher
+def _make_model_patcher():
+    m = types.ModuleType("comfy.model_patcher")
+    m.__stub__ = True
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+            self.model = model
+            self.load_device = load_device
+            self.offload_device = offload_device
+            self.size = size
+            if getattr(model, "device", None) is None:
+                try:
+                    model.device = offload_device
+                except Exception:
+                    pass
+
+        def model_size(self):
+            return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    m.ModelPatcher = ModelPatcher
+    return m
+
+
+# ----------------------------------------------------------------------------------- comfy.utils
+def _make_utils():
+    m = types.ModuleType("comfy.utils")
+    m.__stub__ = True
+    m.PROGRESS_BAR_HOOK = None
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total = total
+            self.current = 0
+            self.node_id = node_id
+
+        def update_absolute(self, value, total=None, preview=None):
+            if total is not None:
+                self.total = total
+            value = min(value, self.total)
+            self.current = value
+            STATE.progress.append((self.node_id, value, self.total))
+
+        def update(self, value):
+            self.update_absolute(self.current + value)
+
+    m.ProgressBar = ProgressBar
+    return m
+
+
+# ------------------------------------------------------------------------------------- comfy.ops
+def _make_ops():
+    m = types.ModuleType("comfy.ops")
+    m.__stub__ = True
+    names = ("Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm")
+
+    def __getattr__(attr):
+        if attr in ("disable_weight_init", "manual_cast"):
+            from torch import nn
+
+            ns = types.SimpleNamespace(**{n: getattr(nn, n) for n in names})
+            setattr(m, attr, ns)
+            return ns
+        raise AttributeError(attr)
+
+    m.__getattr__ = __getattr__
+    return m
 
 
 def install():
@@ -16,6 +265,18 @@ def install():
     if _INSTALLED or "comfy" in sys.modules:
         return
     _INSTALLED = True
-    # Filled in by the nodes work (see nodes/ and tests/test_nodes*.py).
-    for name in ("folder_paths", "comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils", "comfy.ops"):
-        sys.modules.setdefault(name, types.ModuleType(name))
+    comfy = types.ModuleType("comfy")
+    comfy.__path__ = []  # a package, so "import comfy.utils" works
+    comfy.__stub__ = True
+    mods = {
+        "folder_paths": _make_folder_paths(),
+        "comfy": comfy,
+        "comfy.model_management": _make_model_management(),
+        "comfy.model_patcher": _make_model_patcher(),
+        "comfy.utils": _make_utils(),
+        "comfy.ops": _make_ops(),
+    }
+    for name, mod in mods.items():
+        sys.modules.setdefault(name, mod)
+    for sub in ("model_management", "model_patcher", "utils", "ops"):
+        setattr(comfy, sub, sys.modules["comfy." + sub])

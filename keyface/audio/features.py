@@ -1,0 +1,225 @@
+"""Per-video-frame audio features, as ``scripts/util/get_audio_embeddings.py`` (--skip_video) and
+``full_pipeline.get_audio_embeddings(audio_emb_type="wavlm", extra_audio="both")`` compute them
+(spec 2.2; parity kind ``audio_features``).
+
+At 16 kHz and 25 fps a video frame owns 640 samples, and every encoder is brought to 2 feature
+vectors per frame:
+
+* WavLM and BEATs: the clip, zero-padded to a multiple of 640 (F frames) and, if F is odd, by one more
+  all-zero frame (F' even), is encoded as ONE sequence; the L output vectors are resampled to 2F'
+  rows with PyTorch's legacy ``nearest`` interpolation (row i takes vector floor(i * L / 2F')); the
+  result is [F', 2, d].
+* wav2vec2: the unpadded clip is normalised ``(w - mean) / sqrt(var_unbiased + 1e-7)``, then
+  zero-padded to 640 F samples and encoded as one sequence (2F - 1 vectors); one zero vector is
+  appended when the count is odd; [F, 2, d].
+* keyframe = cat(WavLM, BEATs), interpolation = cat(wav2vec2, BEATs), both cut to the common length
+  (F = ceil(S / 640)) after an optional ``max_frames`` crop.
+
+Memory: like the original, each encoder sees the whole clip as one sequence, so attention costs
+grow with the square of the clip length (about 50 tokens per second for each encoder). Measured on
+the CPU for 60 s of audio (1500 frames) with the tiny test encoders (4 heads, width 32, 2 layers):
+see ``docs`` in the report / ``tests/test_audio.py::test_long_clip_memory``; at Base+ width (12
+heads) the WavLM attention matrices of one layer are about 12 x 3000^2 x 4 B = 0.43 GB each for
+60 s. BEATs can bound its attention memory with ``beats.attention_chunk`` (query-row blocks, same
+function).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+SAMPLE_RATE = 16000
+FPS = 25
+SAMPLES_PER_FRAME = math.ceil(SAMPLE_RATE / FPS)  # 640
+SILENCE_THRESHOLD = 1e-5
+BEATS_MIN_SAMPLES = 400 + 15 * 160  # 16 fbank frames = one 16 x 16 patch row
+
+
+class AudioInputError(ValueError):
+    """The audio given to KeyFace cannot be used (empty, too short, silent, not finite, wrong shape)."""
+
+
+@dataclass
+class AudioFeatures:
+    keyframe: torch.Tensor  # [N, 2, d_wavlm + d_beats] = cat(WavLM, BEATs)
+    interpolation: torch.Tensor  # [N, 2, d_wav2vec2 + d_beats] = cat(wav2vec2, BEATs)
+    num_frames: int  # N = ceil(S16k / 640), before any max_frames crop
+    wavlm: torch.Tensor | None = None  # per-encoder arrays as the original script saves them
+    beats: torch.Tensor | None = None
+    wav2vec2: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Waveform preparation
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_float(waveform) -> torch.Tensor:
+    if not isinstance(waveform, torch.Tensor):
+        try:
+            waveform = torch.as_tensor(waveform)
+        except Exception as err:  # noqa: BLE001
+            raise AudioInputError(f"audio: expected a waveform tensor, got {type(waveform).__name__} ({err})") from None
+    if waveform.dtype == torch.bool or waveform.is_complex():
+        raise AudioInputError(f"audio: expected real sample values, got dtype {waveform.dtype}")
+    if not waveform.is_floating_point():
+        if waveform.dtype == torch.uint8:
+            return (waveform.to(torch.float32) - 128.0) / 128.0
+        scale = float(torch.iinfo(waveform.dtype).max) + 1.0  # int16 PCM -> /32768 etc.
+        return waveform.to(torch.float32) / scale
+    return waveform.to(torch.float32)
+
+
+def prepare_waveform(waveform, sample_rate) -> torch.Tensor:
+    """Any mono / multichannel waveform -> mono float32 [S] at 16 kHz (on the input's device).
+
+    Accepts ``[S]``, ``[C, S]`` or ``[1, C, S]`` (a ComfyUI AUDIO batch of one). Channels are averaged
+    (any count), then the clip is resampled with ``torchaudio.functional.resample`` when
+    ``sample_rate`` is not 16000. Raises :class:`AudioInputError` for empty, non-finite, too short
+    (under one 25 fps video frame = 640 samples at 16 kHz) or silent audio, and for other shapes.
+    """
+    x = _to_float(waveform)
+    if x.dim() == 3:
+        if x.shape[0] != 1:
+            raise AudioInputError(
+                f"audio: got a batch of {x.shape[0]} clips (shape {tuple(x.shape)}); KeyFace takes one clip at a time"
+            )
+        x = x[0]
+    if x.dim() == 1:
+        x = x[None]
+    if x.dim() != 2:
+        raise AudioInputError(
+            f"audio: expected a waveform [samples], [channels, samples] or [1, channels, samples], got shape {tuple(x.shape)}"
+        )
+    if x.numel() == 0:
+        raise AudioInputError(f"audio: the clip is empty (shape {tuple(x.shape)})")
+    try:
+        sr = int(sample_rate)
+    except (TypeError, ValueError):
+        raise AudioInputError(f"audio: sample_rate must be a positive integer, got {sample_rate!r}") from None
+    if sr <= 0 or sr != sample_rate:
+        raise AudioInputError(f"audio: sample_rate must be a positive integer, got {sample_rate!r}")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise AudioInputError(f"audio: the waveform contains {bad} NaN or infinite sample(s)")
+    x = x.mean(dim=0)  # downmix (a no-op for mono)
+    if sr != SAMPLE_RATE:
+        from torchaudio.functional import resample  # pure Python; imported lazily
+
+        x = resample(x, sr, SAMPLE_RATE)
+    if x.shape[0] < SAMPLES_PER_FRAME:
+        seconds = x.shape[0] / SAMPLE_RATE
+        raise AudioInputError(
+            f"audio: the clip is too short: {x.shape[0]} samples at 16 kHz ({seconds * 1000:.1f} ms; input shape "
+            f"{tuple(waveform.shape) if hasattr(waveform, 'shape') else '?'} at {sr} Hz); at least one video frame "
+            f"({SAMPLES_PER_FRAME} samples = 40 ms) is needed"
+        )
+    peak = float(x.abs().max())
+    if peak < SILENCE_THRESHOLD:
+        raise AudioInputError(
+            f"audio: the clip is silent (peak amplitude {peak:.2e}, below {SILENCE_THRESHOLD:g}); "
+            "give a clip with speech in it"
+        )
+    return x.contiguous()
+
+
+def num_video_frames(num_samples_16k: int) -> int:
+    return -(-int(num_samples_16k) // SAMPLES_PER_FRAME)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-encoder arrays (exactly what get_audio_embeddings.py saves)
+# --------------------------------------------------------------------------------------------------
+
+
+def _pad_frames(wave: torch.Tensor, even: bool) -> tuple[torch.Tensor, int]:
+    """Zero-pad a mono clip to whole 640-sample frames (and to an even count if ``even``)."""
+    frames = num_video_frames(wave.shape[-1])
+    if even and frames % 2:
+        frames += 1
+    return F.pad(wave, (0, frames * SAMPLES_PER_FRAME - wave.shape[-1])), frames
+
+
+def _to_rows(feats: torch.Tensor, frames: int) -> torch.Tensor:
+    """[1, L, d] -> legacy ``nearest`` to 2 * frames rows -> [frames, 2, d]."""
+    x = F.interpolate(feats.transpose(1, 2).float(), size=2 * frames, mode="nearest")
+    return x.transpose(1, 2).reshape(frames, 2, -1)
+
+
+@torch.no_grad()
+def wavlm_frames(wave16k: torch.Tensor, wavlm) -> torch.Tensor:
+    """WavLM array [F', 2, d] (F' = F rounded up to even) of a prepared mono 16 kHz clip."""
+    padded, frames = _pad_frames(wave16k, even=True)
+    return _to_rows(wavlm(padded[None]), frames)
+
+
+@torch.no_grad()
+def beats_frames(wave16k: torch.Tensor, beats) -> torch.Tensor:
+    """BEATs array [F', 2, d] of a prepared mono 16 kHz clip.
+
+    Clips shorter than 6 frames (0.24 s) give the original no BEATs token at all (it fails there);
+    their encoder input is extended with zeros to one 16-frame fbank patch row (2800 samples).
+    Longer clips are computed exactly as the original.
+    """
+    padded, frames = _pad_frames(wave16k, even=True)
+    if padded.shape[-1] < BEATS_MIN_SAMPLES:
+        padded = F.pad(padded, (0, BEATS_MIN_SAMPLES - padded.shape[-1]))
+    return _to_rows(beats(padded[None]), frames)
+
+
+@torch.no_grad()
+def wav2vec2_frames(wave16k: torch.Tensor, wav2vec2) -> torch.Tensor:
+    """wav2vec2 array [F, 2, d]: whole-clip normalisation, zero pad, encode, zero vector if odd."""
+    from .wav2vec2 import normalize_waveform
+
+    normed = normalize_waveform(wave16k)
+    padded, frames = _pad_frames(normed, even=False)
+    h = wav2vec2(padded[None])[0].float()  # [L, d]
+    if h.shape[0] % 2:
+        h = torch.cat([h, h.new_zeros(1, h.shape[1])], dim=0)
+    return h.reshape(-1, 2, h.shape[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# The clip's features
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def compute_features(waveform, sample_rate, wavlm, beats, wav2vec2, max_frames=None, attention_chunk=None) -> AudioFeatures:
+    """Raw audio -> :class:`AudioFeatures` (keyframe / interpolation arrays, one row per 25 fps frame).
+
+    ``waveform``: [S], [C, S] or [1, C, S] at ``sample_rate`` (see :func:`prepare_waveform`).
+    ``max_frames``: optional crop of the arrays (the original crops at 1125 = 45 s) before the
+    common-length cut. ``attention_chunk``: if given, WavLM and BEATs compute attention in blocks of
+    that many query rows for this call (memory ~ L x chunk instead of L^2; same function, see the
+    module docstring). Outputs are float32 on the CPU.
+    """
+    wave = prepare_waveform(waveform, sample_rate)
+    n = num_video_frames(wave.shape[0])
+    saved = [getattr(m, "attention_chunk", None) for m in (wavlm, beats)]
+    try:
+        if attention_chunk is not None:
+            for m in (wavlm, beats):
+                if hasattr(m, "attention_chunk"):
+                    m.attention_chunk = int(attention_chunk)
+        w = wavlm_frames(wave, wavlm).float().cpu()
+        b = beats_frames(wave, beats).float().cpu()
+    finally:
+        for m, c in zip((wavlm, beats), saved):
+            if hasattr(m, "attention_chunk"):
+                m.attention_chunk = c
+    v = wav2vec2_frames(wave, wav2vec2).float().cpu()
+    key = [w, b]
+    interp = [v, b]
+    if max_frames is not None:
+        key = [t[: int(max_frames)] for t in key]
+        interp = [t[: int(max_frames)] for t in interp]
+    length = min(t.shape[0] for t in key + interp)
+    keyframe = torch.cat([t[:length] for t in key], dim=-1)
+    interpolation = torch.cat([t[:length] for t in interp], dim=-1)
+    return AudioFeatures(keyframe=keyframe, interpolation=interpolation, num_frames=n, wavlm=w, beats=b, wav2vec2=v)

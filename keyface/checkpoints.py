@@ -1,0 +1,519 @@
+"""Safe reading of model files.
+
+Model files are untrusted input. This module is the only place in the package that opens them:
+
+* ``.safetensors`` through safetensors (no code at all);
+* ``.pt`` / ``.ckpt`` / ``.bin`` / ``.pth`` pickles through ``torch.load(weights_only=True)`` and, only
+  when that refuses the file, through a second restricted unpickler that resolves a short allow-list
+  of globals (tensor rebuilding, storages, plain containers, a few inert metadata types). Any other
+  global -- and with it any attempt to run code while unpickling -- raises :class:`CheckpointError`
+  naming the global and the file. No code from a pickle is ever executed.
+
+It also provides the :class:`KeyLedger` the model loaders use to account for every key of a file,
+and :func:`convert_to_safetensors`, a one-call conversion of any supported file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "KeyLedger",
+    "convert_to_safetensors",
+    "load_torch_file",
+    "read_audio_checkpoint",
+    "read_state_dict",
+]
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+FORWARD_MODULE_PREFIX = "_forward_module."
+AUDIO_CFG_METADATA_KEY = "keyface.audio_cfg"
+
+_ADVICE = (
+    "KeyFace never runs code from a model file. If you trust this file and its origin, convert it "
+    "once, in a trusted environment, with `python -m keyface.checkpoints convert --trust-pickle SRC "
+    "DST.safetensors` (keyface.checkpoints.convert_to_safetensors(src, dst, trust_pickle=True)), and "
+    "load the .safetensors file instead."
+)
+
+
+class CheckpointError(ValueError):
+    """A model file could not be read safely, or does not hold what the caller expected."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Restricted unpickler (fallback when torch's weights_only loader refuses a file)
+# --------------------------------------------------------------------------------------------------
+
+
+class _InertDict(dict):
+    """Stand-in for dict-like metadata classes of training frameworks (never imported)."""
+
+    def __setstate__(self, state):  # BUILD with a plain state dict
+        if isinstance(state, dict):
+            self.update(state)
+
+
+class _InertNamespace(SimpleNamespace):
+    """Stand-in for ``argparse.Namespace`` (the real class is harmless too, but this needs no import)."""
+
+
+# Metadata containers found beside the weights of Lightning / DeepSpeed checkpoints. They are mapped
+# to inert local classes instead of being imported.
+_INERT_STANDINS = {
+    ("argparse", "Namespace"): _InertNamespace,
+    ("pytorch_lightning.utilities.parsing", "AttributeDict"): _InertDict,
+    ("lightning.fabric.utilities.data", "AttributeDict"): _InertDict,
+    ("lightning_fabric.utilities.data", "AttributeDict"): _InertDict,
+    ("lightning.pytorch.utilities.parsing", "AttributeDict"): _InertDict,
+}
+
+_SAFE_BUILTINS = {
+    "dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "bool", "str", "bytes",
+    "bytearray", "slice", "range",
+}
+
+_SAFE_TORCH = {
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch._utils", "_rebuild_device_tensor_from_numpy"),
+    ("torch._utils", "_rebuild_meta_tensor_no_storage"),
+    ("torch._tensor", "_rebuild_from_type_v2"),
+    ("torch.nn.parameter", "Parameter"),
+    ("torch", "Tensor"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("torch.storage", "UntypedStorage"),
+    ("torch.storage", "TypedStorage"),
+    ("torch", "UntypedStorage"),
+    ("torch", "TypedStorage"),
+}
+
+_SAFE_OTHER = {
+    ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # protocol-2 pickles encode bytes as _codecs.encode(str, "latin1")
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+}
+
+
+def _resolve_allowed(module: str, name: str):
+    """Return the object for an allowed global, or None when it is not on the allow-list."""
+    if (module, name) in _INERT_STANDINS:
+        return _INERT_STANDINS[(module, name)]
+    if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
+        import builtins
+
+        return getattr(builtins, name)
+    if (module, name) in _SAFE_TORCH:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+    if module == "torch" and name.endswith("Storage") and hasattr(torch, name):
+        return getattr(torch, name)  # legacy typed storages (torch.FloatStorage ...)
+    if module == "torch":
+        obj = getattr(torch, name, None)
+        if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+            return obj
+    if (module, name) in _SAFE_OTHER:
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            return None
+        return getattr(mod, name, None)
+    if module.startswith("numpy") and module.endswith("dtypes") and name.endswith("DType"):
+        # numpy >= 1.25 pickles dtypes as numpy.dtypes.Float32DType etc.; the classes are inert.
+        import importlib
+
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return None
+    return None
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    def __init__(self, module, name):
+        super().__init__(f"{module}.{name}")
+        self.module = module
+        self.name = name
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` whose ``find_class`` resolves only allow-listed, inert globals."""
+
+    def find_class(self, module, name):
+        obj = _resolve_allowed(module, name)
+        if obj is None:
+            raise _RefusedGlobal(module, name)
+        return obj
+
+
+def _restricted_load(file, **kwargs):
+    return RestrictedUnpickler(file, **kwargs).load()
+
+
+# A module-like namespace torch.load accepts as ``pickle_module``: torch subclasses ``Unpickler`` and
+# calls ``super().find_class`` for everything that is not a storage type, so our allow-list applies.
+_RESTRICTED_PICKLE = SimpleNamespace(
+    __name__="keyface_restricted_pickle",
+    Unpickler=RestrictedUnpickler,
+    load=_restricted_load,
+    loads=lambda data, **kw: _restricted_load(io.BytesIO(data), **kw),
+    UnpicklingError=pickle.UnpicklingError,
+)
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.split("/", 1)[-1].startswith("code/") or n.endswith("/constants.pkl") for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_torch_file(path):
+    """Load a torch pickle (``.pt``/``.ckpt``/``.bin``/``.pth``) without ever running code from it.
+
+    First ``torch.load(weights_only=True)``; if torch refuses the file, a second pass with
+    :class:`RestrictedUnpickler`. Raises :class:`CheckpointError` when neither can read it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file not found: {path}")
+    is_zip = zipfile.is_zipfile(path)
+    if is_zip and _is_torchscript_archive(path):
+        raise CheckpointError(f"{path} is a TorchScript archive, not a checkpoint of tensors; it cannot be loaded.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's note about non-default pickle protocols
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except Exception as first:  # noqa: BLE001 - any failure moves on to the restricted loader
+        first_error = first
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE, mmap=is_zip)
+    except _RefusedGlobal as refused:
+        raise CheckpointError(
+            f"{path}: refusing to load this file: its pickle needs the global "
+            f"'{refused.module}.{refused.name}', which is not a tensor or a plain container and could "
+            f"run code while loading. {_ADVICE}"
+        ) from None
+    except CheckpointError:
+        raise
+    except Exception as second:  # noqa: BLE001
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint ({type(second).__name__}: {second}; "
+            f"weights-only loader: {type(first_error).__name__}: {str(first_error).splitlines()[0] if str(first_error) else ''})"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# State dicts
+# --------------------------------------------------------------------------------------------------
+
+
+def _strip_forward_module(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(FORWARD_MODULE_PREFIX):
+            k = k[len(FORWARD_MODULE_PREFIX):]
+        if k in out:
+            raise CheckpointError(f"duplicate key {k!r} after removing the '{FORWARD_MODULE_PREFIX}' prefix")
+        out[k] = v
+    return out
+
+
+def _tensor_dict(sd, path, where) -> dict:
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors{where}, found {type(sd).__name__}")
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        shown = ", ".join(repr(k) for k in bad[:10])
+        more = f" (+{len(bad) - 10} more)" if len(bad) > 10 else ""
+        raise CheckpointError(f"{path}: expected only tensors{where}, but these entries are not tensors: {shown}{more}")
+    bad_keys = [k for k in sd if not isinstance(k, str)]
+    if bad_keys:
+        raise CheckpointError(f"{path}: state dict keys must be strings{where}, found {bad_keys[:5]!r}")
+    return dict(sd)
+
+
+def _unwrap(obj, path) -> dict:
+    """DeepSpeed ``module`` / Lightning ``state_dict`` / plain dict of tensors -> dict[str, Tensor]."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict at the top of the file, found {type(obj).__name__}")
+    if "module" in obj and isinstance(obj["module"], dict):
+        # DeepSpeed model states: everything beside "module" (optimizer, ds_config, ...) is dropped.
+        sd = _tensor_dict(obj["module"], path, " under 'module' (DeepSpeed model states)")
+    elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        # Lightning checkpoint: the rest (epoch, callbacks, hyper_parameters, ...) is dropped.
+        sd = _tensor_dict(obj["state_dict"], path, " under 'state_dict' (Lightning checkpoint)")
+    elif "cfg" in obj and "model" in obj:
+        raise CheckpointError(
+            f"{path}: this is an audio-encoder checkpoint ({{'cfg', 'model'}}), not a KeyFace model file"
+        )
+    else:
+        sd = _tensor_dict(obj, path, "")
+    return _strip_forward_module(sd)
+
+
+def _read_safetensors(path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path), device="cpu"), metadata
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
+def _check_suffix(path: Path):
+    suffix = path.suffix.lower()
+    if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: unsupported model file extension {suffix!r}; expected .safetensors, "
+            + ", ".join(PICKLE_SUFFIXES)
+        )
+    return suffix
+
+
+def read_state_dict(path) -> dict:
+    """Read a model file into ``dict[str, Tensor]`` (CPU), whatever its container.
+
+    ``.safetensors``; DeepSpeed ``.pt`` (``{"module": ...}``); Lightning ``.ckpt``
+    (``{"state_dict": ...}``); a plain ``.bin``/``.pt``/``.pth`` dict of tensors. The DeepSpeed /
+    Lightning ``_forward_module.`` key prefix is removed.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; expected a model file")
+    if not path.is_file():
+        raise CheckpointError(f"model file not found: {path}")
+    suffix = _check_suffix(path)
+    if suffix == ".safetensors":
+        sd, metadata = _read_safetensors(path)
+        if AUDIO_CFG_METADATA_KEY in metadata:
+            raise CheckpointError(f"{path}: this is a converted audio-encoder checkpoint, not a KeyFace model file")
+        return _strip_forward_module(sd)
+    return _unwrap(load_torch_file(path), path)
+
+
+def read_audio_checkpoint(path) -> dict:
+    """Read a unilm WavLM / BEATs checkpoint: ``{"cfg": dict, "model": dict[str, Tensor]}``.
+
+    Accepts the original pickles and their safetensors conversions (cfg stored as JSON metadata).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file not found: {path}")
+    suffix = _check_suffix(path)
+    if suffix == ".safetensors":
+        sd, metadata = _read_safetensors(path)
+        if AUDIO_CFG_METADATA_KEY not in metadata:
+            raise CheckpointError(
+                f"{path}: safetensors file without the '{AUDIO_CFG_METADATA_KEY}' metadata; convert the "
+                "original unilm .pt with keyface.checkpoints.convert_to_safetensors"
+            )
+        try:
+            cfg = json.loads(metadata[AUDIO_CFG_METADATA_KEY])
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path}: corrupt '{AUDIO_CFG_METADATA_KEY}' metadata ({err})") from None
+        return {"cfg": cfg, "model": sd}
+    return _audio_from_obj(load_torch_file(path), path)
+
+
+def _audio_from_obj(obj, path) -> dict:
+    if not (isinstance(obj, dict) and "cfg" in obj and "model" in obj):
+        found = sorted(map(str, obj))[:10] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: expected a unilm checkpoint {{'cfg': ..., 'model': ...}}, found {found}")
+    cfg = obj["cfg"]
+    if isinstance(cfg, SimpleNamespace) or type(cfg).__name__ == "Namespace":
+        cfg = vars(cfg)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: 'cfg' should be a dict, found {type(cfg).__name__}")
+    return {"cfg": dict(cfg), "model": _tensor_dict(obj["model"], path, " under 'model'")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Key ledger
+# --------------------------------------------------------------------------------------------------
+
+
+class KeyLedger:
+    """Tracks which keys of a state dict a loader has used, so none goes unnoticed.
+
+    ``take(prefix)`` hands out (and marks) the keys under ``prefix`` with the prefix removed;
+    ``ignore(prefix, why)`` marks keys as deliberately unused; ``finish()`` raises
+    :class:`CheckpointError` naming any key that was neither taken nor ignored.
+    """
+
+    def __init__(self, state_dict: dict, source_name: str):
+        self.state_dict = state_dict
+        self.source_name = str(source_name)
+        self._used: set[str] = set()
+        self.ignored: dict[str, str] = {}  # key -> reason
+
+    def __contains__(self, key):
+        return key in self.state_dict
+
+    def has_prefix(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self.state_dict)
+
+    def take(self, prefix: str) -> dict:
+        out = {}
+        for k, v in self.state_dict.items():
+            if k.startswith(prefix) and k not in self._used:
+                out[k[len(prefix):]] = v
+                self._used.add(k)
+        return out
+
+    def take_key(self, key: str):
+        """Take one exact key; returns the tensor or None when absent."""
+        if key not in self.state_dict:
+            return None
+        self._used.add(key)
+        return self.state_dict[key]
+
+    def ignore(self, prefix: str, why: str) -> int:
+        n = 0
+        for k in self.state_dict:
+            if k.startswith(prefix) and k not in self._used:
+                self._used.add(k)
+                self.ignored[k] = why
+                n += 1
+        return n
+
+    def leftover(self) -> list:
+        return [k for k in self.state_dict if k not in self._used]
+
+    def finish(self, hint: str = "") -> None:
+        left = self.leftover()
+        if not left:
+            return
+        shown = "\n  ".join(left[:10])
+        more = f"\n  ... and {len(left) - 10} more" if len(left) > 10 else ""
+        raise CheckpointError(
+            f"{self.source_name}: {len(left)} key(s) of the file are not used by this model:\n  {shown}{more}"
+            + (f"\n{hint}" if hint else "")
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------------
+
+
+def _unshare(sd: dict) -> dict:
+    """safetensors refuses tensors that share storage: give every tensor its own contiguous memory."""
+    out, seen = {}, set()
+    for k, v in sd.items():
+        v = v.detach()
+        if v.device.type != "cpu":
+            v = v.cpu()
+        try:
+            ptr = v.untyped_storage().data_ptr()
+        except RuntimeError:
+            ptr = None
+        if ptr is not None and ptr in seen and v.numel() > 0:
+            v = v.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[k] = v.contiguous()
+    return out
+
+
+def convert_to_safetensors(src, dst, trust_pickle: bool = False) -> Path:
+    """Convert any supported model file to ``dst`` (safetensors), atomically.
+
+    KeyFace engine files (DeepSpeed / Lightning / plain), VAE files and unilm WavLM/BEATs pickles
+    (whose ``cfg`` is stored as JSON metadata). The result loads through the same loaders with
+    identical tensors. ``src`` is read with the same safety rules as everywhere else, unless
+    ``trust_pickle=True``: then a pickle the restricted loader refuses is loaded with plain
+    ``torch.load(weights_only=False)``, which CAN RUN CODE from the file -- only for files you trust,
+    in an environment you trust. That is the one place in KeyFace that may do so, and only on request.
+    """
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    if dst.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{dst}: the converted file must end in .safetensors")
+    suffix = _check_suffix(src)
+    metadata = {"format": "pt", "converted_by": "keyface", "source": src.name}
+    obj = None
+    if suffix == ".safetensors":
+        sd, old_meta = _read_safetensors(src)
+        metadata.update({k: v for k, v in old_meta.items() if k == AUDIO_CFG_METADATA_KEY})
+        sd = sd if AUDIO_CFG_METADATA_KEY in old_meta else _strip_forward_module(sd)
+    else:
+        try:
+            obj = load_torch_file(src)
+        except CheckpointError:
+            if not trust_pickle:
+                raise
+            obj = torch.load(src, map_location="cpu", weights_only=False)  # explicitly trusted by the caller
+        if isinstance(obj, dict) and "cfg" in obj and "model" in obj:
+            audio = _audio_from_obj(obj, src)
+            try:
+                metadata[AUDIO_CFG_METADATA_KEY] = json.dumps(audio["cfg"], sort_keys=True)
+            except TypeError as err:
+                raise CheckpointError(f"{src}: the audio 'cfg' is not JSON-serialisable ({err})") from None
+            sd = audio["model"]
+        else:
+            sd = _unwrap(obj, src)
+    sd = _unshare(sd)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=str(dst.parent))
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata=metadata)
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return dst
+
+
+def _main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m keyface.checkpoints", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    conv = sub.add_parser("convert", help="convert a model file to safetensors")
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.add_argument(
+        "--trust-pickle", action="store_true",
+        help="load a pickle the safe loader refuses with plain torch.load (can run code: trusted files only)",
+    )
+    args = parser.parse_args(argv)
+    if args.cmd == "convert":
+        out = convert_to_safetensors(args.src, args.dst, trust_pickle=args.trust_pickle)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,227 @@
+"""Command line: ``python -m keyface render --image face.png --audio speech.wav --models DIR --out out.mp4``.
+
+Renders a talking-face video without ComfyUI: image + audio + a models folder (see
+:mod:`keyface.model_files` for the file names) -> an mp4 with exactly N = ceil(samples_16k / 640)
+frames at 25 fps and the input audio as its AAC track. The output appears only when complete.
+
+``python -m keyface plan --frames N`` (or ``--audio FILE``) prints the clip plan (keyframes, batches,
+segments) without loading any model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m keyface", description="KeyFace: audio-driven talking-face video.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("render", help="render image + audio -> mp4",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--image", required=True, help="identity image (png/jpg/...)")
+    r.add_argument("--audio", required=True, help="speech audio (wav/mp3/flac/... or a video with audio)")
+    r.add_argument("--models", required=True, help="models folder (keyframe, interpolation, interpolation_bad, vae, "
+                                                   "WavLM, BEATs, wav2vec2)")
+    r.add_argument("--out", required=True, help="output .mp4 (written atomically)")
+    r.add_argument("--seed", type=int, default=23)
+    r.add_argument("--steps", type=int, default=10, help="sampling steps of both stages (10 = 11 evaluations)")
+    r.add_argument("--keyframe-steps", type=int, default=None, help="override --steps for the keyframes")
+    r.add_argument("--interpolation-steps", type=int, default=None, help="override --steps for the interpolation")
+    emo = r.add_mutually_exclusive_group()
+    emo.add_argument("--emotion", default=None,
+                     help="named emotion (e.g. happy) or a schedule of names the emotion module accepts")
+    emo.add_argument("--emotion-curve", default=None, help="emotion curve JSON file (valence/arousal over time)")
+    r.add_argument("--intensity", type=float, default=None, help="emotion intensity 0..2 (default: the curve's)")
+    r.add_argument("--ref-ratio", type=float, default=2.0, help="keyframe identity guidance")
+    r.add_argument("--audio-ratio", type=float, default=5.0, help="keyframe audio guidance")
+    r.add_argument("--scale", type=float, default=2.0, help="interpolation autoguidance scale")
+    r.add_argument("--no-autoguidance", action="store_true", help="interpolate with the main network only")
+    r.add_argument("--segments-per-call", type=int, default=2, help="interpolation segments per UNet call")
+    r.add_argument("--chunk-frames", type=int, default=16, help="frames per VAE decode call")
+    r.add_argument("--identity-mode", choices=("crop", "pad"), default="crop",
+                   help="square the identity image by centre crop or by padding")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps, ...")
+    r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="UNet weight dtype (default: fp16 on CUDA, fp32 elsewhere); the VAE and audio encoders "
+                        "stay fp32")
+    r.add_argument("--crf", type=int, default=18, help="H.264 quality (lower = better)")
+    r.add_argument("--quiet", action="store_true")
+
+    pl = sub.add_parser("plan", help="print the clip plan for a length")
+    g = pl.add_mutually_exclusive_group(required=True)
+    g.add_argument("--frames", type=int)
+    g.add_argument("--audio")
+    pl.add_argument("--verbose", action="store_true", help="list every batch and segment")
+    return p
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def _dtype(name, device):
+    import torch
+
+    if name is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+class _Progress:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.t0 = time.monotonic()
+        self.last = {}
+
+    def log(self, msg):
+        if not self.quiet:
+            print(f"[{time.monotonic() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def __call__(self, ev):
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if ev.step == ev.total or now - self.last.get(ev.stage, 0.0) >= 1.0:
+            self.last[ev.stage] = now
+            self.log(f"{ev.stage}: {ev.step}/{ev.total} ({100.0 * ev.fraction:.0f}%)")
+
+
+def _find_models(folder):
+    from . import model_files as mf
+
+    if not os.path.isdir(folder):
+        raise ValueError(f"models folder not found: {folder}")
+    found = mf.find_models(folder)
+    missing = mf.missing(found)
+    if missing:
+        names = "; ".join(f"{k}: {' or '.join(mf.FILE_NAMES[k])}" for k in missing)
+        raise ValueError(f"models folder {folder} lacks {', '.join(missing)} (expected {names})")
+    return found
+
+
+def _emotion(args, num_frames):
+    from .emotion import per_frame_emotion
+
+    curve = None
+    if args.emotion_curve:
+        with open(args.emotion_curve, encoding="utf-8") as f:
+            curve = f.read()
+    elif args.emotion:
+        curve = args.emotion
+    if curve is None and args.intensity is None:
+        return None, None
+    return per_frame_emotion(curve, num_frames, intensity=args.intensity)
+
+
+def cmd_render(args) -> int:
+    import torch
+
+    from . import model_files as mf
+    from . import pipeline
+    from .audio import compute_features, load_beats, load_wav2vec2, load_wavlm
+    from .engines import load_interpolation_networks, load_keyframe_network
+    from .planner import plan_clip
+    from .vae import load_vae
+    from .video_io import read_audio_file, read_image
+
+    progress = _Progress(args.quiet)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"output folder does not exist: {out_dir}")
+    found = _find_models(args.models)
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+
+    image = read_image(args.image)
+    waveform, sample_rate = read_audio_file(args.audio)
+    progress.log(f"audio: {waveform.shape[1] / sample_rate:.3f} s at {sample_rate} Hz, {waveform.shape[0]} channel(s)")
+
+    # 1. audio features (encoders are freed before the diffusion models load)
+    with torch.no_grad():
+        wavlm = load_wavlm(found[mf.WAVLM], device=device)
+        beats = load_beats(found[mf.BEATS], device=device)
+        w2v = load_wav2vec2(found[mf.WAV2VEC2], device=device)
+        features = compute_features(waveform, sample_rate, wavlm, beats, w2v)
+        del wavlm, beats, w2v
+    n = int(features.num_frames)
+    plan = plan_clip(n)
+    progress.log(f"features: {plan.describe()}")
+    valence, arousal = _emotion(args, n)
+
+    # 2. models
+    vae = load_vae(found[mf.VAE], device=device)
+    kf_net = load_keyframe_network(found[mf.KEYFRAME], config=mf.read_sidecar(found[mf.KEYFRAME]), dtype=dtype,
+                                   device=device)
+    good, bad = load_interpolation_networks(found[mf.INTERPOLATION], found[mf.INTERPOLATION_BAD],
+                                            config=mf.read_sidecar(found[mf.INTERPOLATION]), dtype=dtype,
+                                            device=device)
+    height, width = pipeline.model_resolution(good)
+    if height != width:
+        raise ValueError(f"non-square model resolution {width}x{height} is not supported by the identity crop")
+    identity = pipeline.prepare_identity(image, (height, width), mode=args.identity_mode)
+    z_id = pipeline.encode_identity(vae, identity, device=device)
+    progress.log(f"models loaded on {device} ({str(dtype).replace('torch.', '')}), {width}x{height} px")
+
+    pipeline.render_to_file(
+        kf_net, good, bad, vae, z_id, features, args.out,
+        audio=waveform, sample_rate=sample_rate, crf=args.crf,
+        valence=valence, arousal=arousal, device=device, callback=progress,
+        seed=args.seed,
+        keyframe_steps=args.keyframe_steps or args.steps,
+        interpolation_steps=args.interpolation_steps or args.steps,
+        ref_ratio=args.ref_ratio, audio_ratio=args.audio_ratio, scale=args.scale,
+        autoguidance=not args.no_autoguidance, segments_per_call=args.segments_per_call,
+        chunk_frames=args.chunk_frames,
+    )
+    progress.log(f"wrote {args.out}: {n} frames ({n / 25:.2f} s) at 25 fps")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .planner import num_frames_for_samples, plan_clip
+
+    if args.audio:
+        from .video_io import read_audio_file
+
+        wav, sr = read_audio_file(args.audio)
+        n = num_frames_for_samples(-(-wav.shape[1] * 16000 // sr))
+    else:
+        n = args.frames
+    plan = plan_clip(n)
+    print(plan.describe())
+    print(f"keyframes at frames {list(plan.keyframe_frames)} (rows past {n - 1} repeat the last audio row: "
+          f"{plan.padded_rows})")
+    if args.verbose:
+        for b, batch in enumerate(plan.batches):
+            print(f"batch {b}: " + " ".join(f"{s.kind[0]}{s.audio_row}" for s in batch))
+        for s in plan.segments:
+            print(f"segment {s.index}: keyframes ({s.start_keyframe},{s.end_keyframe}) frames "
+                  f"{s.first_frame}..{s.first_frame + 13} rows {s.audio_rows[0]}..{s.audio_rows[-1]}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "render":
+            return cmd_render(args)
+        return cmd_plan(args)
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,166 @@
+"""Diffusion maths (spec 5): v-scaling, AYS sigmas, the Euler EDM sampler and both guidance schemes.
+
+Short pure functions over explicit sigma tensors, in the k-diffusion style. A *denoiser* is a
+callable ``denoise(x, sigma) -> D`` where ``sigma`` is a 0-d tensor (one noise level for all rows)
+and D is the x0 estimate in the scaled latent space.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# AYSDiscretization base list (spec 5.2)
+AYS_BASE_SIGMAS = (700.0, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002)
+FRAMES_PER_VIDEO = 14
+
+
+def ays_sigmas(num_steps: int) -> torch.Tensor:
+    """AYS sigma schedule, float64, with a trailing 0.
+
+    ``num_steps`` 10 -> the 11 base sigmas (11 Euler steps / network evaluations); n > 10 -> the base
+    list interpolated linearly in log sigma to n points over an even grid (n evaluations).
+    """
+    if isinstance(num_steps, bool) or int(num_steps) != num_steps:
+        raise ValueError(f"num_steps must be an integer, got {num_steps!r}")
+    n = int(num_steps)
+    if n < 10:
+        raise ValueError(
+            f"num_steps={n}: the AYS schedule of the released models needs at least 10 steps "
+            "(10 gives its 11 base sigmas; more steps interpolate them)"
+        )
+    base = torch.tensor(AYS_BASE_SIGMAS, dtype=torch.float64)
+    if n == 10:
+        sig = base
+    else:
+        # np.interp over the ascending, log-space list, then reversed back to descending order
+        ys = torch.log(base.flip(0))
+        xs = torch.linspace(0.0, 1.0, len(base), dtype=torch.float64)
+        new_xs = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+        idx = torch.searchsorted(xs, new_xs, right=True).clamp(1, len(xs) - 1)
+        x0, x1 = xs[idx - 1], xs[idx]
+        y0, y1 = ys[idx - 1], ys[idx]
+        t = (new_xs - x0) / (x1 - x0)
+        sig = torch.exp(y0 + t * (y1 - y0)).flip(0)
+    return torch.cat([sig, sig.new_zeros(1)])
+
+
+def v_scaling(sigma):
+    """VScalingWithEDMcNoise (sigma_data = 1) -> (c_skip, c_out, c_in, c_noise)."""
+    sigma = torch.as_tensor(sigma)
+    c_skip = 1.0 / (sigma**2 + 1.0)
+    c_out = -sigma / (sigma**2 + 1.0) ** 0.5
+    c_in = 1.0 / (sigma**2 + 1.0) ** 0.5
+    c_noise = 0.25 * sigma.log()
+    return c_skip, c_out, c_in, c_noise
+
+
+def _row_scalings(sigma, rows: int, like: torch.Tensor):
+    """Per-row scalings [rows, 1, 1, 1] (c_skip, c_out, c_in) and c_noise [rows], in ``like``'s dtype."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=like.device)
+    if sigma.dim() == 0:
+        sigma = sigma.expand(rows)
+    if sigma.shape != (rows,):
+        raise ValueError(f"sigma: expected a scalar or [{rows}], got {tuple(sigma.shape)}")
+    c_skip, c_out, c_in, c_noise = v_scaling(sigma)
+    shape = (rows,) + (1,) * (like.dim() - 1)
+    return (
+        c_skip.reshape(shape).to(like.dtype),
+        c_out.reshape(shape).to(like.dtype),
+        c_in.reshape(shape).to(like.dtype),
+        c_noise.to(like.dtype),
+    )
+
+
+def sample_euler(denoise, noise: torch.Tensor, sigmas: torch.Tensor, callback=None) -> torch.Tensor:
+    """EulerEDMSampler with s_churn 0: deterministic Euler steps over ``sigmas`` (last one may be 0).
+
+    x0 = noise * sqrt(1 + sigmas[0]^2) (a new tensor; ``noise`` is not modified); then
+    x <- x + (s_{i+1} - s_i) (x - D(x; s_i)) / s_i. ``callback(i, total, x, denoised)`` runs after
+    every step; an exception raised by it aborts sampling (it propagates unchanged).
+    """
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    total = len(sigmas) - 1
+    if total < 1:
+        raise ValueError("sample_euler: need at least two sigmas")
+    x = noise * torch.sqrt(1.0 + sigmas[0] ** 2).to(noise.dtype)
+    for i in range(total):
+        sigma = sigmas[i].to(torch.float32)  # the original runs the steps in float32 (per-row sigma)
+        sigma_next = sigmas[i + 1].to(torch.float32)
+        denoised = denoise(x, sigma)
+        d = (x - denoised) / sigma.to(x.dtype)
+        x = x + (sigma_next - sigma).to(x.dtype) * d
+        if callback is not None:
+            callback(i, total, x, denoised)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# Engine denoisers (wrapper input assembly lives on the networks, see keyface.engines)
+# --------------------------------------------------------------------------------------------------
+
+
+def keyframe_denoiser(network, cond: dict, uc: dict, ref_ratio: float = 2.0, audio_ratio: float = 5.0):
+    """AudioRefMultiCondGuider around the keyframe engine (spec 5.4).
+
+    One batched network call of 3 x rows: branches [u: uc concat, uc crossattn, c vector |
+    id: c concat, uc crossattn, c vector | full: c]. D = D_u + ref (D_id - D_u) + audio (D_full - D_id).
+    ``cond``/``uc`` as returned by :func:`keyface.conditioning.keyframe_conditioning` (B videos).
+    """
+    concat = torch.cat([uc["concat"], cond["concat"], cond["concat"]], dim=0)
+    crossattn = torch.cat([uc["crossattn"], uc["crossattn"], cond["crossattn"]], dim=0)
+    vector = torch.cat([cond["vector"], cond["vector"], cond["vector"]], dim=0)
+
+    def denoise(x, sigma):
+        rows = x.shape[0]
+        xx = torch.cat([x, x, x], dim=0)
+        d = network.denoise(xx, sigma, concat=concat, crossattn=crossattn, vector=vector)
+        d_u, d_id, d_full = d.split(rows, dim=0)
+        return d_u + ref_ratio * (d_id - d_u) + audio_ratio * (d_full - d_id)
+
+    return denoise
+
+
+def interpolation_denoiser(good, bad, cond: dict, scale: float = 2.0, segments_per_call: int = 2, autoguidance: bool = True):
+    """KarrasGuider autoguidance around the two interpolation networks (spec 5.5).
+
+    D = D_bad + scale (D_good - D_bad); both networks get the same (main engine's) conditioning.
+    Segments are independent, so they are evaluated ``segments_per_call`` at a time (the released
+    code uses 2; the result does not depend on it beyond float rounding). ``autoguidance=False``
+    evaluates the good network only (D = D_good): half the cost, a different (unguided) result.
+    """
+    if segments_per_call < 1:
+        raise ValueError(f"segments_per_call must be >= 1, got {segments_per_call}")
+    if autoguidance and bad is None:
+        raise ValueError("interpolation_denoiser: autoguidance needs the bad network")
+    concat, crossattn = cond["concat"], cond["crossattn"]
+    n_seg = concat.shape[0]
+
+    def run(net, x, sigma):
+        out = []
+        for s0 in range(0, n_seg, segments_per_call):
+            s1 = min(n_seg, s0 + segments_per_call)
+            rows = slice(s0 * FRAMES_PER_VIDEO, s1 * FRAMES_PER_VIDEO)
+            sig = sigma if torch.as_tensor(sigma).dim() == 0 else sigma[rows]
+            out.append(net.denoise(x[rows], sig, concat=concat[s0:s1], crossattn=crossattn[s0:s1]))
+        return torch.cat(out, dim=0)
+
+    def denoise(x, sigma):
+        if x.shape[0] != n_seg * FRAMES_PER_VIDEO:
+            raise ValueError(f"interpolation denoiser: x has {x.shape[0]} rows, expected {n_seg} x {FRAMES_PER_VIDEO}")
+        d_good = run(good, x, sigma)
+        if not autoguidance:
+            return d_good
+        d_bad = run(bad, x, sigma)
+        return d_bad + scale * (d_good - d_bad)
+
+    return denoise
+
+
+__all__ = [
+    "AYS_BASE_SIGMAS",
+    "ays_sigmas",
+    "interpolation_denoiser",
+    "keyframe_denoiser",
+    "sample_euler",
+    "v_scaling",
+]

@@ -1,0 +1,172 @@
+"""How a KeyFace models folder is laid out, and the optional sidecar configs.
+
+A models folder (``ComfyUI/models/keyface/``, ``$KEYFACE_MODELS``, or anything given to the CLI)
+holds the released files under their released names, or safetensors conversions of them:
+
+====================  ==========================================================================
+kind                  file names, in order of preference
+====================  ==========================================================================
+keyframe              keyframe.safetensors, keyframe.pt
+interpolation         interpolation.safetensors, interpolation.pt
+interpolation_bad     interpolation_bad.safetensors, interpolation_bad.pt
+wavlm                 WavLM-Base+.safetensors, WavLM-Base+.pt
+beats                 BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.safetensors, ….pt
+wav2vec2              wav2vec2-base-960h/  (a Hugging Face folder: config.json + weights)
+vae                   svd_vae.safetensors, svd_xt_vae.safetensors,
+                      diffusion_pytorch_model.fp16.safetensors, diffusion_pytorch_model.safetensors
+                      (the diffusers AutoencoderKLTemporalDecoder file, also inside a ``vae/`` folder)
+====================  ==========================================================================
+
+Sidecar config: ``<checkpoint>.json`` next to a checkpoint (``keyframe.json`` or ``keyframe.pt.json``)
+holds the original-format config dict of that model (``network_config`` / ``conditioner_config`` /
+``network_wrapper``, as in the reference YAML's ``model.params``). Loaders use it instead of the
+released sizes, which is how the tiny smoke models load. One extra key is ours: ``"resolution"``
+(pixels, default 512).
+
+Plain Python: no torch import here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+KEYFRAME = "keyframe"
+INTERPOLATION = "interpolation"
+INTERPOLATION_BAD = "interpolation_bad"
+WAVLM = "wavlm"
+BEATS = "beats"
+WAV2VEC2 = "wav2vec2"
+VAE = "vae"
+
+KINDS = (KEYFRAME, INTERPOLATION, INTERPOLATION_BAD, WAVLM, BEATS, WAV2VEC2, VAE)
+
+# Released names (spec 6.1) plus safetensors conversions; first match wins.
+FILE_NAMES: dict[str, tuple[str, ...]] = {
+    KEYFRAME: ("keyframe.safetensors", "keyframe.pt"),
+    INTERPOLATION: ("interpolation.safetensors", "interpolation.pt"),
+    INTERPOLATION_BAD: ("interpolation_bad.safetensors", "interpolation_bad.pt"),
+    WAVLM: ("WavLM-Base+.safetensors", "WavLM-Base+.pt"),
+    BEATS: (
+        "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.safetensors",
+        "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt",
+    ),
+    WAV2VEC2: ("wav2vec2-base-960h",),
+    VAE: (
+        "svd_vae.safetensors",
+        "svd_xt_vae.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ),
+}
+
+# The name each kind gets when written (smoke models, conversions).
+DEFAULT_NAMES = {
+    KEYFRAME: "keyframe.pt",
+    INTERPOLATION: "interpolation.pt",
+    INTERPOLATION_BAD: "interpolation_bad.pt",
+    WAVLM: "WavLM-Base+.pt",
+    BEATS: "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt",
+    WAV2VEC2: "wav2vec2-base-960h",
+    VAE: "svd_vae.safetensors",
+}
+
+WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".sft")
+DEFAULT_RESOLUTION = 512
+
+
+def is_model_folder(path) -> bool:
+    """A Hugging Face style model folder (config.json plus weights)."""
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def find_models(folder) -> dict[str, Path]:
+    """Map each kind found in ``folder`` to its path (released names, then safetensors conversions).
+
+    Kinds that are missing are absent from the result; see ``missing(found)``.
+    """
+    folder = Path(folder)
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for kind in KINDS:
+        for name in FILE_NAMES[kind]:
+            p = folder / name
+            if kind == WAV2VEC2:
+                if is_model_folder(p):
+                    found[kind] = p
+                    break
+            elif p.is_file():
+                found[kind] = p
+                break
+    return found
+
+
+def missing(found: dict) -> list[str]:
+    return [k for k in KINDS if k not in found]
+
+
+def is_complete(folder) -> bool:
+    return not missing(find_models(folder))
+
+
+def guess_kind(name: str) -> str | None:
+    """Which kind a file or folder name looks like (for ordering combo lists); None if unknown."""
+    base = os.path.basename(str(name).rstrip("/")).lower()
+    stem = base.split(".")[0]
+    if "bad" in stem and "interp" in stem:
+        return INTERPOLATION_BAD
+    if "interp" in stem:
+        return INTERPOLATION
+    if "keyframe" in stem:
+        return KEYFRAME
+    if "wavlm" in stem:
+        return WAVLM
+    if "beats" in stem:
+        return BEATS
+    if "wav2vec" in stem:
+        return WAV2VEC2
+    if "vae" in stem or "diffusion_pytorch_model" in stem or "vae" in str(name).lower():
+        return VAE
+    return None
+
+
+def sidecar_path(checkpoint) -> Path | None:
+    """The sidecar config file of ``checkpoint`` if one exists (``<path>.json``, then ``<stem>.json``)."""
+    p = Path(checkpoint)
+    for cand in (p.with_name(p.name + ".json"), p.with_suffix(".json")):
+        if cand != p and cand.is_file():
+            return cand
+    return None
+
+
+def read_sidecar(checkpoint) -> dict | None:
+    """The sidecar config dict of ``checkpoint``, or None. Raises ValueError naming a broken file."""
+    sp = sidecar_path(checkpoint)
+    if sp is None:
+        return None
+    try:
+        data = json.loads(sp.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"sidecar config {sp} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"sidecar config {sp} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def write_sidecar(checkpoint, config: dict) -> Path:
+    p = Path(checkpoint)
+    out = p.with_suffix(".json") if p.suffix else p.with_name(p.name + ".json")
+    out.write_text(json.dumps(config, indent=1, sort_keys=True), encoding="utf-8")
+    return out
+
+
+def resolution_of(config: dict | None) -> int:
+    """Output resolution (pixels) recorded in a sidecar, else the released 512."""
+    if config and isinstance(config.get("resolution"), int):
+        return int(config["resolution"])
+    return DEFAULT_RESOLUTION

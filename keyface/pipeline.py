@@ -1,0 +1,572 @@
+"""Clip-level pipeline: identity preparation, keyframes, interpolation, decode/merge, rendering.
+
+The stages follow the clean bookkeeping of :mod:`keyface.planner` (spec 1.10) and the numerics of the
+original (spec 1.5-1.7, 5):
+
+1. :func:`sample_keyframes`: one sampler run per 14-slot batch ([identity slot | up to 13 keyframes
+   | pads]) with the 3-branch keyframe guidance; only the real keyframe slots are kept. No decode
+   (use :func:`decode_keyframe_preview` for a preview).
+2. :func:`interpolate_segments`: every segment (keyframe pair j, j+1 and its 14 audio rows) with
+   autoguidance, ``segments_per_call`` segments per sampler run / UNet call.
+3. :func:`decode_segments`: per-frame VAE decode (``decoding_t = 1``) in chunks of output frames;
+   a frame shared by two segments is the pixel mean of both decodes after clamp((x+1)/2, 0, 1);
+   trimmed to N. Yields CPU float chunks [n, H, W, 3] in 0..1.
+
+**Noise.** Every 14-frame block of noise comes from its own CPU ``torch.Generator`` seeded with a
+stable hash of ``(seed, stage, index)`` (keyframe batch index, or segment index), drawn in float32
+and then moved to the device. Results therefore do not depend on ``segments_per_call``, on the decode
+chunk size, on which other stages ran before, or on the device's RNG; any stage (or any subset of
+segments) can be re-run alone with the same result. (This differs from the original's single CUDA
+RNG stream, which cannot be reproduced on the CPU anyway, spec 9.)
+
+**Memory.** Latents of the whole clip live on the CPU (64 KiB per 512-px frame); only the current
+batch / segment group / decode chunk and the networks are on ``device``. Decoded pixels leave the
+device chunk by chunk; :func:`render_to_file` streams them into the mp4 writer, so neither the GPU
+nor the host holds pixels proportional to the clip length.
+
+**Progress and cancel.** ``callback(ProgressEvent)`` is called after every denoising step of both
+sampling stages and after every decode chunk; an exception raised by the callback propagates
+unchanged (cancel), and :func:`render_to_file` then leaves no output file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .conditioning import interpolation_conditioning, keyframe_conditioning
+from .diffusion import ays_sigmas, interpolation_denoiser, keyframe_denoiser, sample_euler
+from .planner import FPS, WINDOW, ClipPlan, plan_clip
+
+STAGE_KEYFRAMES = "keyframes"
+STAGE_INTERPOLATION = "interpolation"
+STAGE_DECODE = "decode"
+
+LATENT_CHANNELS = 4
+DEFAULT_SEED = 23  # the reference's torch.manual_seed(23) (spec 1.2)
+DEFAULT_CHUNK_FRAMES = 16
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress, noise
+# --------------------------------------------------------------------------------------------------
+
+
+class ProgressEvent(NamedTuple):
+    """Progress of one stage. ``step``/``total`` count the stage's units: denoising steps over all
+    batches (keyframes) or segment groups (interpolation), decode chunks (decode). ``item``/``items``
+    say which batch / segment group / chunk the step belongs to (0-based) and how many there are."""
+
+    stage: str
+    step: int
+    total: int
+    item: int = 0
+    items: int = 1
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total if self.total else 1.0
+
+
+def stage_seed(seed: int, stage: str, index: int) -> int:
+    """A stable 63-bit seed for block ``index`` of ``stage`` (independent of Python's hash salt)."""
+    digest = hashlib.sha256(f"keyface/{int(seed)}/{stage}/{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def stage_noise(seed: int, stage: str, index: int, shape, device=None, dtype=None) -> torch.Tensor:
+    """Standard normal noise of ``shape`` for block ``index`` of ``stage``: drawn in float32 on the CPU
+    from its own generator, then moved to ``device`` / ``dtype``."""
+    g = torch.Generator(device="cpu").manual_seed(stage_seed(seed, stage, index))
+    noise = torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+    return noise.to(device=device or "cpu", dtype=dtype or torch.float32)
+
+
+def _emit(callback, event):
+    if callback is not None:
+        callback(event)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers: devices, validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _module_device(module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _plan_of(plan_or_n) -> ClipPlan:
+    if isinstance(plan_or_n, ClipPlan):
+        return plan_or_n
+    return plan_clip(plan_or_n)
+
+
+def model_latent_size(interpolation_network) -> tuple[int, int]:
+    """(h, w) of the latents the interpolation network works on: its ``learned_mask`` size
+    (64 x 64 for the released weights, i.e. 512 x 512 pixels)."""
+    mask = getattr(interpolation_network, "learned_mask", None)
+    if mask is None:
+        raise ValueError("the interpolation network has no learned_mask")
+    return int(mask.shape[-2]), int(mask.shape[-1])
+
+
+def model_resolution(interpolation_network) -> tuple[int, int]:
+    """(height, width) in pixels the released pipeline renders at (8 x the latent size)."""
+    h, w = model_latent_size(interpolation_network)
+    return 8 * h, 8 * w
+
+
+def _identity_latent(identity_latent) -> torch.Tensor:
+    z = torch.as_tensor(identity_latent)
+    if z.dim() == 3:
+        z = z[None]
+    if z.dim() != 4 or z.shape[0] != 1 or z.shape[1] != LATENT_CHANNELS:
+        raise ValueError(
+            f"identity latent: expected [1, {LATENT_CHANNELS}, h, w] or [{LATENT_CHANNELS}, h, w] "
+            f"(a scaled VAE latent), got {tuple(z.shape)}"
+        )
+    return z
+
+
+def check_identity_latent(identity_latent, interpolation_network) -> torch.Tensor:
+    """Return the identity latent as [1, 4, h, w]; ValueError if its size is not the model's."""
+    z = _identity_latent(identity_latent)
+    h, w = model_latent_size(interpolation_network)
+    if tuple(z.shape[-2:]) != (h, w):
+        raise ValueError(
+            f"identity latent is {z.shape[-2]}x{z.shape[-1]} ({8 * z.shape[-2]}x{8 * z.shape[-1]} px) but the "
+            f"interpolation model's learned mask is {h}x{w}: prepare the image at {8 * h}x{8 * w} px "
+            "(prepare_identity(image, size))"
+        )
+    return z
+
+
+def _check_rows(name: str, tensor, plan: ClipPlan, dims: int | None = None):
+    if tensor is None:
+        raise ValueError(f"{name} is missing")
+    n = tensor.shape[0]
+    if n != plan.num_frames:
+        raise ValueError(
+            f"{name} has {n} frames but the clip plan has {plan.num_frames} frames: features, emotion and "
+            "plan must come from the same clip"
+        )
+    if dims is not None and tensor.dim() != dims:
+        raise ValueError(f"{name}: expected {dims} dimensions [frames, ...], got shape {tuple(tensor.shape)}")
+
+
+def _emotion(values, plan: ClipPlan, name: str) -> torch.Tensor:
+    if values is None:
+        return torch.zeros(plan.num_frames, dtype=torch.float32)
+    v = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
+    _check_rows(name, v, plan)
+    return v.cpu()
+
+
+def _index_rows(tensor: torch.Tensor, rows) -> torch.Tensor:
+    return tensor[torch.as_tensor(list(rows), dtype=torch.long, device=tensor.device)]
+
+
+def _num_evaluations(steps: int) -> int:
+    return len(ays_sigmas(steps)) - 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity image
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare_identity(image, size, mode: str = "crop") -> torch.Tensor:
+    """Square the identity image and resize it to the model size, never squashing it.
+
+    image [H, W, 3] (or [1, H, W, 3]) float in 0..1. ``mode="crop"``: centre crop to the shorter
+    side; ``mode="pad"``: pad the shorter side symmetrically (edge pixels repeated). Then an
+    antialiased bilinear resize to ``size`` (an int, or (height, width) for a non-square model).
+    Returns [height, width, 3] float32 in 0..1 on the image's device.
+    """
+    img = torch.as_tensor(image)
+    if img.dim() == 4 and img.shape[0] == 1:
+        img = img[0]
+    if img.dim() != 3 or img.shape[-1] not in (3, 4) or img.shape[0] < 1 or img.shape[1] < 1:
+        raise ValueError(f"identity image: expected [H, W, 3] in 0..1, got {tuple(img.shape)}")
+    img = img[..., :3]
+    if not img.is_floating_point():
+        img = img.float() / 255.0
+    img = img.float()
+    th, tw = (int(size), int(size)) if isinstance(size, (int,)) else (int(size[0]), int(size[1]))
+    if th <= 0 or tw <= 0:
+        raise ValueError(f"identity size must be positive, got {size!r}")
+    h, w = img.shape[:2]
+    x = img.permute(2, 0, 1)[None]  # [1, 3, H, W]
+    target_aspect = tw / th
+    if mode == "crop":
+        if w / h > target_aspect:  # too wide: crop width
+            cw = max(1, round(h * target_aspect))
+            left = (w - cw) // 2
+            x = x[..., :, left:left + cw]
+        else:
+            ch = max(1, round(w / target_aspect))
+            top = (h - ch) // 2
+            x = x[..., top:top + ch, :]
+    elif mode == "pad":
+        if w / h > target_aspect:
+            ph = round(w / target_aspect) - h
+            x = F.pad(x, (0, 0, ph // 2, ph - ph // 2), mode="replicate")
+        else:
+            pw = round(h * target_aspect) - w
+            x = F.pad(x, (pw // 2, pw - pw // 2, 0, 0), mode="replicate")
+    else:
+        raise ValueError(f"identity mode must be 'crop' or 'pad', got {mode!r}")
+    if tuple(x.shape[-2:]) != (th, tw):
+        x = F.interpolate(x, size=(th, tw), mode="bilinear", antialias=True, align_corners=False)
+    return x[0].permute(1, 2, 0).clamp(0.0, 1.0).contiguous()
+
+
+@torch.no_grad()
+def encode_identity(vae, image, device=None) -> torch.Tensor:
+    """Identity image [H, W, 3] in 0..1 (already prepared) -> scaled latent [1, 4, H/8, W/8] on the CPU.
+
+    Uses the posterior mean (deterministic; the original drew an unseeded sample, spec B10).
+    """
+    device = torch.device(device) if device is not None else _module_device(vae)
+    dtype = next((p.dtype for p in vae.parameters() if p.is_floating_point()), torch.float32)
+    img = torch.as_tensor(image, dtype=torch.float32)
+    if img.dim() != 3 or img.shape[-1] != 3:
+        raise ValueError(f"identity image: expected [H, W, 3], got {tuple(img.shape)}")
+    pixels = (img.permute(2, 0, 1)[None] * 2.0 - 1.0).to(device=device, dtype=dtype)
+    z = vae.encode(pixels, sample=False)
+    return z.float().cpu()
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1: keyframes
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal, plan, *, seed: int = DEFAULT_SEED,
+                     steps: int = 10, ref_ratio: float = 2.0, audio_ratio: float = 5.0, device=None, dtype=None,
+                     callback: Callable | None = None) -> torch.Tensor:
+    """Sample every keyframe of the plan -> scaled latents [K, 4, h, w] (float32, CPU).
+
+    ``identity_latent`` [1, 4, h, w] (scaled); ``keyframe_audio`` [N, 2, F] ([WavLM | BEATs] rows);
+    ``valence`` / ``arousal`` [N] or None (neutral). One sampler run per 14-slot batch: the identity
+    slot gets row 0's audio and emotion, pad slots repeat the last keyframe; identity and pad samples
+    are discarded. Batch ``b`` draws its noise from ``stage_noise(seed, "keyframes", b)``.
+    """
+    plan = _plan_of(plan)
+    z_id = _identity_latent(identity_latent)
+    _check_rows("keyframe audio features", keyframe_audio, plan, dims=3)
+    val = _emotion(valence, plan, "valence")
+    aro = _emotion(arousal, plan, "arousal")
+    device = torch.device(device) if device is not None else _module_device(network)
+    dtype = dtype or torch.float32
+    sigmas = ays_sigmas(steps)
+    nfe = len(sigmas) - 1
+    h, w = z_id.shape[-2:]
+    z_id = z_id.to(device=device, dtype=dtype)
+    out = torch.empty(plan.num_keyframes, LATENT_CHANNELS, h, w, dtype=torch.float32)
+    total = plan.num_batches * nfe
+    for b, batch in enumerate(plan.batches):
+        rows = [s.audio_row for s in batch]
+        audio = _index_rows(keyframe_audio, rows).to(device=device, dtype=dtype)
+        rows_t = torch.as_tensor(rows, dtype=torch.long)
+        c, uc = keyframe_conditioning(z_id, val[rows_t][None].to(device), aro[rows_t][None].to(device), audio[None],
+                                      network.audio_projection)
+        denoise = keyframe_denoiser(network, c, uc, ref_ratio=ref_ratio, audio_ratio=audio_ratio)
+        noise = stage_noise(seed, STAGE_KEYFRAMES, b, (WINDOW, LATENT_CHANNELS, h, w), device, dtype)
+
+        def step_cb(i, n, x, d, b=b):
+            _emit(callback, ProgressEvent(STAGE_KEYFRAMES, b * nfe + i + 1, total, b, plan.num_batches))
+
+        x = sample_euler(denoise, noise, sigmas, callback=step_cb)
+        for slot_index, kf_index in plan.batch_keyframes(b):
+            out[kf_index] = x[slot_index].float().cpu()
+        del x, c, uc, denoise, noise, audio
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2: interpolation
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan, *, seed: int = DEFAULT_SEED,
+                         steps: int = 10, scale: float = 2.0, segments_per_call: int = 2, autoguidance: bool = True,
+                         device=None, dtype=None, callback: Callable | None = None,
+                         segment_indices: Sequence[int] | None = None) -> torch.Tensor:
+    """Interpolate the plan's segments -> scaled latents [S, 14, 4, h, w] (float32, CPU).
+
+    ``keyframe_latents`` [K, 4, h, w] from :func:`sample_keyframes` (K = plan.num_keyframes);
+    ``interpolation_audio`` [N, 2, F] ([wav2vec2 | BEATs] rows). Segment j pairs keyframes (j, j+1)
+    and uses audio rows ``plan.segments[j].audio_rows``. ``segments_per_call`` segments share one
+    sampler run (and one UNet call per network per step). Segment j draws its noise from
+    ``stage_noise(seed, "interpolation", j)``, so ``segment_indices`` (a subset, e.g. to re-roll or
+    resume) gives exactly those rows of the full result.
+    """
+    plan = _plan_of(plan)
+    if int(segments_per_call) < 1:
+        raise ValueError(f"segments_per_call must be >= 1, got {segments_per_call}")
+    segments_per_call = int(segments_per_call)
+    kf = torch.as_tensor(keyframe_latents)
+    if kf.dim() != 4 or kf.shape[1] != LATENT_CHANNELS:
+        raise ValueError(f"keyframe latents: expected [K, {LATENT_CHANNELS}, h, w], got {tuple(kf.shape)}")
+    if kf.shape[0] != plan.num_keyframes:
+        raise ValueError(
+            f"keyframe latents hold {kf.shape[0]} keyframes but the clip plan ({plan.num_frames} frames) has "
+            f"{plan.num_keyframes}: keyframes and plan must come from the same clip"
+        )
+    h, w = model_latent_size(good)
+    if tuple(kf.shape[-2:]) != (h, w):
+        raise ValueError(
+            f"keyframe latents are {kf.shape[-2]}x{kf.shape[-1]} but the interpolation model's learned mask is "
+            f"{h}x{w} ({8 * h}x{8 * w} px)"
+        )
+    _check_rows("interpolation audio features", interpolation_audio, plan, dims=3)
+    if autoguidance and bad is None:
+        raise ValueError("autoguidance needs the interpolation 'bad' network (or pass autoguidance=False)")
+    if segment_indices is None:
+        selected = list(range(plan.num_segments))
+    else:
+        selected = [int(i) for i in segment_indices]
+        bad_idx = [i for i in selected if not 0 <= i < plan.num_segments]
+        if bad_idx:
+            raise ValueError(f"segment indices {bad_idx} are outside 0..{plan.num_segments - 1}")
+    device = torch.device(device) if device is not None else _module_device(good)
+    dtype = dtype or torch.float32
+    sigmas = ays_sigmas(steps)
+    nfe = len(sigmas) - 1
+    groups = [selected[i:i + segments_per_call] for i in range(0, len(selected), segments_per_call)]
+    total = len(groups) * nfe
+    out = torch.empty(len(selected), WINDOW, LATENT_CHANNELS, h, w, dtype=torch.float32)
+    done = 0
+    for g, group in enumerate(groups):
+        segs = [plan.segments[i] for i in group]
+        pairs = torch.stack(
+            [torch.stack([kf[s.start_keyframe], kf[s.end_keyframe]], dim=1) for s in segs]
+        ).to(device=device, dtype=dtype)  # [g, 4, 2, h, w]
+        rows = [r for s in segs for r in s.audio_rows]
+        audio = _index_rows(interpolation_audio, rows).reshape(len(segs), WINDOW, *interpolation_audio.shape[1:])
+        cond = interpolation_conditioning(pairs, audio.to(device=device, dtype=dtype), good.audio_projection)
+        denoise = interpolation_denoiser(good, bad, cond, scale=scale, segments_per_call=segments_per_call,
+                                         autoguidance=autoguidance)
+        noise = torch.cat([
+            stage_noise(seed, STAGE_INTERPOLATION, s.index, (WINDOW, LATENT_CHANNELS, h, w), device, dtype)
+            for s in segs
+        ])
+
+        def step_cb(i, n, x, d, g=g):
+            _emit(callback, ProgressEvent(STAGE_INTERPOLATION, g * nfe + i + 1, total, g, len(groups)))
+
+        x = sample_euler(denoise, noise, sigmas, callback=step_cb)
+        out[done:done + len(segs)] = x.float().cpu().reshape(len(segs), WINDOW, LATENT_CHANNELS, h, w)
+        done += len(segs)
+        del x, cond, denoise, noise, pairs, audio
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 3: decode and merge
+# --------------------------------------------------------------------------------------------------
+
+
+def _vae_dtype(vae):
+    return next((p.dtype for p in vae.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _decode_rows(vae, latents: torch.Tensor, device, dtype) -> torch.Tensor:
+    """[R, 4, h, w] scaled latents -> [R, 3, H, W] float32 pixels in 0..1 (one frame per video)."""
+    x = vae.decode(latents.to(device=device, dtype=dtype), frames_per_video=1)
+    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def decode_segments(vae, segment_latents, num_frames, *, chunk_frames: int = DEFAULT_CHUNK_FRAMES, device=None,
+                    callback: Callable | None = None, start_frame: int = 0) -> Iterator[torch.Tensor]:
+    """Decode and merge the segments -> iterator of CPU float32 chunks [n, H, W, 3] in 0..1.
+
+    ``segment_latents`` [S, 14, 4, h, w]; ``num_frames`` the clip length N (or its ClipPlan). Output
+    frames ``start_frame .. N-1`` are produced in chunks of ``chunk_frames``; each is decoded alone
+    (``decoding_t = 1``, the released setting), several frames per VAE call. A frame at a shared
+    keyframe is the mean of clamp((x+1)/2, 0, 1) of both segments' decodes (``merge_overlapping_segments``).
+    """
+    plan = _plan_of(num_frames)
+    lat = torch.as_tensor(segment_latents)
+    if lat.dim() != 5 or lat.shape[1] != WINDOW or lat.shape[2] != LATENT_CHANNELS:
+        raise ValueError(f"segment latents: expected [S, {WINDOW}, {LATENT_CHANNELS}, h, w], got {tuple(lat.shape)}")
+    if lat.shape[0] != plan.num_segments:
+        raise ValueError(
+            f"segment latents hold {lat.shape[0]} segments but a clip of {plan.num_frames} frames has "
+            f"{plan.num_segments}: segments and frame count must come from the same clip"
+        )
+    if int(chunk_frames) < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    chunk_frames = int(chunk_frames)
+    if not 0 <= int(start_frame) <= plan.num_frames:
+        raise ValueError(f"start_frame {start_frame} is outside 0..{plan.num_frames}")
+    device = torch.device(device) if device is not None else _module_device(vae)
+    dtype = _vae_dtype(vae)
+    starts = list(range(int(start_frame), plan.num_frames, chunk_frames))
+    for c, t0 in enumerate(starts):
+        t1 = min(t0 + chunk_frames, plan.num_frames)
+        sources = [plan.frame_sources(t) for t in range(t0, t1)]
+        flat = [src for srcs in sources for src in srcs]
+        z = torch.stack([lat[s, i] for s, i in flat])
+        pix = _decode_rows(vae, z, device, dtype)
+        frames = []
+        k = 0
+        for srcs in sources:
+            if len(srcs) == 1:
+                frames.append(pix[k])
+            else:
+                frames.append(pix[k:k + len(srcs)].mean(dim=0))
+            k += len(srcs)
+        chunk = torch.stack(frames).permute(0, 2, 3, 1).float().cpu().contiguous()
+        del pix, z, frames
+        _emit(callback, ProgressEvent(STAGE_DECODE, c + 1, len(starts), c, len(starts)))
+        yield chunk
+
+
+@torch.no_grad()
+def decode_keyframe_preview(vae, latents, *, chunk_frames: int = DEFAULT_CHUNK_FRAMES, device=None) -> torch.Tensor:
+    """Decode keyframe latents [K, 4, h, w] -> CPU float32 [K, H, W, 3] in 0..1 (for previews only)."""
+    lat = torch.as_tensor(latents)
+    if lat.dim() == 3:
+        lat = lat[None]
+    if lat.dim() != 4 or lat.shape[1] != LATENT_CHANNELS:
+        raise ValueError(f"keyframe latents: expected [K, {LATENT_CHANNELS}, h, w], got {tuple(lat.shape)}")
+    device = torch.device(device) if device is not None else _module_device(vae)
+    dtype = _vae_dtype(vae)
+    out = [
+        _decode_rows(vae, lat[i:i + chunk_frames], device, dtype).permute(0, 2, 3, 1).float().cpu()
+        for i in range(0, lat.shape[0], max(1, int(chunk_frames)))
+    ]
+    return torch.cat(out).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole clip
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RenderSettings:
+    """Sampling settings of a render (defaults = the released inference settings, spec 7)."""
+
+    seed: int = DEFAULT_SEED
+    keyframe_steps: int = 10
+    interpolation_steps: int = 10
+    ref_ratio: float = 2.0
+    audio_ratio: float = 5.0
+    scale: float = 2.0
+    autoguidance: bool = True
+    segments_per_call: int = 2
+    chunk_frames: int = DEFAULT_CHUNK_FRAMES
+
+
+def _features_parts(features):
+    kf = getattr(features, "keyframe", None)
+    it = getattr(features, "interpolation", None)
+    if kf is None or it is None:
+        if isinstance(features, (tuple, list)) and len(features) == 2:
+            kf, it = features
+        else:
+            raise ValueError("features: expected an AudioFeatures (.keyframe, .interpolation) or a (keyframe, "
+                             "interpolation) pair of [N, 2, F] tensors")
+    if kf.shape[0] != it.shape[0]:
+        raise ValueError(f"keyframe features have {kf.shape[0]} frames but interpolation features {it.shape[0]}")
+    return kf, it
+
+
+def iter_render(keyframe_network, interpolation_network, bad_network, vae, identity_latent, features, *,
+                valence=None, arousal=None, settings: RenderSettings | None = None, device=None, dtype=None,
+                callback: Callable | None = None, **overrides) -> Iterator[torch.Tensor]:
+    """Run all stages for one clip and yield decoded CPU chunks [n, H, W, 3] (N frames in total).
+
+    ``features``: AudioFeatures (``.keyframe``, ``.interpolation`` [N, 2, F]); ``valence`` /
+    ``arousal`` [N] or None (neutral). Settings come from ``settings`` and keyword overrides
+    (``seed=``, ``segments_per_call=``, ...; see :class:`RenderSettings`).
+    """
+    s = settings or RenderSettings()
+    if overrides:
+        unknown = [k for k in overrides if not hasattr(s, k)]
+        if unknown:
+            raise TypeError(f"unknown render settings: {unknown}")
+        s = RenderSettings(**{**s.__dict__, **overrides})
+    kf_audio, it_audio = _features_parts(features)
+    plan = plan_clip(int(kf_audio.shape[0]))
+    z_id = check_identity_latent(identity_latent, interpolation_network)
+    kf = sample_keyframes(keyframe_network, z_id, kf_audio, valence, arousal, plan, seed=s.seed,
+                          steps=s.keyframe_steps, ref_ratio=s.ref_ratio, audio_ratio=s.audio_ratio,
+                          device=device, dtype=dtype, callback=callback)
+    seg = interpolate_segments(interpolation_network, bad_network, kf, it_audio, plan, seed=s.seed,
+                               steps=s.interpolation_steps, scale=s.scale, segments_per_call=s.segments_per_call,
+                               autoguidance=s.autoguidance, device=device, dtype=dtype, callback=callback)
+    del kf
+    yield from decode_segments(vae, seg, plan, chunk_frames=s.chunk_frames, device=device, callback=callback)
+
+
+def render(*args, **kwargs) -> torch.Tensor:
+    """:func:`iter_render` collected into one CPU tensor [N, H, W, 3] (float32, 0..1)."""
+    return torch.cat(list(iter_render(*args, **kwargs)))
+
+
+def render_to_file(keyframe_network, interpolation_network, bad_network, vae, identity_latent, features, path, *,
+                   audio=None, sample_rate=None, fps: int = FPS, crf: int = 18, **kwargs) -> str:
+    """Render one clip straight into an mp4 (H.264 + AAC of ``audio`` [C, S] at ``sample_rate``).
+
+    Chunks are encoded as they are decoded; the file appears (atomically) only when every frame was
+    written; on an error or a cancel (exception from the callback) no file is left behind.
+    Returns the path. Other keyword arguments go to :func:`iter_render`.
+    """
+    from .video_io import MediaError, Mp4Writer
+
+    kf_audio, _ = _features_parts(features)
+    n = int(kf_audio.shape[0])
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise MediaError(f"output folder does not exist: {folder}")
+    writer = None
+    try:
+        for chunk in iter_render(keyframe_network, interpolation_network, bad_network, vae, identity_latent,
+                                 features, **kwargs):
+            if writer is None:  # the frame size is the decoder's, known from the first chunk
+                writer = Mp4Writer(path, chunk.shape[2], chunk.shape[1], fps=fps, audio=audio,
+                                   sample_rate=sample_rate, num_frames=n, crf=crf)
+            writer.write(chunk)
+        if writer is None:
+            raise MediaError("nothing was rendered")
+        writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return os.fspath(path)
+
+
+__all__ = [
+    "ProgressEvent",
+    "RenderSettings",
+    "check_identity_latent",
+    "decode_keyframe_preview",
+    "decode_segments",
+    "encode_identity",
+    "interpolate_segments",
+    "iter_render",
+    "model_latent_size",
+    "model_resolution",
+    "prepare_identity",
+    "render",
+    "render_to_file",
+    "sample_keyframes",
+    "stage_noise",
+    "stage_seed",
+]

@@ -1,0 +1,300 @@
+"""Media I/O for the command line and for ``render_to_file``: PyAV only, no ffmpeg binary needed.
+
+* :class:`Mp4Writer` streams RGB frames into an H.264 (yuv420p) mp4, interleaved with an AAC track
+  made from the input waveform. The file is written under a temporary name in the target folder and
+  moved into place (``os.replace``) only when :meth:`Mp4Writer.close` succeeds; on an error or
+  :meth:`Mp4Writer.abort` nothing is left behind. With ``num_frames`` given, ``close`` checks that
+  exactly that many frames were written.
+* :func:`read_audio_file` decodes any audio (or video-with-audio) file to float32 ``[C, S]``.
+* :func:`read_image` reads an RGB image to float ``[H, W, 3]`` in 0..1 (EXIF orientation applied).
+
+Frames are quantised like the original (``x * 255`` then truncation to uint8, spec 1.7 / 9).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from fractions import Fraction
+
+import numpy as np
+
+AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
+
+
+class MediaError(ValueError):
+    """An input media file that cannot be read, or frames that do not fit the writer."""
+
+
+def _to_numpy(x):
+    if hasattr(x, "detach"):  # torch tensor, without importing torch here
+        x = x.detach()
+        if x.dtype.is_floating_point:
+            x = x.float()
+        x = x.cpu().numpy()
+    return np.asarray(x)
+
+
+def frames_to_uint8(frames) -> np.ndarray:
+    """[n, H, W, 3] float in 0..1 (clamped) or uint8 -> contiguous uint8, truncating like the original."""
+    a = _to_numpy(frames)
+    if a.dtype == np.uint8:
+        return np.ascontiguousarray(a)
+    a = np.clip(a.astype(np.float32, copy=False), 0.0, 1.0) * 255.0
+    return np.ascontiguousarray(a.astype(np.uint8))
+
+
+class Mp4Writer:
+    """Streaming mp4 writer (H.264 yuv420p video + optional AAC audio), atomic on close.
+
+    ``audio``: waveform ``[C, S]`` or ``[S]`` (float, -1..1) at ``sample_rate``; it is written in full
+    (the track lasts S / sample_rate seconds), interleaved with the video as frames arrive. Rates
+    AAC cannot store are resampled to 48 kHz; more than 2 channels are averaged to mono.
+    """
+
+    def __init__(self, path, width: int, height: int, fps: int = 25, audio=None, sample_rate: int | None = None,
+                 num_frames: int | None = None, crf: int = 18, preset: str = "medium", audio_bitrate: int = 128000):
+        import av
+
+        if width % 2 or height % 2 or width <= 0 or height <= 0:
+            raise MediaError(f"H.264 yuv420p needs even, positive frame sizes, got {width}x{height}")
+        self.path = os.fspath(path)
+        self.width, self.height, self.fps = int(width), int(height), int(fps)
+        self.num_frames = None if num_frames is None else int(num_frames)
+        self.frames_written = 0
+        self._closed = False
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise MediaError(f"output folder does not exist: {folder}")
+        fd, self._tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(self.path) + ".", suffix=".part")
+        os.close(fd)
+        try:
+            options = {}
+            if audio is not None and sample_rate:
+                # the edit lists are stored in the movie timescale (1000 by default, i.e. the audio
+                # duration rounded to ms); the AAC rate is a multiple of 25, so both tracks stay exact
+                options["movie_timescale"] = str(int(sample_rate) if int(sample_rate) in AAC_RATES else 48000)
+            self._container = av.open(self._tmp, mode="w", format="mp4", options=options)
+            vs = self._container.add_stream("libx264", rate=self.fps)
+            vs.width, vs.height, vs.pix_fmt = self.width, self.height, "yuv420p"
+            vs.options = {"crf": str(crf), "preset": preset}
+            self._vstream = vs
+            self._audio = None
+            if audio is not None:
+                self._setup_audio(audio, sample_rate, audio_bitrate)
+        except BaseException:
+            self.abort()
+            raise
+
+    # ---- audio ---------------------------------------------------------------------------------
+    def _setup_audio(self, audio, sample_rate, bitrate):
+        import av
+
+        if sample_rate is None or int(sample_rate) <= 0:
+            raise MediaError(f"audio needs a positive sample_rate, got {sample_rate!r}")
+        a = _to_numpy(audio).astype(np.float32, copy=False)
+        if a.ndim == 1:
+            a = a[None]
+        if a.ndim != 2 or a.shape[1] == 0:
+            raise MediaError(f"audio waveform: expected [channels, samples] with samples > 0, got {a.shape}")
+        if a.shape[0] > 2:
+            a = a.mean(axis=0, keepdims=True)
+        a = np.ascontiguousarray(np.clip(a, -1.0, 1.0))
+        rate = int(sample_rate)
+        layout = "mono" if a.shape[0] == 1 else "stereo"
+        out_rate = rate if rate in AAC_RATES else 48000
+        st = self._container.add_stream("aac", rate=out_rate)
+        st.layout = layout
+        st.bit_rate = bitrate
+        self._astream = st
+        self._audio = a
+        self._in_rate = rate
+        self._out_rate = out_rate
+        self._layout = layout
+        self._a_pos = 0  # input samples already sent
+        self._resampler = av.AudioResampler(format="fltp", layout=layout, rate=out_rate)
+        self._fifo = av.AudioFifo()
+        self._a_pts = 0
+
+    def _push_audio(self, upto_sample: int, final: bool = False):
+        import av
+
+        if self._audio is None:
+            return
+        upto = min(int(upto_sample), self._audio.shape[1])
+        if upto > self._a_pos:
+            chunk = self._audio[:, self._a_pos:upto]
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout=self._layout)
+            frame.sample_rate = self._in_rate
+            frame.pts = self._a_pos
+            frame.time_base = Fraction(1, self._in_rate)
+            for f in self._resampler.resample(frame):
+                self._fifo.write(f)
+            self._a_pos = upto
+        if final:
+            for f in self._resampler.resample(None):
+                self._fifo.write(f)
+        fs = self._astream.codec_context.frame_size or 1024
+        while self._fifo.samples >= fs or (final and self._fifo.samples > 0):
+            f = self._fifo.read(min(fs, self._fifo.samples))
+            f.pts = self._a_pts
+            f.time_base = Fraction(1, self._out_rate)
+            self._a_pts += f.samples
+            for pkt in self._astream.encode(f):
+                self._container.mux(pkt)
+        if final:
+            for pkt in self._astream.encode(None):
+                self._container.mux(pkt)
+
+    # ---- video ---------------------------------------------------------------------------------
+    def write(self, frames):
+        """Append frames [n, H, W, 3] (float 0..1 or uint8; a single [H, W, 3] frame also works)."""
+        import av
+
+        if self._closed:
+            raise RuntimeError("Mp4Writer is closed")
+        a = frames_to_uint8(frames)
+        if a.ndim == 3:
+            a = a[None]
+        if a.ndim != 4 or a.shape[1:] != (self.height, self.width, 3):
+            raise MediaError(f"frames: expected [n, {self.height}, {self.width}, 3], got {a.shape}")
+        if self.num_frames is not None and self.frames_written + a.shape[0] > self.num_frames:
+            raise MediaError(
+                f"too many frames: {self.frames_written + a.shape[0]} written, the clip has {self.num_frames}"
+            )
+        for img in a:
+            vf = av.VideoFrame.from_ndarray(img, format="rgb24")
+            vf.pts = self.frames_written
+            for pkt in self._vstream.encode(vf):
+                self._container.mux(pkt)
+            self.frames_written += 1
+        if self._audio is not None:
+            self._push_audio(self.frames_written * self._in_rate // self.fps)
+
+    def close(self):
+        """Flush, check the frame count, and move the file into place."""
+        if self._closed:
+            return
+        try:
+            if self.num_frames is not None and self.frames_written != self.num_frames:
+                raise MediaError(f"clip has {self.num_frames} frames but {self.frames_written} were written")
+            if self.frames_written == 0:
+                raise MediaError("no frames were written")
+            for pkt in self._vstream.encode(None):
+                self._container.mux(pkt)
+            if self._audio is not None:
+                self._push_audio(self._audio.shape[1], final=True)
+            self._container.close()
+            self._container = None
+            os.replace(self._tmp, self.path)
+            self._closed = True
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self):
+        """Drop the partial output (idempotent)."""
+        self._closed = True
+        c = getattr(self, "_container", None)
+        self._container = None
+        if c is not None:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - the file is deleted anyway
+                pass
+        tmp = getattr(self, "_tmp", None)
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+def read_audio_file(path):
+    """Decode the first audio stream of ``path`` -> (waveform float32 torch.Tensor [C, S], sample_rate)."""
+    import av
+    import torch
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MediaError(f"audio file not found: {path}")
+    try:
+        container = av.open(path)
+    except Exception as e:  # noqa: BLE001 - PyAV raises many error types
+        raise MediaError(f"cannot open audio file {path}: {e}") from e
+    with container:
+        streams = container.streams.audio
+        if not streams:
+            raise MediaError(f"{path} has no audio stream")
+        st = streams[0]
+        rate = st.codec_context.sample_rate or st.rate
+        resampler = None
+        chunks = []
+        for frame in container.decode(st):
+            if resampler is None:
+                resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=frame.sample_rate)
+                rate = frame.sample_rate
+            for f in resampler.resample(frame):
+                chunks.append(f.to_ndarray())
+        if resampler is not None:
+            for f in resampler.resample(None):
+                chunks.append(f.to_ndarray())
+    if not chunks:
+        raise MediaError(f"{path}: the audio stream holds no samples")
+    wav = np.concatenate(chunks, axis=1).astype(np.float32, copy=False)
+    return torch.from_numpy(np.ascontiguousarray(wav)), int(rate)
+
+
+def read_image(path):
+    """Read an image -> float32 torch.Tensor [H, W, 3] in 0..1 (RGB, EXIF orientation applied)."""
+    import torch
+    from PIL import Image, ImageOps
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MediaError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except Exception as e:  # noqa: BLE001 - PIL raises many error types
+        raise MediaError(f"cannot read image {path}: {e}") from e
+    return torch.from_numpy(np.ascontiguousarray(rgb))
+
+
+def probe_mp4(path) -> dict:
+    """Read back an mp4: decoded video frame count, size, fps; audio track duration (container
+    metadata, i.e. after the edit list that hides AAC priming/padding), rate, channels, decoded samples."""
+    import av
+
+    info = {"frames": 0, "width": None, "height": None, "fps": None, "audio_seconds": None, "audio_rate": None,
+            "audio_channels": None, "audio_decoded_samples": None, "video_seconds": None}
+    with av.open(os.fspath(path)) as c:
+        if c.streams.video:
+            v = c.streams.video[0]
+            info["width"], info["height"] = v.codec_context.width, v.codec_context.height
+            info["fps"] = float(v.average_rate) if v.average_rate else None
+            if v.duration is not None:
+                info["video_seconds"] = float(v.duration * v.time_base)
+        if c.streams.audio:
+            a = c.streams.audio[0]
+            info["audio_rate"] = a.codec_context.sample_rate
+            info["audio_channels"] = a.codec_context.channels
+            if a.duration is not None:
+                info["audio_seconds"] = float(a.duration * a.time_base)
+        n_audio = 0
+        for frame in c.decode(*c.streams.video, *c.streams.audio):
+            if isinstance(frame, av.VideoFrame):
+                info["frames"] += 1
+            else:
+                n_audio += frame.samples
+        if c.streams.audio:
+            info["audio_decoded_samples"] = n_audio
+    return info

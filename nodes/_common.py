@@ -1,0 +1,275 @@
+"""Shared plumbing of the node adapters: model folders, ComfyUI memory management, progress/cancel,
+identity image fitting.
+
+Imports of ``comfy.*`` and of the library happen inside functions: importing this module costs
+nothing but ``folder_paths`` (which ComfyUI has already loaded) and the standard library.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("keyface")
+
+CATEGORY = "KeyFace"
+FOLDER = "keyface"  # models/keyface/ (and any "keyface:" entry of extra_model_paths.yaml)
+FPS = 25.0
+
+# Secondary ComfyUI folders searched after models/keyface/ for some kinds.
+SECONDARY = {
+    "vae": ("vae",),
+    "wavlm": ("audio_encoders",),
+    "beats": ("audio_encoders",),
+    "wav2vec2": ("audio_encoders",),
+}
+
+_WEIGHT_EXT = {".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".sft"}
+
+
+# ---------------------------------------------------------------------------------- model folders
+def register_folders():
+    """Make ``models/keyface`` known to ComfyUI by *merging* into ``folder_names_and_paths``.
+
+    Paths the user added (``extra_model_paths.yaml`` is read before custom nodes load) survive; a
+    folder created by ``add_model_folder_path`` has an empty extension set (lists every file), so
+    the set is replaced with the weight extensions while the path list is kept as it is.
+    """
+    import folder_paths
+
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    folder_paths.add_model_folder_path(FOLDER, default)
+    paths, exts = folder_paths.folder_names_and_paths[FOLDER]
+    wanted = set(getattr(folder_paths, "supported_pt_extensions", set())) | _WEIGHT_EXT
+    if set(exts or ()) != wanted:
+        folder_paths.folder_names_and_paths[FOLDER] = (paths, wanted)
+        cache = getattr(folder_paths, "filename_list_cache", None)
+        if isinstance(cache, dict):
+            cache.pop(FOLDER, None)
+
+
+def _folders(kind: str) -> list[tuple[str, str]]:
+    """[(comfy_folder_name, directory)] searched for ``kind``, models/keyface first."""
+    import folder_paths
+
+    register_folders()
+    out = []
+    for name in (FOLDER,) + SECONDARY.get(kind, ()):
+        if name in folder_paths.folder_names_and_paths:
+            for d in folder_paths.get_folder_paths(name):
+                out.append((name, d))
+    return out
+
+
+def _model_dirs(directory: str) -> list[str]:
+    """Hugging Face style model folders (containing config.json) up to two levels below ``directory``."""
+    found = []
+    if not os.path.isdir(directory):
+        return found
+    for root, dirs, _files in os.walk(directory, followlinks=True):
+        rel = os.path.relpath(root, directory)
+        depth = 0 if rel == "." else rel.count(os.sep) + 1
+        if depth >= 1 and os.path.isfile(os.path.join(root, "config.json")):
+            found.append(rel.replace(os.sep, "/"))
+            dirs[:] = []
+            continue
+        if depth >= 2:
+            dirs[:] = []
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    return found
+
+
+def choices(kind: str) -> list[str]:
+    """Combo entries for a loader input: files (and, for wav2vec2, model folders) in the folders of
+    ``kind``; names that look like ``kind`` (released names first) come first. Never empty."""
+    import folder_paths
+
+    from ..keyface import model_files as mf
+
+    names: list[str] = []
+    folders = _folders(kind)
+    hf = sorted({d for _, directory in folders for d in _model_dirs(directory)})
+    if kind == "wav2vec2":
+        names += hf
+    for comfy_name in dict.fromkeys(name for name, _ in folders):
+        try:
+            files = folder_paths.get_filename_list(comfy_name)
+        except Exception:  # a folder ComfyUI does not know (old builds)
+            files = []
+        for f in files:
+            if os.path.splitext(f)[1].lower() not in _WEIGHT_EXT:
+                continue
+            if any(f.startswith(d + "/") for d in hf):
+                continue  # weights inside a HF folder: the folder is the model
+            names.append(f)
+    uniq = list(dict.fromkeys(names))
+    released = mf.FILE_NAMES.get(kind, ())
+
+    def rank(n):
+        if n in released:
+            return (0, released.index(n), n)
+        if mf.guess_kind(n) == kind:
+            return (1, 0, n)
+        return (2, 0, n)
+
+    uniq.sort(key=rank)
+    if not uniq:
+        # ComfyUI rejects a prompt whose combo value is not in the list, so show what is expected.
+        uniq = [mf.DEFAULT_NAMES[kind]]
+    return uniq
+
+
+def resolve(kind: str, name: str, input_name: str) -> str:
+    """Full path of combo value ``name`` (file or model folder); ValueError naming the input."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{input_name}: no model file chosen")
+    rel = os.path.normpath(os.path.join("/", name)).lstrip("/\\")
+    searched = []
+    for _comfy_name, directory in _folders(kind):
+        searched.append(directory)
+        full = os.path.join(directory, rel)
+        if os.path.isfile(full):
+            return full
+        if os.path.isdir(full) and os.path.isfile(os.path.join(full, "config.json")):
+            return full
+    raise ValueError(
+        f"{input_name}: model '{name}' was not found in {', '.join(searched) or 'any model folder'} "
+        f"(put the KeyFace files in ComfyUI/models/{FOLDER}/ or add a '{FOLDER}:' entry to extra_model_paths.yaml)"
+    )
+
+
+# ------------------------------------------------------------------------------ memory management
+def mm():
+    import comfy.model_management
+
+    return comfy.model_management
+
+
+def unet_policy(num_params: int):
+    """(load_device, offload_device, weight_dtype, compute_dtype, operations) for a KeyFace UNet.
+
+    Weight dtype from ``unet_dtype`` (honours --fp16-unet etc.), compute dtype from
+    ``unet_manual_cast``; ``comfy.ops.manual_cast`` layers when the two differ, else
+    ``disable_weight_init`` (same layers, no init cost, per-op cancel on new builds).
+    """
+    import torch
+    import comfy.ops
+
+    m = mm()
+    load_device = m.get_torch_device()
+    offload_device = m.unet_offload_device()
+    supported = [torch.float16, torch.bfloat16, torch.float32]
+    weight_dtype = m.unet_dtype(device=load_device, model_params=num_params, supported_dtypes=supported)
+    manual = m.unet_manual_cast(weight_dtype, load_device, supported)
+    ops = comfy.ops.manual_cast if manual is not None else comfy.ops.disable_weight_init
+    return load_device, offload_device, weight_dtype, (manual or weight_dtype), ops
+
+
+def text_encoder_policy():
+    """(load_device, offload_device, dtype) for the audio encoders (ComfyUI's text-encoder policy).
+
+    On a CPU load device ComfyUI's policy answers float16, which is slow and lossy on CPUs for
+    these convolutional front ends; float32 is used there instead.
+    """
+    import torch
+
+    m = mm()
+    load_device = m.text_encoder_device()
+    offload_device = m.text_encoder_offload_device()
+    dtype = m.text_encoder_dtype(load_device)
+    if getattr(load_device, "type", str(load_device)) == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    return load_device, offload_device, dtype
+
+
+def vae_policy():
+    import torch
+
+    m = mm()
+    load_device = m.vae_device()
+    offload_device = m.vae_offload_device()
+    try:
+        dtype = m.vae_dtype(device=load_device, allowed_dtypes=[torch.bfloat16, torch.float32])
+    except TypeError:  # 2024 builds: vae_dtype() takes no arguments
+        dtype = m.vae_dtype()
+    if dtype not in (torch.float32, torch.bfloat16):
+        dtype = torch.float32  # the SVD temporal decoder is run in fp32 (spec 7) or bf16, never fp16
+    return load_device, offload_device, dtype
+
+
+def patcher(model, load_device, offload_device):
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def load(patchers, memory_required=0):
+    """Ask ComfyUI to put these models on their load device (evicting others as needed)."""
+    mm().load_models_gpu(list(patchers), memory_required=memory_required)
+
+
+def check_interrupt():
+    mm().throw_exception_if_processing_interrupted()
+
+
+def file_params(path: str, bytes_per_param: int = 4) -> int:
+    """Rough parameter count of a checkpoint from its size (for dtype/memory heuristics)."""
+    try:
+        if os.path.isdir(path):
+            return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) // bytes_per_param
+        return os.path.getsize(path) // bytes_per_param
+    except OSError:
+        return 0
+
+
+# ---------------------------------------------------------------------------------------- progress
+class Progress:
+    """Pipeline callback: checks ComfyUI's interrupt flag on every event and drives one
+    ``comfy.utils.ProgressBar`` per stage (denoising steps, segments, decode chunks)."""
+
+    def __init__(self, node_id=None):
+        self.node_id = node_id
+        self.bar = None
+        self.key = None
+        self.events = 0
+
+    def start(self, total, key="stage"):
+        import comfy.utils
+
+        self.key = (key, total)
+        self.bar = comfy.utils.ProgressBar(max(int(total), 1))
+        return self.bar
+
+    def __call__(self, event=None, *args):
+        check_interrupt()
+        self.events += 1
+        if event is None:
+            return
+        stage = getattr(event, "stage", None)
+        step = getattr(event, "step", None)
+        total = getattr(event, "total", None)
+        if step is None and isinstance(event, (tuple, list)) and len(event) >= 3:
+            stage, step, total = event[:3]
+        if step is None or not total:
+            return
+        if self.bar is None or self.key != (stage, total):
+            self.start(total, stage)
+        self.bar.update_absolute(min(int(step), int(total)), int(total))
+
+    def step(self, value, total, key="loop"):
+        """Manual progress for loops the node runs itself."""
+        check_interrupt()
+        if self.bar is None or self.key != (key, total):
+            self.start(total, key)
+        self.bar.update_absolute(value, total)
+
+
+# ---------------------------------------------------------------------------------- identity image
+def first_image(image, input_name="image"):
+    """The first portrait of an IMAGE batch (warns when the batch has more than one)."""
+    if image is None or getattr(image, "ndim", 0) != 4 or image.shape[-1] not in (3, 4):
+        raise ValueError(f"{input_name}: expected an IMAGE [batch, height, width, 3], got "
+                         f"{tuple(getattr(image, 'shape', ())) or type(image).__name__}")
+    if image.shape[0] > 1:
+        log.warning("KeyFace: %s holds %d images; using the first one as the identity", input_name, image.shape[0])
+    return image[:1, :, :, :3]

@@ -1,0 +1,233 @@
+"""Loader nodes: VAE, audio encoders, keyframe model, interpolation model (+ autoguidance model).
+
+Every network is built by the library with ComfyUI's layer classes injected as ``operations`` and
+then handed to ComfyUI's memory manager (``ModelPatcher`` + ``load_models_gpu`` before each use),
+so KeyFace models are evicted / partially loaded like any core model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+from . import _common as C
+
+log = logging.getLogger("keyface")
+
+
+def call_accepting(fn, *args, **kwargs):
+    """Call ``fn`` with only the keyword arguments its signature accepts."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(*args, **kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(*args, **kwargs)
+    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+
+def _sidecar(path):
+    from ..keyface import model_files
+
+    return model_files.read_sidecar(path)
+
+
+# ----------------------------------------------------------------------------------- model holders
+class KeyFaceVAE:
+    """KEYFACE_VAE: the SVD VAE (encoder for the identity image, temporal decoder for the video)."""
+
+    def __init__(self, vae, patcher, dtype, name):
+        self.vae, self.patcher, self.dtype, self.name = vae, patcher, dtype, name
+
+    @property
+    def device(self):
+        return self.patcher.load_device
+
+    def __repr__(self):
+        return f"KeyFaceVAE({self.name}, {self.dtype})"
+
+
+class KeyFaceAudioEncoders:
+    """KEYFACE_AUDIO_ENCODERS: WavLM Base+, BEATs and wav2vec2 (one object, one memory-manager group)."""
+
+    def __init__(self, wavlm, beats, wav2vec2, patchers, dtype, names):
+        self.wavlm, self.beats, self.wav2vec2 = wavlm, beats, wav2vec2
+        self.patchers, self.dtype, self.names = patchers, dtype, names
+
+    @property
+    def device(self):
+        return self.patchers[0].load_device
+
+    def __repr__(self):
+        return f"KeyFaceAudioEncoders({self.names})"
+
+
+class KeyFaceKeyframeModel:
+    """KEYFACE_KEYFRAME_MODEL."""
+
+    def __init__(self, network, patcher, dtype, resolution, name):
+        self.network, self.patcher, self.dtype, self.resolution, self.name = network, patcher, dtype, resolution, name
+
+    @property
+    def device(self):
+        return self.patcher.load_device
+
+    def __repr__(self):
+        return f"KeyFaceKeyframeModel({self.name}, {self.resolution}px, {self.dtype})"
+
+
+class KeyFaceInterpolationModel:
+    """KEYFACE_INTERPOLATION_MODEL: the interpolation network and its autoguidance ("bad") network."""
+
+    def __init__(self, good, bad, patchers, dtype, name, bad_name):
+        self.good, self.bad, self.patchers, self.dtype = good, bad, patchers, dtype
+        self.name, self.bad_name = name, bad_name
+
+    @property
+    def device(self):
+        return self.patchers[0].load_device
+
+    @property
+    def latent_hw(self):
+        return tuple(int(s) for s in self.good.learned_mask.shape[-2:])
+
+    def __repr__(self):
+        return f"KeyFaceInterpolationModel({self.name}, bad={self.bad_name}, {self.dtype})"
+
+
+# ---------------------------------------------------------------------------------------- nodes
+class KeyFaceVAELoader:
+    DESCRIPTION = "Loads the Stable Video Diffusion VAE that KeyFace uses: the encoder makes the identity latent, the temporal decoder turns latents into frames."
+    CATEGORY = C.CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("KEYFACE_VAE",)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The SVD VAE (SGM or diffusers layout), run in fp32 or bf16.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae_name": (C.choices("vae"), {"tooltip": "SVD VAE file from models/keyface/ or models/vae/ (svd_vae.safetensors, the diffusers AutoencoderKLTemporalDecoder file, or a full SVD checkpoint)."}),
+        }}
+
+    def load(self, vae_name):
+        import comfy.ops
+        from ..keyface import vae as kvae
+
+        path = C.resolve("vae", vae_name, "vae_name")
+        load_device, offload_device, dtype = C.vae_policy()
+        model = call_accepting(kvae.load_vae, path, dtype=dtype, device=offload_device,
+                               operations=comfy.ops.disable_weight_init)
+        model = model.to(device=offload_device, dtype=dtype).eval().requires_grad_(False)
+        return (KeyFaceVAE(model, C.patcher(model, load_device, offload_device), dtype, vae_name),)
+
+
+class KeyFaceAudioEncoderLoader:
+    DESCRIPTION = "Loads the three audio encoders KeyFace conditions on: WavLM Base+ and BEATs (unilm checkpoints) and wav2vec2-base-960h (a Hugging Face folder)."
+    CATEGORY = C.CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("KEYFACE_AUDIO_ENCODERS",)
+    RETURN_NAMES = ("audio_encoders",)
+    OUTPUT_TOOLTIPS = ("WavLM + BEATs + wav2vec2, managed by ComfyUI like a text encoder.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "wavlm_name": (C.choices("wavlm"), {"tooltip": "WavLM Base+ (WavLM-Base+.pt) from models/keyface/ or models/audio_encoders/."}),
+            "beats_name": (C.choices("beats"), {"tooltip": "BEATs iter3+ AS2M fine-tuned (BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt)."}),
+            "wav2vec2_name": (C.choices("wav2vec2"), {"tooltip": "wav2vec2-base-960h: a Hugging Face folder with config.json and the weights."}),
+        }}
+
+    def load(self, wavlm_name, beats_name, wav2vec2_name):
+        from ..keyface import audio as kaudio
+        from ..keyface.audio import beats as kbeats, wav2vec2 as kw2v, wavlm as kwavlm
+
+        load_device, offload_device, dtype = C.text_encoder_policy()
+        paths = {
+            "wavlm": C.resolve("wavlm", wavlm_name, "wavlm_name"),
+            "beats": C.resolve("beats", beats_name, "beats_name"),
+            "wav2vec2": C.resolve("wav2vec2", wav2vec2_name, "wav2vec2_name"),
+        }
+        loaders = {
+            "wavlm": getattr(kaudio, "load_wavlm", None) or kwavlm.load_wavlm,
+            "beats": getattr(kaudio, "load_beats", None) or kbeats.load_beats,
+            "wav2vec2": getattr(kaudio, "load_wav2vec2", None) or kw2v.load_wav2vec2,
+        }
+        models, patchers = {}, []
+        for key in ("wavlm", "beats", "wav2vec2"):
+            m = call_accepting(loaders[key], paths[key], dtype=dtype, device=offload_device)
+            m = m.to(device=offload_device, dtype=dtype).eval().requires_grad_(False)
+            models[key] = m
+            patchers.append(C.patcher(m, load_device, offload_device))
+        names = {"wavlm": wavlm_name, "beats": beats_name, "wav2vec2": wav2vec2_name}
+        return (KeyFaceAudioEncoders(models["wavlm"], models["beats"], models["wav2vec2"], patchers, dtype, names),)
+
+
+class KeyFaceKeyframeModelLoader:
+    DESCRIPTION = "Loads the KeyFace keyframe model (keyframe.pt or its safetensors conversion)."
+    CATEGORY = C.CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("KEYFACE_KEYFRAME_MODEL",)
+    RETURN_NAMES = ("keyframe_model",)
+    OUTPUT_TOOLTIPS = ("The keyframe UNet + audio projection under ComfyUI's memory manager.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (C.choices("keyframe"), {"tooltip": "keyframe.pt (DeepSpeed file as released) or keyframe.safetensors, from models/keyface/."}),
+        }}
+
+    def load(self, model_name):
+        from ..keyface import engines, model_files
+
+        path = C.resolve("keyframe", model_name, "model_name")
+        cfg = _sidecar(path)
+        load_device, offload_device, weight_dtype, compute_dtype, ops = C.unet_policy(C.file_params(path))
+        net = engines.load_keyframe_network(path, config=cfg, dtype=weight_dtype, device=offload_device, operations=ops)
+        res = model_files.resolution_of(cfg)
+        return (KeyFaceKeyframeModel(net, C.patcher(net, load_device, offload_device), compute_dtype, res, model_name),)
+
+
+class KeyFaceInterpolationModelLoader:
+    DESCRIPTION = "Loads the KeyFace interpolation model and the weaker 'bad' model used for autoguidance (interpolation.pt + interpolation_bad.pt)."
+    CATEGORY = C.CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("KEYFACE_INTERPOLATION_MODEL",)
+    RETURN_NAMES = ("interpolation_model",)
+    OUTPUT_TOOLTIPS = ("Interpolation UNet + autoguidance UNet under ComfyUI's memory manager.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (C.choices("interpolation"), {"tooltip": "interpolation.pt (or .safetensors) from models/keyface/."}),
+            "bad_model_name": (C.choices("interpolation_bad"), {"tooltip": "interpolation_bad.pt: the autoguidance network (D = D_bad + scale x (D_good - D_bad))."}),
+        }}
+
+    def load(self, model_name, bad_model_name):
+        from ..keyface import engines
+
+        path = C.resolve("interpolation", model_name, "model_name")
+        bad_path = C.resolve("interpolation_bad", bad_model_name, "bad_model_name")
+        cfg = _sidecar(path)
+        n = C.file_params(path) + C.file_params(bad_path)
+        load_device, offload_device, weight_dtype, compute_dtype, ops = C.unet_policy(n)
+        good, bad = engines.load_interpolation_networks(
+            path, bad_path, config=cfg, dtype=weight_dtype, device=offload_device, operations=ops)
+        patchers = [C.patcher(good, load_device, offload_device)]
+        if bad is not None:
+            patchers.append(C.patcher(bad, load_device, offload_device))
+        return (KeyFaceInterpolationModel(good, bad, patchers, compute_dtype, model_name, bad_model_name),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "KeyFaceVAELoader": KeyFaceVAELoader,
+    "KeyFaceAudioEncoderLoader": KeyFaceAudioEncoderLoader,
+    "KeyFaceKeyframeModelLoader": KeyFaceKeyframeModelLoader,
+    "KeyFaceInterpolationModelLoader": KeyFaceInterpolationModelLoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "KeyFaceVAELoader": "KeyFace Load VAE",
+    "KeyFaceAudioEncoderLoader": "KeyFace Load Audio Encoders",
+    "KeyFaceKeyframeModelLoader": "KeyFace Load Keyframe Model",
+    "KeyFaceInterpolationModelLoader": "KeyFace Load Interpolation Model",
+}

@@ -1,0 +1,368 @@
+"""Audio encoding, keyframe sampling, interpolation and decoding nodes.
+
+Data passed between nodes:
+
+* ``KEYFACE_AUDIO_FEATURES``: ``keyface.audio.AudioFeatures`` (``.keyframe`` / ``.interpolation``
+  ``[N, 2, 1536]``, ``.num_frames`` N = clip length in video frames at 25 fps).
+* ``KEYFACE_KEYFRAMES``: :class:`KeyFaceKeyframes` (keyframe latents ``[K, 4, h, w]`` on the CPU,
+  the clip plan, the identity latent and the seed). Decoded to pixels only by *KeyFace Preview
+  Keyframes* (V1 nodes have no lazy outputs; a node that is not connected to an output does not run,
+  so the preview costs nothing unless it is wired to e.g. Preview Image).
+* ``LATENT`` out of *KeyFace Interpolate*: ``{"samples": [S*14, 4, h, w]}`` - every interpolation
+  segment's 14 frames in order, SD-scaled (0.18215) latents that the SVD VAE decodes - plus
+  ``keyface_num_frames`` (N) and ``keyface_segment_frames`` (14). Consecutive segments share their
+  boundary keyframe, so a native VAE Decode shows those frames twice; *KeyFace Decode* merges
+  them (pixel mean) and trims to exactly N frames.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import _common as C
+from .loaders import call_accepting
+
+log = logging.getLogger("keyface")
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+SEGMENT_FRAMES = 14
+
+
+class KeyFaceKeyframes:
+    """KEYFACE_KEYFRAMES: what Sample Keyframes hands to Interpolate (and to Preview Keyframes)."""
+
+    def __init__(self, latents, plan, identity_latent, seed, resolution):
+        self.latents, self.plan, self.identity_latent = latents, plan, identity_latent
+        self.seed, self.resolution = seed, resolution
+
+    @property
+    def num_frames(self):
+        return self.plan.num_frames
+
+    def __repr__(self):
+        return f"KeyFaceKeyframes({tuple(self.latents.shape)}, N={self.num_frames})"
+
+
+def _pipeline():
+    from ..keyface import pipeline
+
+    return pipeline
+
+
+def _audio_batch(audio, input_name="audio"):
+    """(waveform [C, S] float32, sample_rate) of the first item of a native AUDIO dict."""
+    try:
+        wf, sr = audio["waveform"], int(audio["sample_rate"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{input_name}: expected a ComfyUI AUDIO dict with 'waveform' and 'sample_rate'") from e
+    if wf.ndim == 3:
+        if wf.shape[0] > 1:
+            log.warning("KeyFace: %s holds a batch of %d clips; using the first", input_name, wf.shape[0])
+        wf = wf[0]
+    elif wf.ndim == 1:
+        wf = wf[None]
+    if wf.ndim != 2 or wf.shape[-1] == 0 or sr <= 0:
+        raise ValueError(f"{input_name}: expected a non-empty waveform [batch, channels, samples] with a positive "
+                         f"sample rate, got shape {tuple(audio['waveform'].shape)} at {sr} Hz")
+    return wf.float(), sr
+
+
+def exact_length_audio(waveform, sample_rate, num_frames, fps=C.FPS):
+    """AUDIO dict of exactly ``num_frames / fps`` seconds: the input cut or zero-padded at its end."""
+    import torch
+
+    n = int(round(num_frames * sample_rate / fps))
+    wf = waveform[..., :n]
+    if wf.shape[-1] < n:
+        wf = torch.nn.functional.pad(wf, (0, n - wf.shape[-1]))
+    return {"waveform": wf.reshape(1, *wf.shape[-2:]).contiguous(), "sample_rate": int(sample_rate)}
+
+
+# ------------------------------------------------------------------------------------ encode audio
+class KeyFaceEncodeAudio:
+    DESCRIPTION = ("Computes KeyFace's per-video-frame audio features (WavLM+BEATs for keyframes, wav2vec2+BEATs "
+                   "for interpolation) and the clip length. Also returns the audio cut/padded to exactly "
+                   "frame_count / fps seconds and the fps, for Create Video.")
+    CATEGORY = C.CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("KEYFACE_AUDIO_FEATURES", "INT", "AUDIO", "FLOAT")
+    RETURN_NAMES = ("audio_features", "frame_count", "audio", "fps")
+    OUTPUT_TOOLTIPS = (
+        "Audio features for Sample Keyframes and Interpolate.",
+        "Number of video frames the clip will have (25 fps, 640 samples at 16 kHz per frame).",
+        "The input audio, exactly frame_count / fps seconds long (feed it to Create Video).",
+        "Frames per second of the KeyFace video (25).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "audio_encoders": ("KEYFACE_AUDIO_ENCODERS", {"tooltip": "From KeyFace Load Audio Encoders."}),
+            "audio": ("AUDIO", {"tooltip": "Speech (any sample rate, mono or stereo; the first clip of a batch is used)."}),
+        }}
+
+    def encode(self, audio_encoders, audio):
+        import torch
+        from ..keyface import audio as kaudio
+
+        compute = getattr(kaudio, "compute_features", None)
+        if compute is None:
+            from ..keyface.audio import features as kfeat
+
+            compute = kfeat.compute_features
+        waveform, sr = _audio_batch(audio)
+        enc = audio_encoders
+        C.load(enc.patchers)
+        C.check_interrupt()
+        with torch.inference_mode():
+            feats = call_accepting(compute, waveform, sr, enc.wavlm, enc.beats, enc.wav2vec2,
+                                   device=enc.device, dtype=enc.dtype, callback=C.Progress())
+        feats = _features_to_cpu(feats)
+        n = int(feats.num_frames)
+        return (feats, n, exact_length_audio(waveform, sr, n), C.FPS)
+
+
+def _features_to_cpu(feats):
+    import dataclasses
+
+    try:
+        fields = {f.name for f in dataclasses.fields(feats)}
+    except TypeError:
+        return feats
+    changes = {}
+    for name in ("keyframe", "interpolation"):
+        t = getattr(feats, name, None)
+        if name in fields and t is not None and hasattr(t, "to"):
+            changes[name] = t.float().cpu()
+    try:
+        return dataclasses.replace(feats, **changes) if changes else feats
+    except (TypeError, ValueError):
+        return feats
+
+
+# --------------------------------------------------------------------------------- sample keyframes
+class KeyFaceSampleKeyframes:
+    DESCRIPTION = ("Stage 1: samples one keyframe every 13 video frames (0.52 s) from the identity image, the "
+                   "audio features and the emotion, with KeyFace's 3-branch guidance (Euler EDM, AYS sigmas).")
+    CATEGORY = C.CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = ("KEYFACE_KEYFRAMES",)
+    RETURN_NAMES = ("keyframes",)
+    OUTPUT_TOOLTIPS = ("Keyframe latents + clip plan, for KeyFace Interpolate (and KeyFace Preview Keyframes).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "keyframe_model": ("KEYFACE_KEYFRAME_MODEL", {"tooltip": "From KeyFace Load Keyframe Model."}),
+                "vae": ("KEYFACE_VAE", {"tooltip": "From KeyFace Load VAE (its encoder makes the identity latent)."}),
+                "image": ("IMAGE", {"tooltip": "The portrait. Only the first image of a batch is used (a warning is logged otherwise)."}),
+                "audio_features": ("KEYFACE_AUDIO_FEATURES", {"tooltip": "From KeyFace Encode Audio."}),
+                "seed": ("INT", {"default": 23, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                 "tooltip": "Noise seed (the reference uses 23). Noise is drawn on the CPU, so a seed gives the same result on any device."}),
+                "steps": ("INT", {"default": 10, "min": 1, "max": 100,
+                                  "tooltip": "Sampling steps (10 as released = 11 network evaluations)."}),
+                "ref_guidance": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                           "tooltip": "Identity (reference) guidance scale, 2.0 as released."}),
+                "audio_guidance": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                             "tooltip": "Audio guidance scale, 5.0 as released."}),
+                "fit": (["crop", "pad"], {"default": "crop",
+                                          "tooltip": "How a non-square portrait becomes square: centre-crop, or pad the short side (border pixels repeated). Never squashed."}),
+            },
+            "optional": {
+                "emotion": ("KEYFACE_EMOTION", {"tooltip": "From KeyFace Emotion; not connected = neutral (valence 0, arousal 0)."}),
+            },
+        }
+
+    def sample(self, keyframe_model, vae, image, audio_features, seed, steps, ref_guidance, audio_guidance, fit,
+               emotion=None):
+        import torch
+        from ..keyface import emotion as kemotion, planner
+
+        n = int(audio_features.num_frames)
+        plan = planner.plan_clip(n)
+        identity = encode_identity(vae, image, keyframe_model.resolution, fit)
+        valence, arousal = kemotion.per_frame_emotion(emotion, n, fps=C.FPS)
+        progress = C.Progress()
+        C.load([keyframe_model.patcher])
+        with torch.inference_mode():
+            latents = _pipeline().sample_keyframes(
+                keyframe_model.network, identity.to(keyframe_model.device), audio_features.keyframe, valence, arousal,
+                plan, seed=int(seed), steps=int(steps), ref_ratio=float(ref_guidance), audio_ratio=float(audio_guidance),
+                device=keyframe_model.device, dtype=keyframe_model.dtype, callback=progress)
+        return (KeyFaceKeyframes(latents.float().cpu(), plan, identity.float().cpu(), int(seed),
+                                 keyframe_model.resolution),)
+
+
+def encode_identity(vae, image, resolution, fit, input_name="image"):
+    """Identity latent [1,4,res/8,res/8] (CPU) of the first portrait of ``image``, squared by ``fit``
+    (centre crop or border padding, never squashed) and resized to ``resolution``."""
+    import torch
+
+    pipeline = _pipeline()
+    try:
+        pixels = pipeline.prepare_identity(C.first_image(image, input_name)[0], int(resolution), fit)
+    except ValueError as e:
+        raise ValueError(f"{input_name}: {e}") from e
+    C.load([vae.patcher])
+    C.check_interrupt()
+    with torch.inference_mode():
+        return pipeline.encode_identity(vae.vae, pixels, device=vae.device).float().cpu()
+
+
+# ------------------------------------------------------------------------------- preview keyframes
+class KeyFacePreviewKeyframes:
+    DESCRIPTION = ("Decodes the keyframes to images so they can be reviewed before the (expensive) interpolation. "
+                   "Runs only when its output is connected to something that runs, e.g. Preview Image.")
+    CATEGORY = C.CATEGORY
+    FUNCTION = "preview"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("One image per keyframe (frames 0, 13, 26, ...).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "keyframes": ("KEYFACE_KEYFRAMES", {"tooltip": "From KeyFace Sample Keyframes."}),
+            "vae": ("KEYFACE_VAE", {"tooltip": "From KeyFace Load VAE."}),
+        }}
+
+    def preview(self, keyframes, vae):
+        import torch
+
+        C.load([vae.patcher])
+        C.check_interrupt()
+        with torch.inference_mode():
+            images = _pipeline().decode_keyframe_preview(vae.vae, keyframes.latents, device=vae.device)
+        return (images.to(C.mm().intermediate_device()),)
+
+
+# ------------------------------------------------------------------------------------- interpolate
+class KeyFaceInterpolate:
+    DESCRIPTION = ("Stage 2: fills the 12 frames between each pair of keyframes (14-frame segments) with the "
+                   "interpolation model, guided by the autoguidance model. Output: a LATENT of all segments' "
+                   "frames for KeyFace Decode.")
+    CATEGORY = C.CATEGORY
+    FUNCTION = "interpolate"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("{'samples': [segments*14, 4, h, w]} + KeyFace metadata; decode with KeyFace Decode "
+                       "(merges the shared boundary frames and trims to the clip length).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "interpolation_model": ("KEYFACE_INTERPOLATION_MODEL", {"tooltip": "From KeyFace Load Interpolation Model."}),
+            "keyframes": ("KEYFACE_KEYFRAMES", {"tooltip": "From KeyFace Sample Keyframes."}),
+            "audio_features": ("KEYFACE_AUDIO_FEATURES", {"tooltip": "The same features the keyframes were sampled with."}),
+            "seed": ("INT", {"default": 23, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                             "tooltip": "Noise seed for the interpolation stage."}),
+            "steps": ("INT", {"default": 10, "min": 1, "max": 100, "tooltip": "Sampling steps (10 as released)."}),
+            "guidance": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                   "tooltip": "Autoguidance scale: D = D_bad + guidance x (D_good - D_bad); 2.0 as released."}),
+            "autoguidance": ("BOOLEAN", {"default": True,
+                                         "tooltip": "Off: the interpolation network alone (half the cost, lower quality)."}),
+            "segments_per_call": ("INT", {"default": 2, "min": 1, "max": 64,
+                                          "tooltip": "Segments (14 frames each) per network call: more is faster on a big GPU and needs more memory. Does not change the result."}),
+        }}
+
+    def interpolate(self, interpolation_model, keyframes, audio_features, seed, steps, guidance, autoguidance,
+                    segments_per_call):
+        import torch
+
+        n_feat, n_kf = int(audio_features.num_frames), int(keyframes.num_frames)
+        if n_feat != n_kf:
+            raise ValueError(
+                f"audio_features: these features describe a clip of {n_feat} frames, but the keyframes were sampled "
+                f"for {n_kf} frames; connect the same KeyFace Encode Audio output to both samplers")
+        lat_hw = tuple(keyframes.latents.shape[-2:])
+        model = interpolation_model
+        if lat_hw != model.latent_hw:
+            raise ValueError(
+                f"keyframes: latents are {lat_hw[0] * 8}x{lat_hw[1] * 8} px but this interpolation model makes "
+                f"{model.latent_hw[0] * 8}x{model.latent_hw[1] * 8} px (its learned mask is {model.latent_hw}); "
+                "use a keyframe model of the same resolution")
+        if autoguidance and model.bad is None:
+            raise ValueError("interpolation_model: autoguidance is on but no autoguidance (bad) model was loaded")
+        progress = C.Progress()
+        C.load(model.patchers if autoguidance else model.patchers[:1])
+        with torch.inference_mode():
+            seg = _pipeline().interpolate_segments(
+                model.good, model.bad if autoguidance else None, keyframes.latents.to(model.device),
+                audio_features.interpolation, keyframes.plan, seed=int(seed), steps=int(steps), scale=float(guidance),
+                segments_per_call=int(segments_per_call), autoguidance=bool(autoguidance), device=model.device,
+                dtype=model.dtype, callback=progress)
+        seg = seg.float().cpu()
+        s, t = seg.shape[:2]
+        return ({"samples": seg.reshape(s * t, *seg.shape[2:]), "keyface_num_frames": n_kf,
+                 "keyface_segment_frames": int(t)},)
+
+
+def segments_from_latent(latent, input_name="latent"):
+    """([S, 14, 4, h, w], N) from a KeyFace Interpolate LATENT; ValueError naming the input otherwise."""
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise ValueError(f"{input_name}: expected a LATENT dict")
+    if "keyface_num_frames" not in latent:
+        raise ValueError(f"{input_name}: this LATENT does not come from KeyFace Interpolate (no keyface_num_frames); "
+                         "KeyFace Decode needs the segment layout that node records")
+    x = latent["samples"]
+    t = int(latent.get("keyface_segment_frames", SEGMENT_FRAMES))
+    if x.ndim != 4 or x.shape[0] % t:
+        raise ValueError(f"{input_name}: samples {tuple(x.shape)} are not whole {t}-frame segments")
+    return x.reshape(x.shape[0] // t, t, *x.shape[1:]), int(latent["keyface_num_frames"])
+
+
+def decode_chunks(vae, latent, chunk_frames, progress):
+    """Iterator of decoded frame chunks [n, H, W, 3] (0..1, on the intermediate device)."""
+    import torch
+
+    seg, n = segments_from_latent(latent)
+    C.load([vae.patcher])
+    out_device = C.mm().intermediate_device()
+    with torch.inference_mode():
+        for chunk in call_accepting(_pipeline().decode_segments, vae.vae, seg.to(vae.dtype), n,
+                                    chunk_frames=int(chunk_frames), device=vae.device, dtype=vae.dtype,
+                                    callback=progress):
+            C.check_interrupt()
+            yield chunk.to(out_device, torch.float32)
+
+
+class KeyFaceDecode:
+    DESCRIPTION = ("Decodes KeyFace Interpolate's latents with the SVD temporal decoder in fixed chunks (moved to "
+                   "the CPU one by one), merges the frames segments share, and returns exactly frame_count frames.")
+    CATEGORY = C.CATEGORY
+    FUNCTION = "decode"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("The video frames (25 fps), as many as KeyFace Encode Audio's frame_count.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("KEYFACE_VAE", {"tooltip": "From KeyFace Load VAE."}),
+            "latent": ("LATENT", {"tooltip": "From KeyFace Interpolate."}),
+            "chunk_frames": ("INT", {"default": 16, "min": 1, "max": 256,
+                                     "tooltip": "Frames per decoder call (each frame is decoded on its own, decoding_t = 1 as released, so this changes memory use and speed, not the result). Lower it if the decode runs out of memory."}),
+        }}
+
+    def decode(self, vae, latent, chunk_frames):
+        import torch
+
+        frames = list(decode_chunks(vae, latent, chunk_frames, C.Progress()))
+        return (torch.cat(frames, 0),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "KeyFaceEncodeAudio": KeyFaceEncodeAudio,
+    "KeyFaceSampleKeyframes": KeyFaceSampleKeyframes,
+    "KeyFacePreviewKeyframes": KeyFacePreviewKeyframes,
+    "KeyFaceInterpolate": KeyFaceInterpolate,
+    "KeyFaceDecode": KeyFaceDecode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "KeyFaceEncodeAudio": "KeyFace Encode Audio",
+    "KeyFaceSampleKeyframes": "KeyFace Sample Keyframes",
+    "KeyFacePreviewKeyframes": "KeyFace Preview Keyframes",
+    "KeyFaceInterpolate": "KeyFace Interpolate",
+    "KeyFaceDecode": "KeyFace Decode",
+}

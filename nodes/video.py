@@ -1,0 +1,64 @@
+"""KeyFace Save Video: decodes KeyFace Interpolate's latents chunk by chunk straight into an mp4.
+
+The whole clip never exists as one IMAGE tensor: each decoded chunk is encoded (H.264) and the audio
+(AAC) is interleaved as frames arrive. The file appears under its final name only when complete; a
+cancel or an error leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from . import _common as C
+from .sampling import _audio_batch, decode_chunks, segments_from_latent
+
+log = logging.getLogger("keyface")
+
+
+class KeyFaceSaveVideo:
+    DESCRIPTION = ("Decodes KeyFace latents in fixed chunks and streams them into an H.264/AAC mp4 in the output "
+                   "folder (flat memory for long clips). The audio is cut/padded to the video length.")
+    CATEGORY = C.CATEGORY
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING", "INT")
+    RETURN_NAMES = ("path", "frame_count")
+    OUTPUT_TOOLTIPS = ("Full path of the written mp4.", "Frames written (= the clip's frame_count).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("KEYFACE_VAE", {"tooltip": "From KeyFace Load VAE."}),
+            "latent": ("LATENT", {"tooltip": "From KeyFace Interpolate."}),
+            "audio": ("AUDIO", {"tooltip": "The speech (e.g. KeyFace Encode Audio's exact-length audio)."}),
+            "filename_prefix": ("STRING", {"default": "keyface/KeyFace", "tooltip": "Output file prefix, relative to the output folder."}),
+            "chunk_frames": ("INT", {"default": 16, "min": 1, "max": 256,
+                                     "tooltip": "Frames per decoder call (memory/speed only; frames are decoded one by one as released)."}),
+            "crf": ("INT", {"default": 18, "min": 0, "max": 51, "tooltip": "H.264 quality (lower = better, bigger)."}),
+        }}
+
+    def save(self, vae, latent, audio, filename_prefix, chunk_frames, crf):
+        import folder_paths
+        from ..keyface.video_io import Mp4Writer
+
+        seg, n = segments_from_latent(latent)
+        size = int(seg.shape[-1]) * 8, int(seg.shape[-2]) * 8
+        waveform, sr = _audio_batch(audio)
+        waveform = waveform[:, : int(round(n * sr / C.FPS))]
+        out_dir = folder_paths.get_output_directory()
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir, size[0], size[1])
+        file = f"{name}_{counter:05}_.mp4"
+        path = os.path.join(folder, file)
+        progress = C.Progress()
+        with Mp4Writer(path, size[0], size[1], fps=int(C.FPS), audio=waveform, sample_rate=sr, num_frames=n,
+                       crf=int(crf)) as writer:
+            for chunk in decode_chunks(vae, latent, chunk_frames, progress):
+                writer.write(chunk)
+        log.info("KeyFace: wrote %s (%d frames)", path, n)
+        return {"ui": {"images": [{"filename": file, "subfolder": subfolder, "type": "output"}], "animated": (True,)},
+                "result": (path, n)}
+
+
+NODE_CLASS_MAPPINGS = {"KeyFaceSaveVideo": KeyFaceSaveVideo}
+NODE_DISPLAY_NAME_MAPPINGS = {"KeyFaceSaveVideo": "KeyFace Save Video (streaming mp4)"}

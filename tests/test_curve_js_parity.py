@@ -1,0 +1,94 @@
+"""The editor's curve maths (js/curve_math.js, run under node) must match keyface/emotion.py.
+
+Every case of tests/fixtures/curves/cases.json is parsed and sampled by both; samples must agree to
+1e-6, both must report the same number of clamp warnings, and both must refuse every invalid case
+with a message containing the case's ``error`` text. The named-emotion tables must be identical.
+"""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from keyface import emotion as kfe
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES_PATH = ROOT / "tests" / "fixtures" / "curves" / "cases.json"
+CASES = json.loads(CASES_PATH.read_text())
+NODE = shutil.which("node")
+
+# Reads cases.json, prints {"valid": {name: {...}}, "invalid": {name: message}, "named": {...}}.
+RUNNER = r"""
+import { readFileSync } from "node:fs";
+import * as cm from "./curve_math.mjs";
+const cases = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const out = { valid: {}, invalid: {}, named: cm.NAMED_EMOTIONS, order: Object.keys(cm.NAMED_EMOTIONS) };
+for (const c of cases.valid) {
+  try {
+    const curve = cm.parseCurve(c.text);
+    const s = cm.sampleCurve(curve, c.times, c.intensity ?? 1.0);
+    // round trip through the editor's serializer must parse again to the same points (to its rounding)
+    const again = cm.parseCurve(cm.serializeCurve(curve));
+    out.valid[c.name] = { valence: s.valence, arousal: s.arousal, warnings: curve.warnings.length,
+                          interpolation: curve.interpolation, roundtrip: [again.valence, again.arousal] };
+  } catch (e) {
+    out.valid[c.name] = { error: String(e && e.message) };
+  }
+}
+for (const c of cases.invalid) {
+  try { cm.parseCurve(c.text); out.invalid[c.name] = null; }
+  catch (e) { out.invalid[c.name] = { name: e.name, message: e.message }; }
+}
+process.stdout.write(JSON.stringify(out));
+"""
+
+
+@pytest.fixture(scope="module")
+def js_results(tmp_path_factory):
+    if NODE is None:
+        pytest.skip("node (Node.js) is not on PATH: cannot run js/curve_math.js; install Node >= 18 to run this test")
+    d = tmp_path_factory.mktemp("curve_js")
+    # .mjs copies: node then loads them as ES modules without a package.json in js/
+    shutil.copy(ROOT / "js" / "curve_math.js", d / "curve_math.mjs")
+    (d / "run.mjs").write_text(RUNNER)
+    proc = subprocess.run([NODE, str(d / "run.mjs"), str(CASES_PATH)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"node failed:\n{proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def test_named_emotions_identical(js_results):
+    assert js_results["order"] == list(kfe.NAMED_EMOTIONS)
+    assert {k: tuple(v) for k, v in js_results["named"].items()} == kfe.NAMED_EMOTIONS
+
+
+@pytest.mark.parametrize("case", CASES["valid"], ids=[c["name"] for c in CASES["valid"]])
+def test_valid_case_matches(case, js_results):
+    js = js_results["valid"][case["name"]]
+    assert "error" not in js, f"JS refused a valid case: {js.get('error')}"
+    curve = kfe.parse_curve(case["text"]).with_intensity(case.get("intensity", 1.0))
+    v, a = curve.sample_lists(case["times"])
+    assert len(js["valence"]) == len(v) == len(case["times"])
+    assert max(abs(x - y) for x, y in zip(v, js["valence"])) <= 1e-6
+    assert max(abs(x - y) for x, y in zip(a, js["arousal"])) <= 1e-6
+    assert js["interpolation"] == curve.interpolation
+    assert js["warnings"] == len(curve.warnings) == case.get("warnings", 0)
+    # the sampled values stay in [-1, 1] (monotone never overshoots; intensity clamps)
+    assert all(-1.0 <= x <= 1.0 for x in v + a)
+    # the JS serializer round-trips to the same points (to its 1 ms / 1e-4 rounding)
+    for series, pts in zip((curve.valence, curve.arousal), js["roundtrip"]):
+        assert len(series) == len(pts)
+        for (t0, v0), (t1, v1) in zip(series, pts):
+            assert abs(t0 - t1) <= 5e-4 and abs(v0 - v1) <= 5e-5
+
+
+@pytest.mark.parametrize("case", CASES["invalid"], ids=[c["name"] for c in CASES["invalid"]])
+def test_invalid_case_refused_by_both(case, js_results):
+    js = js_results["invalid"][case["name"]]
+    assert js is not None, "JS accepted an invalid curve"
+    assert js["name"] == "CurveError"
+    assert case["error"] in js["message"]
+    with pytest.raises(kfe.EmotionCurveError) as e:
+        kfe.parse_curve(case["text"])
+    assert case["error"] in str(e.value)

@@ -1,0 +1,100 @@
+"""PyAV media I/O: streaming mp4 writer (exact frame count, audio duration, atomic write), readers."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from keyface.video_io import MediaError, Mp4Writer, frames_to_uint8, probe_mp4, read_audio_file, read_image
+
+MEDIA = Path(__file__).parent / "fixtures" / "media"
+WAV = MEDIA / "speech_female_arctic_a0009.wav"
+FACE = MEDIA / "face_grace_hopper.jpg"
+
+
+def leftovers(folder):
+    return [p for p in os.listdir(folder) if p.endswith(".part")]
+
+
+def test_read_audio_and_image():
+    wav, sr = read_audio_file(WAV)
+    assert sr == 16000 and wav.dtype == torch.float32 and wav.shape == (1, 49520)
+    assert 0.1 < wav.abs().max() <= 1.0
+    img = read_image(FACE)
+    assert img.shape == (600, 512, 3) and img.dtype == torch.float32
+    assert 0.0 <= img.min() and img.max() <= 1.0
+    with pytest.raises(MediaError, match="not found"):
+        read_audio_file(MEDIA / "missing.wav")
+    with pytest.raises(MediaError, match="audio"):
+        read_audio_file(FACE)
+
+
+def test_mp4_exact_frames_and_audio(tmp_path):
+    wav, sr = read_audio_file(WAV)
+    n = -(-wav.shape[1] // 640)  # 78 frames at 25 fps
+    out = tmp_path / "clip.mp4"
+    with Mp4Writer(out, 64, 48, audio=wav, sample_rate=sr, num_frames=n) as w:
+        for i in range(0, n, 10):  # streamed in chunks
+            w.write(torch.rand(min(10, n - i), 48, 64, 3))
+        assert not out.exists()  # only the temp file exists until close
+    info = probe_mp4(out)
+    assert info["frames"] == n == 78
+    assert (info["width"], info["height"], info["fps"]) == (64, 48, 25.0)
+    assert info["audio_rate"] == 16000 and info["audio_channels"] == 1
+    assert info["audio_seconds"] == pytest.approx(49520 / 16000, abs=1e-6)
+    assert leftovers(tmp_path) == []
+
+
+def test_audio_duration_exact_to_the_sample(tmp_path):
+    out = tmp_path / "odd.mp4"
+    with Mp4Writer(out, 32, 32, audio=0.1 * torch.randn(1, 12701), sample_rate=16000, num_frames=20) as w:
+        w.write(torch.rand(20, 32, 32, 3))
+    info = probe_mp4(out)
+    assert info["frames"] == 20 and info["audio_seconds"] == 12701 / 16000 and info["video_seconds"] == 0.8
+
+
+@pytest.mark.parametrize("rate,channels", [(44100, 2), (22222, 1)])
+def test_mp4_other_rates(tmp_path, rate, channels):
+    audio = 0.1 * torch.randn(channels, int(rate * 1.3))
+    out = tmp_path / "x.mp4"
+    with Mp4Writer(out, 32, 32, audio=audio, sample_rate=rate, num_frames=33) as w:
+        w.write(np.zeros((33, 32, 32, 3), np.uint8))
+    info = probe_mp4(out)
+    assert info["frames"] == 33
+    assert info["audio_seconds"] == pytest.approx(1.3, abs=2e-3)
+
+
+def test_mp4_errors_leave_nothing(tmp_path):
+    out = tmp_path / "bad.mp4"
+    w = Mp4Writer(out, 32, 32, num_frames=5)
+    w.write(torch.zeros(3, 32, 32, 3))
+    with pytest.raises(MediaError, match="5 frames but 3"):
+        w.close()
+    assert not out.exists() and leftovers(tmp_path) == []
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with Mp4Writer(out, 32, 32) as w:
+            w.write(torch.zeros(2, 32, 32, 3))
+            raise RuntimeError("boom")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+    with pytest.raises(MediaError, match="expected"):
+        with Mp4Writer(out, 32, 32) as w:
+            w.write(torch.zeros(2, 16, 32, 3))
+    with pytest.raises(MediaError, match="even"):
+        Mp4Writer(out, 33, 32)
+    assert leftovers(tmp_path) == []
+
+    # an existing file is replaced only by a complete one
+    out.write_bytes(b"old")
+    with pytest.raises(MediaError):
+        with Mp4Writer(out, 32, 32, num_frames=2) as w:
+            w.write(torch.zeros(1, 32, 32, 3))
+    assert out.read_bytes() == b"old"
+
+
+def test_quantisation_truncates():
+    x = torch.tensor([0.0, 0.5, 1.0, 1.5, -1.0, 0.999]).reshape(1, 1, 2, 3)
+    assert frames_to_uint8(x).reshape(-1).tolist() == [0, 127, 255, 255, 0, 254]
