@@ -12,6 +12,7 @@
 // deselects. The preset menu drops a named emotion (both curves) at the playhead.
 
 import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
 import {
   CurveError,
   NAMED_EMOTIONS,
@@ -43,7 +44,7 @@ function injectStyle() {
   style.id = "keyface-emotion-style";
   style.textContent = `
 .keyface-emotion-editor { display:flex; flex-direction:column; width:100%; height:100%; box-sizing:border-box;
-  font: 11px sans-serif; color: var(--input-text, #ddd); user-select:none; gap:3px; }
+  font: 11px sans-serif; color: var(--input-text, #ddd); user-select:none; gap:3px; min-height:160px; }
 .keyface-emotion-editor .kf-bar { display:flex; gap:3px; align-items:center; flex-wrap:nowrap; overflow:hidden; }
 .keyface-emotion-editor button, .keyface-emotion-editor select { font: 11px sans-serif; height:20px; padding:0 5px;
   background: var(--comfy-input-bg, #222); color: var(--input-text, #ddd); border:1px solid var(--border-color, #555);
@@ -92,6 +93,8 @@ class EmotionEditor {
     this.active = "valence";
     this.playhead = 0;
     this.executedDuration = null;
+    this.audioDuration = null;
+    this.audioKey = undefined;
     this.drag = null; // {kind: "point"|"playhead", series, index, moved, axisEnd}
     this.backing = { w: 0, h: 0 };
     this.message = null;
@@ -266,6 +269,12 @@ class EmotionEditor {
 
   edit(fn) {
     // apply fn() to this.curve as one undoable step; fn returns false to cancel
+    if (this.error) {
+      // never overwrite text the user is still typing with the last valid curve
+      this.message = "fix the JSON text first";
+      this.draw();
+      return;
+    }
     const before = serializeCurve(this.curve);
     const ok = fn();
     if (ok === false) return;
@@ -344,10 +353,47 @@ class EmotionEditor {
 
   // ------------------------------------------------------------------------------------- geometry
   knownDuration() {
+    // the connected audio (after a run, or read from the LoadAudio file), else the duration_hint
     const hint = Number(this.durationWidget?.value);
     if (this.executedDuration && this.executedDuration > 0) return this.executedDuration;
+    if (this.audioDuration && this.audioDuration > 0) return this.audioDuration;
     if (hint > 0) return hint;
     return null;
+  }
+
+  // When `audio` comes straight from a LoadAudio-like node, read the file's duration from its metadata
+  // (the browser fetches only the header) so the time axis fits the clip before anything runs.
+  refreshAudioSource() {
+    const slot = this.node.inputs?.findIndex((i) => i.name === "audio") ?? -1;
+    const linkId = slot >= 0 ? this.node.inputs[slot].link : null;
+    const link = linkId != null ? this.node.graph?.links?.[linkId] ?? this.node.graph?.getLink?.(linkId) : null;
+    const src = link ? this.node.graph.getNodeById(link.origin_id) : null;
+    const name = src?.widgets?.find((w) => w.name === "audio")?.value;
+    const key = typeof name === "string" && name ? name : null;
+    if (key === this.audioKey) return;
+    this.audioKey = key;
+    this.audioDuration = null;
+    this.executedDuration = null;
+    if (!key) {
+      this.draw();
+      return;
+    }
+    const cut = key.lastIndexOf("/");
+    const params = new URLSearchParams({
+      filename: cut >= 0 ? key.slice(cut + 1) : key,
+      subfolder: cut >= 0 ? key.slice(0, cut) : "",
+      type: "input",
+    });
+    const el = new Audio();
+    el.preload = "metadata";
+    el.addEventListener("loadedmetadata", () => {
+      if (this.audioKey === key && Number.isFinite(el.duration)) {
+        this.audioDuration = el.duration;
+        this.draw();
+      }
+      el.removeAttribute("src");
+    }, { once: true });
+    el.src = api.apiURL(`/view?${params}`);
   }
 
   axisEnd() {
@@ -769,6 +815,7 @@ function attachEditor(node) {
   chain(node, "onDrawForeground", () => {
     // the graph redraws on zoom/pan/resize; keep the editor's backing store matched to the screen
     if (editor.curveWidget && editor.curveWidget.value !== editor.lastText && !editor.writing) editor.syncFromWidget();
+    editor.refreshAudioSource();
     // the widget's CSS transform is updated after this draw: check again on the next frame
     editor.checkSize();
     if (!editor.sizeCheckPending) {

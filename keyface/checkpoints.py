@@ -267,6 +267,11 @@ def _unwrap(obj, path) -> dict:
     elif "state_dict" in obj and isinstance(obj["state_dict"], dict):
         # Lightning checkpoint: the rest (epoch, callbacks, hyper_parameters, ...) is dropped.
         sd = _tensor_dict(obj["state_dict"], path, " under 'state_dict' (Lightning checkpoint)")
+    elif "module" in obj and obj["module"] is None and ("ds_version" in obj or "ds_config" in obj):
+        raise CheckpointError(
+            f"{path}: a DeepSpeed checkpoint whose weights are partitioned (ZeRO stage 3, 'module' is empty); "
+            "consolidate it first with DeepSpeed's zero_to_fp32.py and load the resulting file"
+        )
     elif "cfg" in obj and "model" in obj:
         raise CheckpointError(
             f"{path}: this is an audio-encoder checkpoint ({{'cfg', 'model'}}), not a KeyFace model file"

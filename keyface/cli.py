@@ -52,6 +52,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="UNet weight dtype (default: fp16 on CUDA, fp32 elsewhere); the VAE and audio encoders "
                         "stay fp32")
     r.add_argument("--crf", type=int, default=18, help="H.264 quality (lower = better)")
+    r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     r.add_argument("--quiet", action="store_true")
 
     pl = sub.add_parser("plan", help="print the clip plan for a length")
@@ -137,6 +138,8 @@ def cmd_render(args) -> int:
     from .vae import load_vae
     from .video_io import read_audio_file, read_image
 
+    if args.threads:
+        torch.set_num_threads(max(1, args.threads))
     progress = _Progress(args.quiet)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):

@@ -55,7 +55,7 @@ def v_scaling(sigma):
 
 
 def _row_scalings(sigma, rows: int, like: torch.Tensor):
-    """Per-row scalings [rows, 1, 1, 1] (c_skip, c_out, c_in) and c_noise [rows], in ``like``'s dtype."""
+    """Per-row scalings [rows, 1, 1, 1] (c_skip, c_out, c_in) in ``like``'s dtype, and c_noise [rows] float32."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=like.device)
     if sigma.dim() == 0:
         sigma = sigma.expand(rows)
@@ -67,7 +67,7 @@ def _row_scalings(sigma, rows: int, like: torch.Tensor):
         c_skip.reshape(shape).to(like.dtype),
         c_out.reshape(shape).to(like.dtype),
         c_in.reshape(shape).to(like.dtype),
-        c_noise.to(like.dtype),
+        c_noise,  # stays float32: the timestep sinusoid is computed in float32, as in the original
     )
 
 
@@ -99,13 +99,25 @@ def sample_euler(denoise, noise: torch.Tensor, sigmas: torch.Tensor, callback=No
 # --------------------------------------------------------------------------------------------------
 
 
-def keyframe_denoiser(network, cond: dict, uc: dict, ref_ratio: float = 2.0, audio_ratio: float = 5.0):
+def keyframe_denoiser(network, cond, uc=None, ref_ratio: float = 2.0, audio_ratio: float = 5.0):
     """AudioRefMultiCondGuider around the keyframe engine (spec 5.4).
 
     One batched network call of 3 x rows: branches [u: uc concat, uc crossattn, c vector |
     id: c concat, uc crossattn, c vector | full: c]. D = D_u + ref (D_id - D_u) + audio (D_full - D_id).
-    ``cond``/``uc`` as returned by :func:`keyface.conditioning.keyframe_conditioning` (B videos).
+    ``cond``/``uc`` as returned by :func:`keyface.conditioning.keyframe_conditioning` (B videos);
+    ``cond`` may also be that ``(c, uc)`` pair. ``uc=None``: the released unconditional branch
+    (concat and audio tokens zeroed, emotion vector kept), derived from ``cond``.
     """
+    if isinstance(cond, tuple) and len(cond) == 2 and uc is None:
+        cond, uc = cond
+    if uc is None:
+        uc = {
+            "concat": torch.zeros_like(cond["concat"]),
+            "crossattn": torch.zeros_like(cond["crossattn"]),
+            "vector": cond["vector"],
+        }
+    if not isinstance(cond, dict) or not isinstance(uc, dict):
+        raise TypeError("keyframe_denoiser: cond and uc must be the dicts of keyface.conditioning.keyframe_conditioning")
     concat = torch.cat([uc["concat"], cond["concat"], cond["concat"]], dim=0)
     crossattn = torch.cat([uc["crossattn"], uc["crossattn"], cond["crossattn"]], dim=0)
     vector = torch.cat([cond["vector"], cond["vector"], cond["vector"]], dim=0)

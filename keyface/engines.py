@@ -59,7 +59,13 @@ def _video_unet(config, dtype, device, operations):
 
 
 class _EngineBase(nn.Module):
+    #: dtype the UNet runs in; None -> the dtype of its weights. Hosts that keep weights in one dtype
+    #: and cast them per layer (ComfyUI manual_cast) set this to the intended compute dtype.
+    compute_dtype = None
+
     def _compute_dtype(self):
+        if self.compute_dtype is not None:
+            return self.compute_dtype
         for p in self.diffusion_model.parameters():
             if p.is_floating_point():
                 return p.dtype
@@ -69,7 +75,7 @@ class _EngineBase(nn.Module):
         dtype = self._compute_dtype()
         return self.diffusion_model(
             x_in.to(dtype),
-            c_noise.to(dtype) if c_noise.is_floating_point() else c_noise,
+            c_noise,  # float32 (see keyface.diffusion._row_scalings)
             context.to(dtype),
             y=None if y is None else y.to(dtype),
             num_video_frames=frames,

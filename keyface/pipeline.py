@@ -174,8 +174,10 @@ def _index_rows(tensor: torch.Tensor, rows) -> torch.Tensor:
     return tensor[torch.as_tensor(list(rows), dtype=torch.long, device=tensor.device)]
 
 
-def _num_evaluations(steps: int) -> int:
-    return len(ays_sigmas(steps)) - 1
+def _state_dtype(dtype) -> torch.dtype:
+    """Sampler state dtype: float32 (or float64 if asked). Half types are promoted: the original runs
+    its Euler steps in float32 while the networks compute in their own (possibly half) dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,6 +262,9 @@ def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal,
     ``valence`` / ``arousal`` [N] or None (neutral). One sampler run per 14-slot batch: the identity
     slot gets row 0's audio and emotion, pad slots repeat the last keyframe; identity and pad samples
     are discarded. Batch ``b`` draws its noise from ``stage_noise(seed, "keyframes", b)``.
+    ``device``: where the batch is sampled (default: the network's device; only the current batch and
+    the identity latent go there). ``dtype``: sampler state dtype (float32; half types are promoted,
+    the network still computes in its own weight dtype).
     """
     plan = _plan_of(plan)
     z_id = _identity_latent(identity_latent)
@@ -267,7 +272,7 @@ def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal,
     val = _emotion(valence, plan, "valence")
     aro = _emotion(arousal, plan, "arousal")
     device = torch.device(device) if device is not None else _module_device(network)
-    dtype = dtype or torch.float32
+    dtype = _state_dtype(dtype)
     sigmas = ays_sigmas(steps)
     nfe = len(sigmas) - 1
     h, w = z_id.shape[-2:]
@@ -310,7 +315,8 @@ def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan,
     and uses audio rows ``plan.segments[j].audio_rows``. ``segments_per_call`` segments share one
     sampler run (and one UNet call per network per step). Segment j draws its noise from
     ``stage_noise(seed, "interpolation", j)``, so ``segment_indices`` (a subset, e.g. to re-roll or
-    resume) gives exactly those rows of the full result.
+    resume) gives exactly those rows of the full result. ``device`` / ``dtype`` as in
+    :func:`sample_keyframes`; only the current segment group goes to the device.
     """
     plan = _plan_of(plan)
     if int(segments_per_call) < 1:
@@ -341,7 +347,7 @@ def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan,
         if bad_idx:
             raise ValueError(f"segment indices {bad_idx} are outside 0..{plan.num_segments - 1}")
     device = torch.device(device) if device is not None else _module_device(good)
-    dtype = dtype or torch.float32
+    dtype = _state_dtype(dtype)
     sigmas = ays_sigmas(steps)
     nfe = len(sigmas) - 1
     groups = [selected[i:i + segments_per_call] for i in range(0, len(selected), segments_per_call)]
@@ -390,13 +396,15 @@ def _decode_rows(vae, latents: torch.Tensor, device, dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_segments(vae, segment_latents, num_frames, *, chunk_frames: int = DEFAULT_CHUNK_FRAMES, device=None,
-                    callback: Callable | None = None, start_frame: int = 0) -> Iterator[torch.Tensor]:
+                    dtype=None, callback: Callable | None = None, start_frame: int = 0) -> Iterator[torch.Tensor]:
     """Decode and merge the segments -> iterator of CPU float32 chunks [n, H, W, 3] in 0..1.
 
     ``segment_latents`` [S, 14, 4, h, w]; ``num_frames`` the clip length N (or its ClipPlan). Output
     frames ``start_frame .. N-1`` are produced in chunks of ``chunk_frames``; each is decoded alone
     (``decoding_t = 1``, the released setting), several frames per VAE call. A frame at a shared
     keyframe is the mean of clamp((x+1)/2, 0, 1) of both segments' decodes (``merge_overlapping_segments``).
+    ``dtype``: the dtype latents are fed to the VAE in (None: the VAE's weight dtype); the merge is
+    always computed in float32. ``start_frame`` skips the frames before it (resume).
     """
     plan = _plan_of(num_frames)
     lat = torch.as_tensor(segment_latents)
@@ -413,7 +421,7 @@ def decode_segments(vae, segment_latents, num_frames, *, chunk_frames: int = DEF
     if not 0 <= int(start_frame) <= plan.num_frames:
         raise ValueError(f"start_frame {start_frame} is outside 0..{plan.num_frames}")
     device = torch.device(device) if device is not None else _module_device(vae)
-    dtype = _vae_dtype(vae)
+    dtype = dtype or _vae_dtype(vae)
     starts = list(range(int(start_frame), plan.num_frames, chunk_frames))
     for c, t0 in enumerate(starts):
         t1 = min(t0 + chunk_frames, plan.num_frames)

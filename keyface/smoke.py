@@ -16,7 +16,7 @@
 * sidecar configs ``keyframe.json``, ``interpolation.json``, ``interpolation_bad.json`` in the original
   config format (``network_config`` / ``conditioner_config`` / ``network_wrapper``), plus ``resolution``.
 
-Sizes: latents 8x8 (64x64 px video), UNet 32/64 channels, one res block per level, audio encoders of
+Sizes: latents 8x8 (64x64 px video), UNet 32 channels on two levels, one res block per level, audio encoders of
 hidden size 32 with the real convolution kernels and strides (so the 25 fps alignment is the real one).
 A 3 s clip renders on a laptop CPU in seconds. The weights are random: **the video is noise**.
 
@@ -42,9 +42,9 @@ CONTEXT_DIM = 32  # audio token width = UNet context_dim (1024 released)
 UNET_PARAMS = {
     "model_channels": 32,
     "out_channels": 4,
-    "channel_mult": [1, 2],
+    "channel_mult": [1, 1],
     "num_res_blocks": 1,
-    "attention_resolutions": [2, 1],
+    "attention_resolutions": [2],
     "num_head_channels": 16,
     "transformer_depth": 1,
     "context_dim": CONTEXT_DIM,
@@ -63,7 +63,7 @@ UNET_PARAMS = {
 KEYFRAME_PARAMS = dict(UNET_PARAMS, in_channels=8, adm_in_channels=512)
 INTERPOLATION_PARAMS = dict(UNET_PARAMS, in_channels=9, adm_in_channels=0)
 
-VAE_PARAMS = {"ch": 32, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "z_channels": 4}
+VAE_PARAMS = {"ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "z_channels": 4}
 
 WAVLM_CFG = {
     "extractor_mode": "default",

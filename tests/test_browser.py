@@ -16,6 +16,7 @@ docs/comfyui.md section 6).
 import copy
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -259,6 +260,10 @@ def test_emotion_curve_editor_in_real_frontend(comfy_server):
             box = editor.bounding_box()
             assert box and box["width"] > 200 and box["height"] > 80, f"editor too small: {box}"
 
+            if origin == "own":  # the duration of the LoadAudio file is read before anything runs
+                page.wait_for_function("() => window.__kf.editor().audioDuration > 0", timeout=20_000)
+                assert abs(page.evaluate("window.__kf.editor().audioDuration") - 3.095) < 0.02
+                assert re.search(r"audio 3\.\d\d s", page.locator(".keyface-emotion-editor .kf-status").first.inner_text())
             before, _ = _curve_from_prompt(page)
             assert before["version"] == 1
             if len(before["valence"]) < 3:  # the shipped workflow's curve is too simple to drag a middle point

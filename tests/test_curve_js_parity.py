@@ -92,3 +92,40 @@ def test_invalid_case_refused_by_both(case, js_results):
     with pytest.raises(kfe.EmotionCurveError) as e:
         kfe.parse_curve(case["text"])
     assert case["error"] in str(e.value)
+
+
+EDIT_RUNNER = r"""
+import * as cm from "./curve_math.mjs";
+const r = {};
+r.insert = cm.upsertPoint([[0, 0], [2, 0.5]], 1, 0.2);
+r.replace = cm.upsertPoint([[0, 0], [2, 0.5]], 2.0004, -0.3);
+r.clampInsert = cm.upsertPoint([[1, 0]], -3, 4);
+r.moveBetween = cm.movePoint([[0, 0], [1, 0.5], [2, 0]], 1, 5, -7, 0.01);
+r.moveFirst = cm.movePoint([[0.5, 0], [1, 0.5]], 0, -1, 0.25, 0.01);
+r.remove = cm.removePoint([[0, 0], [1, 0.5]], 0);
+try { cm.removePoint([[0, 0]], 0); r.removeLast = "accepted"; } catch (e) { r.removeLast = e.name; }
+r.serialized = cm.serializeCurve({ valence: [[0.12345, -0.000001], [1, 0.123456]], arousal: [[0, 1]], interpolation: "linear" });
+process.stdout.write(JSON.stringify(r));
+"""
+
+
+def test_js_edit_helpers(tmp_path):
+    """The editor's pure edit helpers keep curves valid (sorted, >= 1 point, values in [-1, 1])."""
+    if NODE is None:
+        pytest.skip("node (Node.js) is not on PATH")
+    shutil.copy(ROOT / "js" / "curve_math.js", tmp_path / "curve_math.mjs")
+    (tmp_path / "edit.mjs").write_text(EDIT_RUNNER)
+    proc = subprocess.run([NODE, str(tmp_path / "edit.mjs")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["insert"] == {"points": [[0, 0], [1, 0.2], [2, 0.5]], "index": 1}
+    assert r["replace"] == {"points": [[0, 0], [2, -0.3]], "index": 1}
+    assert r["clampInsert"] == {"points": [[0, 1], [1, 0]], "index": 0}
+    assert r["moveBetween"] == [[0, 0], [1.99, -1], [2, 0]]
+    assert r["moveFirst"] == [[0, 0.25], [1, 0.5]]
+    assert r["remove"] == [[1, 0.5]]
+    assert r["removeLast"] == "CurveError"
+    text = r["serialized"]
+    assert json.loads(text) == {"version": 1, "valence": [[0.123, 0], [1, 0.1235]], "arousal": [[0, 1]],
+                                "interpolation": "linear"}
+    kfe.parse_curve(text)  # what the editor writes, Python reads

@@ -177,3 +177,14 @@ def test_interpolation_segments_per_call_invariance_real_network():
         outs = [interpolation_denoiser(good, bad, cond, segments_per_call=k)(x, torch.tensor(1.789)) for k in (1, 2, 3)]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_keyframe_denoiser_default_uc_and_pair():
+    torch.manual_seed(2)
+    c = {"concat": torch.randn(1, 4, 3, 3), "crossattn": torch.randn(1, 14, 6), "vector": torch.randn(14, 512)}
+    uc = {"concat": torch.zeros(1, 4, 3, 3), "crossattn": torch.zeros(1, 14, 6), "vector": c["vector"]}
+    x = torch.randn(14, 4, 3, 3)
+    sigma = torch.tensor(0.981)
+    ref = keyframe_denoiser(_FakeNet(1.0), c, uc)(x, sigma)
+    torch.testing.assert_close(keyframe_denoiser(_FakeNet(1.0), c)(x, sigma), ref, rtol=0, atol=0)
+    torch.testing.assert_close(keyframe_denoiser(_FakeNet(1.0), (c, uc))(x, sigma), ref, rtol=0, atol=0)

@@ -17,7 +17,16 @@ from keyface.video_io import probe_mp4
 FEAT = 64  # [enc | BEATs] feature width of the tiny models
 HW = 4  # latent size -> 32 px video
 
+# the original network_config.params of the released YAML, at tiny sizes (cf. the parity manifest)
 UNET = {
+    "num_classes": "sequential",
+    "use_checkpoint": False,
+    "use_linear_in_transformer": True,
+    "use_spatial_context": True,
+    "extra_ff_mix_layer": True,
+    "merge_strategy": "learned_with_images",
+    "audio_cond_method": "both_keyframes",
+    "spatial_transformer_attn_type": "softmax-xformers",
     "model_channels": 32,
     "out_channels": 4,
     "channel_mult": [1],
@@ -73,13 +82,18 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(scope="module")
-def models():
+def build_models():
+    """Tiny random keyframe / interpolation / bad networks and VAE (32 px video, 4x4 latents)."""
     kf = randomize(build_keyframe_network(KEYFRAME_CFG), 1)
     good = randomize(build_interpolation_network(INTERP_CFG), 2)
     bad = randomize(build_interpolation_network(INTERP_CFG, with_audio_projection=False), 3)
     vae = randomize(VAE(DecoderConfig(**VAE_CFG), EncoderConfig(**VAE_CFG)), 4)
     return SimpleNamespace(kf=kf, good=good, bad=bad, vae=vae)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return build_models()
 
 
 def clip_inputs(n, seed=0):

@@ -1,0 +1,120 @@
+"""``python -m keyface``: end-to-end render of a real image + speech clip with tiny random models."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import test_pipeline as tp
+from keyface import cli
+from keyface import model_files as mf
+from keyface import pipeline as P
+from keyface.video_io import probe_mp4
+
+ROOT = Path(__file__).resolve().parent.parent
+MEDIA = Path(__file__).parent / "fixtures" / "media"
+FACE = MEDIA / "face_grace_hopper.jpg"  # 512 x 600: exercises the centre crop
+WAV = MEDIA / "speech_female_arctic_a0009.wav"  # 49520 samples at 16 kHz = 3.095 s
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    """A models folder in the released names: the tiny audio encoders of keyface.smoke (unilm pickles,
+    HF folder), and the tiny (32 px) engines / VAE of test_pipeline as safetensors + sidecar configs."""
+    import json
+
+    from keyface import smoke
+
+    folder = tmp_path_factory.mktemp("models")
+    gen = torch.Generator().manual_seed(0)
+    torch.save(smoke.build_wavlm_unilm(gen), folder / mf.DEFAULT_NAMES[mf.WAVLM])
+    torch.save(smoke.build_beats_unilm(gen), folder / mf.DEFAULT_NAMES[mf.BEATS])
+    w2v = folder / mf.DEFAULT_NAMES[mf.WAV2VEC2]
+    w2v.mkdir()
+    cfg, sd = smoke.build_wav2vec2_hf(gen)
+    (w2v / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    save_file(sd, str(w2v / "model.safetensors"), metadata={"format": "pt"})
+    m = tp.build_models()
+    kf_sd = {"model.diffusion_model." + k: v for k, v in m.kf.diffusion_model.state_dict().items()}
+    kf_sd.update({"conditioner.embedders.3." + k: v for k, v in m.kf.audio_projection.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in kf_sd.items()}, str(folder / "keyframe.safetensors"))
+    mf.write_sidecar(folder / "keyframe.safetensors", tp.KEYFRAME_CFG)
+    for name, net in (("interpolation", m.good), ("interpolation_bad", m.bad)):
+        sd = {"model.diffusion_model." + k: v for k, v in net.diffusion_model.state_dict().items()}
+        sd["model.learned_mask"] = net.learned_mask.detach()
+        if net.audio_projection is not None:
+            sd.update({"conditioner.embedders.1." + k: v for k, v in net.audio_projection.state_dict().items()})
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / f"{name}.safetensors"))
+        mf.write_sidecar(folder / f"{name}.safetensors", tp.INTERP_CFG)
+    save_file({k: v.contiguous() for k, v in m.vae.state_dict().items()}, str(folder / "svd_vae.safetensors"))
+    assert not mf.missing(mf.find_models(folder))
+    return folder
+
+
+def test_render_end_to_end(models_dir, tmp_path, monkeypatch, capsys):
+    seen = {}
+    real_prepare = P.prepare_identity
+
+    def spy(image, size, mode="crop"):
+        seen.update(shape=tuple(image.shape), size=size, mode=mode)
+        return real_prepare(image, size, mode)
+
+    monkeypatch.setattr(P, "prepare_identity", spy)
+    out = tmp_path / "out.mp4"
+    rc = cli.main(["render", "--image", str(FACE), "--audio", str(WAV), "--models", str(models_dir),
+                   "--out", str(out), "--device", "cpu", "--seed", "5", "--emotion", "happy",
+                   "--segments-per-call", "3", "--chunk-frames", "20", "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    assert seen == {"shape": (600, 512, 3), "size": (32, 32), "mode": "crop"}
+    info = probe_mp4(out)
+    n = -(-49520 // 640)
+    assert info["frames"] == n == 78  # ceil(samples_16k / 640)
+    assert (info["width"], info["height"], info["fps"]) == (32, 32, 25.0)
+    assert info["audio_seconds"] == 49520 / 16000  # the input's duration, to the sample
+    assert info["audio_rate"] == 16000 and info["audio_channels"] == 1
+    assert [p for p in os.listdir(tmp_path)] == ["out.mp4"]
+    err = capsys.readouterr().err
+    assert "78 frames" in err and "7 keyframes" in err and "6 segments" in err
+
+
+def test_render_errors(models_dir, tmp_path, capsys):
+    out = tmp_path / "x.mp4"
+    base = ["render", "--image", str(FACE), "--audio", str(WAV), "--out", str(out), "--device", "cpu"]
+    assert cli.main(base + ["--models", str(tmp_path / "nope")]) == 2
+    assert "models folder not found" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(base + ["--models", str(empty)]) == 2
+    assert "lacks keyframe, interpolation" in capsys.readouterr().err
+    assert cli.main(["render", "--image", str(FACE), "--audio", str(tmp_path / "missing.wav"), "--models",
+                     str(models_dir), "--out", str(out)]) == 2
+    assert "audio file not found" in capsys.readouterr().err
+    assert cli.main(base[:-2] + ["--models", str(models_dir), "--device", "cpu", "--out",
+                                 str(tmp_path / "no_dir" / "x.mp4")]) == 2
+    assert "output folder does not exist" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_plan_command_subprocess():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "keyface", "plan", "--frames", "28", "--verbose"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "28 frames (1.12 s): 4 keyframes in 1 batch(es) of 14 slots, 3 segments" in r.stdout
+    assert "segment 2: keyframes (2,3) frames 26..39 rows 26..27" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "keyface", "plan", "--audio", str(WAV)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("78 frames (3.12 s)")

@@ -1,0 +1,220 @@
+"""End to end against a real ComfyUI 0.3.75 (``.comfyui/``) with the pack and tiny smoke models.
+
+The shipped workflow ``workflows/keyface_talking_head.json`` is converted from the UI format to an
+API prompt with the server's ``/object_info``, submitted with a client id, followed on the websocket
+and checked through ``/history`` and the files it writes. The test adds one SaveImage node on the
+decoded frames (PNG, lossless) to compare two runs exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from comfy_server import ROOT, SPEECH, comfy_server  # noqa: F401  (session fixture)
+from workflow_to_api import convert
+
+pytestmark = pytest.mark.e2e
+
+WORKFLOWS = ROOT / "workflows"
+FPS = 25
+AAC_FRAME = 1024
+
+
+def _load(name):
+    return json.loads((WORKFLOWS / name).read_text(encoding="utf-8"))
+
+
+def _node_id(prompt, class_type):
+    ids = [k for k, v in prompt.items() if v["class_type"] == class_type]
+    assert len(ids) == 1, (class_type, ids)
+    return ids[0]
+
+
+class WsListener:
+    """Collects websocket messages of one client id in a thread."""
+
+    def __init__(self, url, client_id):
+        import websocket
+
+        self.messages = []
+        self.ws = websocket.create_connection(url.replace("http://", "ws://") + f"/ws?clientId={client_id}", timeout=5)
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        import websocket
+
+        while not self._stop:
+            try:
+                msg = self.ws.recv()
+            except websocket.WebSocketTimeoutException:
+                continue
+            except Exception:  # noqa: BLE001 - closed
+                break
+            if isinstance(msg, str):
+                try:
+                    self.messages.append(json.loads(msg))
+                except ValueError:
+                    pass
+
+    def close(self):
+        self._stop = True
+        try:
+            self.ws.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self.thread.join(timeout=10)
+
+    def of_type(self, t):
+        return [m for m in self.messages if m.get("type") == t]
+
+
+def _prompt(server, run_tag):
+    prompt = convert(_load("keyface_talking_head.json"), server.object_info())
+    decode = _node_id(prompt, "KeyFaceDecode")
+    prompt["900"] = {"class_type": "SaveImage", "inputs": {"images": [decode, 0], "filename_prefix": f"e2e/{run_tag}/frame"}}
+    prompt[_node_id(prompt, "SaveVideo")]["inputs"]["filename_prefix"] = f"e2e/{run_tag}/video"
+    return prompt
+
+
+def _run(server, run_tag):
+    client_id = uuid.uuid4().hex
+    ws = WsListener(server.url, client_id)
+    try:
+        t0 = time.monotonic()
+        pid = server.submit(_prompt(server, run_tag), client_id)
+        entry = server.wait(pid, timeout=400)
+        wall = time.monotonic() - t0
+        time.sleep(0.3)
+    finally:
+        ws.close()
+    return entry, wall, ws
+
+
+def _outputs(server, entry, key):
+    files = []
+    for out in entry["outputs"].values():
+        for item in out.get(key, []):
+            if item.get("type") != "output":
+                continue  # PreviewImage writes to the temp folder
+            files.append(Path(server.output_dir) / item.get("subfolder", "") / item["filename"])
+    return files
+
+
+def _speech_seconds():
+    import av
+
+    with av.open(str(ROOT / "tests" / "fixtures" / "media" / SPEECH)) as c:
+        s = c.streams.audio[0]
+        n = sum(f.samples for f in c.decode(s))
+        return n / s.codec_context.sample_rate, s.codec_context.sample_rate
+
+
+def _png_frames(files):
+    import numpy as np
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(f)) for f in sorted(files)])
+
+
+@pytest.fixture(scope="module")
+def two_runs(comfy_server):
+    server = comfy_server
+    first = _run(server, "run1")
+    server.free()  # drop the execution cache: the second run executes every node again
+    time.sleep(1.0)
+    second = _run(server, "run2")
+    return first, second
+
+
+def test_talking_head_workflow(comfy_server, two_runs, record_property):
+    import av
+
+    from keyface.planner import plan_clip
+    from keyface.video_io import probe_mp4
+
+    (entry, wall, ws), _ = two_runs
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:4000]
+
+    seconds, rate = _speech_seconds()
+    n_expected = plan_clip(math.ceil(seconds * 16000 / 640)).num_frames
+    assert n_expected == round(seconds * FPS), (n_expected, seconds)
+
+    videos = [p for p in _outputs(comfy_server, entry, "images") if p.suffix == ".mp4"]
+    assert len(videos) == 1, videos
+    info = probe_mp4(videos[0])
+    assert info["frames"] == n_expected, info
+    assert info["fps"] == FPS
+    assert info["audio_seconds"] is not None
+    assert abs(info["audio_seconds"] - n_expected / FPS) <= AAC_FRAME / info["audio_rate"] + 1e-6, info
+    assert abs(info["audio_seconds"] - seconds) <= AAC_FRAME / info["audio_rate"] + 1e-6, (info, seconds)
+    with av.open(str(videos[0])) as c:
+        assert c.streams.video[0].codec_context.name == "h264"
+
+    pngs = [p for p in _outputs(comfy_server, entry, "images") if p.suffix == ".png"]
+    assert len(pngs) == n_expected
+
+    progress = ws.of_type("progress")
+    assert progress, [m.get("type") for m in ws.messages]
+    nodes_with_progress = {m["data"].get("node") for m in progress}
+    prompt = _prompt(comfy_server, "x")
+    for cls in ("KeyFaceSampleKeyframes", "KeyFaceInterpolate", "KeyFaceDecode"):
+        assert _node_id(prompt, cls) in nodes_with_progress, (cls, nodes_with_progress)
+
+    record_property("e2e_wall_seconds", round(wall, 1))
+    record_property("e2e_frames", n_expected)
+    print(f"\nKeyFace e2e: {seconds:.3f} s of speech -> {n_expected} frames at {FPS} fps, "
+          f"{info['width']}x{info['height']}; workflow wall time {wall:.1f} s "
+          f"(server start {comfy_server.startup_seconds:.1f} s)")
+
+
+def test_same_seed_same_frames(comfy_server, two_runs, record_property):
+    (e1, w1, _), (e2, w2, ws2) = two_runs
+    assert e2["status"]["status_str"] == "success", json.dumps(e2["status"], indent=1)[:4000]
+    # the second run really executed (not served from the cache)
+    cached = [m for m in ws2.of_type("execution_cached")]
+    cached_nodes = {n for m in cached for n in m["data"].get("nodes", [])}
+    prompt = _prompt(comfy_server, "x")
+    assert _node_id(prompt, "KeyFaceInterpolate") not in cached_nodes
+    f1 = _png_frames([p for p in _outputs(comfy_server, e1, "images") if p.suffix == ".png"])
+    f2 = _png_frames([p for p in _outputs(comfy_server, e2, "images") if p.suffix == ".png"])
+    assert f1.shape == f2.shape
+    assert (f1 == f2).all(), f"max abs diff {abs(f1.astype(int) - f2.astype(int)).max()}"
+    record_property("e2e_wall_seconds_run2", round(w2, 1))
+
+
+def test_keyframe_checkpoint_in_interpolation_loader(comfy_server):
+    server = comfy_server
+    prompt = convert(_load("keyface_talking_head.json"), server.object_info())
+    loader = _node_id(prompt, "KeyFaceInterpolationModelLoader")
+    prompt[loader]["inputs"]["model_name"] = "keyframe.pt"
+    pid = server.submit(prompt)
+    entry = server.wait(pid, timeout=300)
+    assert entry["status"]["status_str"] == "error"
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors, entry["status"]
+    err = errors[0]
+    assert err["node_id"] == loader
+    assert "keyframe" in err["exception_message"] and "interpolation" in err["exception_message"], err
+    assert err["exception_type"].endswith("CheckpointError"), err
+
+
+def test_workflow_templates_served(comfy_server):
+    listing = comfy_server.get("/api/workflow_templates")
+    names = [n for v in listing.values() for n in v] if isinstance(listing, dict) else listing
+    assert "keyface_talking_head" in names and "keyface_emotion_over_time" in names, listing
+    pack = next(k for k, v in listing.items() if "keyface_talking_head" in v)
+    wf = comfy_server.get(f"/api/workflow_templates/{pack}/keyface_emotion_over_time.json")
+    assert wf["version"] == 0.4
+    prompt = convert(wf, comfy_server.object_info())
+    assert _node_id(prompt, "KeyFaceEmotion")
+    emo = prompt[_node_id(prompt, "KeyFaceEmotion")]["inputs"]
+    assert emo["emotion"] == "custom curve" and json.loads(emo["curve"])["version"] == 1
