@@ -1,7 +1,7 @@
 """Command line: ``python -m keyface render --image face.png --audio speech.wav --models DIR --out out.mp4``.
 
 Renders a talking-face video without ComfyUI: image + audio + a models folder (see
-:mod:`keyface.model_files` for the file names) -> an mp4 with exactly N = ceil(samples_16k / 640)
+:mod:`keyface.model_files` for the file names) -> an mp4 with exactly N = round(seconds x 25)
 frames at 25 fps and the input audio as its AAC track. The output appears only when complete.
 
 ``python -m keyface plan --frames N`` (or ``--audio FILE``) prints the clip plan (keyframes, batches,
@@ -194,13 +194,13 @@ def cmd_render(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .planner import num_frames_for_samples, plan_clip
+    from .planner import plan_clip, video_frame_count
 
     if args.audio:
         from .video_io import read_audio_file
 
         wav, sr = read_audio_file(args.audio)
-        n = num_frames_for_samples(-(-wav.shape[1] * 16000 // sr))
+        n = video_frame_count(wav.shape[1], sr)
     else:
         n = args.frames
     plan = plan_clip(n)

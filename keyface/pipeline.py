@@ -542,6 +542,8 @@ def render_to_file(keyframe_network, interpolation_network, bad_network, vae, id
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(folder):
         raise MediaError(f"output folder does not exist: {folder}")
+    if audio is not None and (sample_rate is None or int(sample_rate) <= 0):
+        raise MediaError(f"audio needs a positive sample_rate, got {sample_rate!r}")
     writer = None
     try:
         for chunk in iter_render(keyframe_network, interpolation_network, bad_network, vae, identity_latent,

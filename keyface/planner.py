@@ -166,6 +166,10 @@ def plan_clip(num_frames: int) -> ClipPlan:
     )
 
 
-def num_frames_for_samples(num_samples_16k: int) -> int:
-    """N = ceil(S / 640) for ``S`` samples at 16 kHz (spec 1.3)."""
-    return -(-int(num_samples_16k) // 640)
+def video_frame_count(num_samples: int, sample_rate: int = 16000) -> int:
+    """N = round(seconds x 25), half up: the number of video frames KeyFace renders for a clip.
+
+    The video length closest to the audio's (within half a frame). The original renders
+    ceil(S / 640) frames at 16 kHz instead, up to one frame longer than the audio (spec 1.3, 1.7).
+    """
+    return (2 * int(num_samples) * FPS + int(sample_rate)) // (2 * int(sample_rate))

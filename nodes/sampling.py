@@ -67,30 +67,28 @@ def _audio_batch(audio, input_name="audio"):
     return wf.float(), sr
 
 
-def exact_length_audio(waveform, sample_rate, num_frames, fps=C.FPS):
-    """AUDIO dict of exactly ``num_frames / fps`` seconds: the input cut or zero-padded at its end."""
-    import torch
+def clip_audio(waveform, sample_rate):
+    """The clip the video was made for, as a single-item AUDIO batch at its own rate and length.
 
-    n = int(round(num_frames * sample_rate / fps))
-    wf = waveform[..., :n]
-    if wf.shape[-1] < n:
-        wf = torch.nn.functional.pad(wf, (0, n - wf.shape[-1]))
-    return {"waveform": wf.reshape(1, *wf.shape[-2:]).contiguous(), "sample_rate": int(sample_rate)}
+    The video has round(seconds x 25) frames, i.e. it ends within half a frame of this audio; the
+    audio is passed on whole (not cut to the frames) so the mp4 carries the input's full duration.
+    """
+    return {"waveform": waveform.reshape(1, *waveform.shape[-2:]).contiguous(), "sample_rate": int(sample_rate)}
 
 
 # ------------------------------------------------------------------------------------ encode audio
 class KeyFaceEncodeAudio:
     DESCRIPTION = ("Computes KeyFace's per-video-frame audio features (WavLM+BEATs for keyframes, wav2vec2+BEATs "
-                   "for interpolation) and the clip length. Also returns the audio cut/padded to exactly "
-                   "frame_count / fps seconds and the fps, for Create Video.")
+                   "for interpolation) and the clip length in frames, round(seconds x 25). Also returns the clip "
+                   "itself (first item of a batch) and the fps, for Create Video.")
     CATEGORY = C.CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = ("KEYFACE_AUDIO_FEATURES", "INT", "AUDIO", "FLOAT")
     RETURN_NAMES = ("audio_features", "frame_count", "audio", "fps")
     OUTPUT_TOOLTIPS = (
         "Audio features for Sample Keyframes and Interpolate.",
-        "Number of video frames the clip will have (25 fps, 640 samples at 16 kHz per frame).",
-        "The input audio, exactly frame_count / fps seconds long (feed it to Create Video).",
+        "Number of video frames the clip will have: round(seconds x 25), within half a frame of the audio.",
+        "The clip the video is made for, whole (feed it to Create Video with fps).",
         "Frames per second of the KeyFace video (25).",
     )
 
@@ -119,7 +117,7 @@ class KeyFaceEncodeAudio:
                                    device=enc.device, dtype=enc.dtype, callback=C.Progress())
         feats = _features_to_cpu(feats)
         n = int(feats.num_frames)
-        return (feats, n, exact_length_audio(waveform, sr, n), C.FPS)
+        return (feats, n, clip_audio(waveform, sr), C.FPS)
 
 
 def _features_to_cpu(feats):
@@ -160,8 +158,8 @@ class KeyFaceSampleKeyframes:
                 "audio_features": ("KEYFACE_AUDIO_FEATURES", {"tooltip": "From KeyFace Encode Audio."}),
                 "seed": ("INT", {"default": 23, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "Noise seed (the reference uses 23). Noise is drawn on the CPU, so a seed gives the same result on any device."}),
-                "steps": ("INT", {"default": 10, "min": 1, "max": 100,
-                                  "tooltip": "Sampling steps (10 as released = 11 network evaluations)."}),
+                "steps": ("INT", {"default": 10, "min": 10, "max": 100,
+                                  "tooltip": "Sampling steps: 10 as released (= its 11 AYS sigmas, 11 network evaluations); more interpolate the schedule."}),
                 "ref_guidance": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 20.0, "step": 0.1,
                                            "tooltip": "Identity (reference) guidance scale, 2.0 as released."}),
                 "audio_guidance": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 20.0, "step": 0.1,
@@ -257,7 +255,7 @@ class KeyFaceInterpolate:
             "audio_features": ("KEYFACE_AUDIO_FEATURES", {"tooltip": "The same features the keyframes were sampled with."}),
             "seed": ("INT", {"default": 23, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                              "tooltip": "Noise seed for the interpolation stage."}),
-            "steps": ("INT", {"default": 10, "min": 1, "max": 100, "tooltip": "Sampling steps (10 as released)."}),
+            "steps": ("INT", {"default": 10, "min": 10, "max": 100, "tooltip": "Sampling steps (10 as released)."}),
             "guidance": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 20.0, "step": 0.1,
                                    "tooltip": "Autoguidance scale: D = D_bad + guidance x (D_good - D_bad); 2.0 as released."}),
             "autoguidance": ("BOOLEAN", {"default": True,

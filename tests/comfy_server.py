@@ -36,7 +36,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MEDIA = ROOT / "tests" / "fixtures" / "media"
 PORTRAIT = "face_grace_hopper.jpg"
-SPEECH = "speech_male_arctic_a0007.wav"
+SPEECH = "speech_male_arctic_a0007.wav"  # what the shipped workflows load
+# 3.095 s: round(seconds x 25) = 77 frames where the original's ceil(samples / 640) gives 78, so the
+# end-to-end frame count tells the two apart (the 4.000 s clip gives 100 either way).
+SPEECH_ODD = "speech_female_arctic_a0009.wav"
 PACK_LINK_NAME = "keyface"
 
 
@@ -74,7 +77,7 @@ class ComfyServer:
         link = self.base / "pack_parent" / PACK_LINK_NAME
         if not link.exists():
             link.symlink_to(ROOT, target_is_directory=True)
-        for name in (PORTRAIT, SPEECH):
+        for name in (PORTRAIT, SPEECH, SPEECH_ODD):
             shutil.copy(MEDIA / name, self.input_dir / name)
         self.yaml_path = self.base / "extra_model_paths.yaml"
         self.yaml_path.write_text(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from keyface.audio import (
     AudioInputError,
@@ -23,6 +23,7 @@ from keyface.audio import (
     load_wavlm,
     prepare_waveform,
 )
+from keyface.planner import video_frame_count
 from keyface.checkpoints import CheckpointError, convert_to_safetensors
 
 PARITY = Path(__file__).parent / "fixtures" / "parity"
@@ -116,6 +117,15 @@ def test_unknown_keys_are_refused(tmp_path):
             loader(path)
 
 
+def test_wrong_encoder_file_is_named():
+    with pytest.raises(CheckpointError, match="BEATs checkpoint"):
+        load_wavlm(PARITY / "beats.pt")
+    with pytest.raises(CheckpointError, match="not a BEATs checkpoint"):
+        load_beats(PARITY / "wavlm.pt")
+    with pytest.raises(CheckpointError, match="unilm"):
+        load_wav2vec2(PARITY / "wavlm.pt")
+
+
 def test_wav2vec2_single_file_with_config(tmp_path, encoders):
     w2v = encoders[2]
     shutil.copy(PARITY / "wav2vec2" / "model.safetensors", tmp_path / "w2v.safetensors")
@@ -202,21 +212,33 @@ def test_one_frame_is_enough(encoders):
     assert feats.num_frames == 1 and feats.keyframe.shape[0] == 1 and feats.interpolation.shape[0] == 1
 
 
-@pytest.mark.parametrize("num_samples", [641, 1280, 1919, 3841, 5120, 8109])
+@pytest.mark.parametrize("num_samples", [641, 1280, 1919, 3841, 5120, 8109, 9907])
 def test_frame_count_contract(encoders, num_samples):
     x = _speechlike(num_samples / 16000, 16000, seed=num_samples)
+    reference = compute_features(x, 16000, *encoders, trim_to_duration=False)
+    f = math.ceil(num_samples / 640)  # the original's frame count
+    assert reference.num_frames == f
+    assert reference.keyframe.shape[0] == f and reference.interpolation.shape[0] == f
+    assert reference.wavlm.shape[0] == reference.beats.shape[0] == f + (f % 2)
+    assert reference.wav2vec2.shape[0] == f
+    # The default is the video length closest to the audio's: round(seconds * 25), half up.
     feats = compute_features(x, 16000, *encoders)
-    n = math.ceil(num_samples / 640)
-    assert feats.num_frames == n
+    n = int(num_samples * 25 / 16000 + 0.5)
+    assert feats.num_frames == n == video_frame_count(num_samples) and n in (f - 1, f)
     assert feats.keyframe.shape[0] == n and feats.interpolation.shape[0] == n
-    assert feats.wavlm.shape[0] == feats.beats.shape[0] == n + (n % 2)
-    assert feats.wav2vec2.shape[0] == n
+    torch.testing.assert_close(feats.keyframe, reference.keyframe[:n])
+    torch.testing.assert_close(feats.interpolation, reference.interpolation[:n])
+
+
+def test_video_frame_count_is_round_half_up():
+    assert [video_frame_count(s) for s in (0, 319, 320, 639, 640, 959, 960, 49520)] == [0, 0, 1, 1, 1, 1, 2, 77]
+    assert video_frame_count(44100 * 3, 44100) == 75 and video_frame_count(882, 44100) == 1
 
 
 def test_max_frames_crop(encoders):
     x = _speechlike(1.0, 16000)
     feats = compute_features(x, 16000, *encoders, max_frames=10)
-    assert feats.keyframe.shape[0] == 10 and feats.interpolation.shape[0] == 10 and feats.num_frames == 25
+    assert feats.keyframe.shape[0] == 10 and feats.interpolation.shape[0] == 10 and feats.num_frames == 10
     full = compute_features(x, 16000, *encoders)
     torch.testing.assert_close(feats.keyframe, full.keyframe[:10])
 
@@ -225,9 +247,47 @@ def test_real_speech_file(encoders):
     pcm, sr = _read_wav(SPEECH)
     num_samples = pcm.shape[-1]
     feats = compute_features(pcm, sr, *encoders)
-    n = math.ceil(num_samples / 640)
-    assert feats.num_frames == n == 78
+    n = round(num_samples / sr * 25)  # 3.095 s -> 77 frames (the original renders ceil = 78)
+    assert feats.num_frames == n == 77
     assert feats.keyframe.shape == (n, 2, 64) and feats.interpolation.shape == (n, 2, 64)
     assert torch.isfinite(feats.keyframe).all() and torch.isfinite(feats.interpolation).all()
     # WavLM sub-frame 0 of frame 0 and sub-frame 1 of frame 0 both carry feature 0 (legacy nearest delay)
     torch.testing.assert_close(feats.wavlm[0, 0], feats.wavlm[0, 1])
+
+
+@pytest.mark.parametrize("layer_norm_first", [False, True])
+def test_wavlm_attention_chunks_same_function(tmp_path, layer_norm_first):
+    ckpt = torch.load(PARITY / "wavlm.pt", weights_only=True)
+    ckpt["cfg"]["layer_norm_first"] = layer_norm_first  # pre-LN (WavLM Large layout) exercises the other encoder
+    path = tmp_path / "wavlm.pt"
+    torch.save(ckpt, path)
+    wavlm = load_wavlm(path)
+    x = _speechlike(1.5, 16000, seed=6)
+    with torch.no_grad():
+        full = wavlm(x)
+        wavlm.attention_chunk = 9
+        chunked = wavlm(x)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+
+
+def test_wavlm_without_post_extract_proj(tmp_path):
+    """unilm omits post_extract_proj when conv width == model width; an identity projection is used."""
+    ckpt = torch.load(PARITY / "wavlm.pt", weights_only=True)
+    cfg, sd = ckpt["cfg"], ckpt["model"]
+    width = cfg["encoder_embed_dim"]
+    cfg["conv_feature_layers"] = f"[({width},10,5)] + [({width},3,2)] * 4 + [({width},2,2)] * 2"
+    g = torch.Generator().manual_seed(0)
+    for k in list(sd):
+        if k.startswith("feature_extractor.conv_layers.") or k.startswith("layer_norm."):
+            shape = list(sd[k].shape)
+            shape = [width if s == 24 else s for s in shape]
+            sd[k] = torch.randn(shape, generator=g) * 0.3
+        if k.startswith("post_extract_proj."):
+            del sd[k]
+    path = tmp_path / "wavlm_noproj.pt"
+    torch.save(ckpt, path)
+    wavlm = load_wavlm(path)
+    proj = wavlm.model.feature_projection.projection
+    assert torch.equal(proj.weight, torch.eye(width)) and not proj.bias.any()
+    with torch.no_grad():
+        assert wavlm(_speechlike(0.3, 16000)).shape[-1] == width

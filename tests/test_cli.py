@@ -79,14 +79,14 @@ def test_render_end_to_end(models_dir, tmp_path, monkeypatch, capsys):
     assert rc == 0, capsys.readouterr().err
     assert seen == {"shape": (600, 512, 3), "size": (32, 32), "mode": "crop"}
     info = probe_mp4(out)
-    n = -(-49520 // 640)
-    assert info["frames"] == n == 78  # ceil(samples_16k / 640)
+    n = round(49520 / 16000 * 25)
+    assert info["frames"] == n == 77  # round(3.095 s x 25); the original would render ceil(49520 / 640) = 78
     assert (info["width"], info["height"], info["fps"]) == (32, 32, 25.0)
     assert info["audio_seconds"] == 49520 / 16000  # the input's duration, to the sample
     assert info["audio_rate"] == 16000 and info["audio_channels"] == 1
     assert [p for p in os.listdir(tmp_path)] == ["out.mp4"]
     err = capsys.readouterr().err
-    assert "78 frames" in err and "7 keyframes" in err and "6 segments" in err
+    assert "77 frames" in err and "7 keyframes" in err and "6 segments" in err
 
 
 def test_render_errors(models_dir, tmp_path, capsys):
@@ -117,4 +117,4 @@ def test_plan_command_subprocess():
     r = subprocess.run([sys.executable, "-m", "keyface", "plan", "--audio", str(WAV)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("78 frames (3.12 s)")
+    assert r.stdout.startswith("77 frames (3.08 s)")

@@ -244,6 +244,9 @@ def test_chunking_invariance_and_stage_reruns(models, identity):
     assert frames[7].device.type == "cpu" and 0 <= frames[7].min() and frames[7].max() <= 1
     torch.testing.assert_close(frames[1], frames[7], rtol=0, atol=1e-5)
     torch.testing.assert_close(frames[64], frames[7], rtol=0, atol=1e-5)
+    # resume the decode at frame 10 (e.g. after a crash): the same frames
+    resumed = torch.cat(list(P.decode_segments(models.vae, seg[2], n, chunk_frames=7, start_frame=10)))
+    torch.testing.assert_close(resumed, frames[7][10:], rtol=0, atol=1e-5)
 
     # merge: frame 13 = mean of clamp((x+1)/2) of segment 0's last frame and segment 1's first frame;
     # frames inside a segment come from that segment alone

@@ -9,7 +9,7 @@ from keyface.planner import (
     STEP,
     WINDOW,
     PlanError,
-    num_frames_for_samples,
+    video_frame_count,
     plan_clip,
 )
 
@@ -198,7 +198,5 @@ def test_bad_lengths():
 
 
 def test_frames_for_samples():
-    assert num_frames_for_samples(1) == 1
-    assert num_frames_for_samples(640) == 1
-    assert num_frames_for_samples(641) == 2
-    assert num_frames_for_samples(160000) == 250
+    assert [video_frame_count(s) for s in (1, 319, 320, 640, 959, 960, 49520, 160000)] == [0, 0, 1, 1, 1, 2, 77, 250]
+    assert video_frame_count(44100 * 10, 44100) == 250

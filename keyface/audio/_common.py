@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import CheckpointError, read_audio_checkpoint, read_state_dict
+from ..checkpoints import CheckpointError, KeyLedger, read_audio_checkpoint, read_state_dict
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -137,3 +137,13 @@ def as_batch(wave: torch.Tensor) -> torch.Tensor:
     if wave.dim() == 2:
         return wave
     raise ValueError(f"expected a waveform [S] or [B, S], got shape {tuple(wave.shape)}")
+
+
+def hf_encoder_keys(sd: dict, source: str, prefix="wavlm.", what="WavLM") -> dict:
+    """Strip the task-model prefix (``wavlm.``) and account for the task-head keys beside it."""
+    if not any(k.startswith(prefix) for k in sd):
+        return dict(sd)
+    ledger = KeyLedger(sd, source)
+    base = ledger.take(prefix)
+    ledger.ignore("", f"task head beside the {what} encoder (for example lm_head of a CTC model); not part of the features")
+    return base

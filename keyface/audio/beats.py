@@ -295,6 +295,8 @@ def load_beats(path, dtype=None, device=None, operations=None) -> BEATs:
     f = read_encoder_file(path, what="BEATs")
     if f["kind"] != "unilm":
         raise CheckpointError(f"{path}: expected the unilm BEATs checkpoint ({{'cfg', 'model'}}), not a Hugging Face layout")
+    if "conv_feature_layers" in f["cfg"] or "patch_embedding.weight" not in f["model"]:
+        raise CheckpointError(f"{path}: this is not a BEATs checkpoint (no patch_embedding; a WavLM file?); use load_wavlm for WavLM")
     cfg = BEATsConfig.from_cfg(f["cfg"])
     model = BEATs(cfg, dtype=torch.float32, operations=operations)
     sd = convert_state_dict(f["model"], cfg, f["source"])

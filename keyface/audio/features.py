@@ -15,13 +15,31 @@ vectors per frame:
 * keyframe = cat(WavLM, BEATs), interpolation = cat(wav2vec2, BEATs), both cut to the common length
   (F = ceil(S / 640)) after an optional ``max_frames`` crop.
 
-Memory: like the original, each encoder sees the whole clip as one sequence, so attention costs
-grow with the square of the clip length (about 50 tokens per second for each encoder). Measured on
-the CPU for 60 s of audio (1500 frames) with the tiny test encoders (4 heads, width 32, 2 layers):
-see ``docs`` in the report / ``tests/test_audio.py::test_long_clip_memory``; at Base+ width (12
-heads) the WavLM attention matrices of one layer are about 12 x 3000^2 x 4 B = 0.43 GB each for
-60 s. BEATs can bound its attention memory with ``beats.attention_chunk`` (query-row blocks, same
-function).
+Clip length. The original renders F = ceil(S / 640) frames, so its video runs up to one frame (40 ms)
+longer than the audio. KeyFace renders N = round(S * 25 / 16000) frames instead: the video length
+closest to the audio's (within half a frame). :func:`compute_features` therefore cuts the arrays to N
+rows by default (``trim_to_duration=True``); the rows it drops belong to the zero padding of the
+last partial frame. ``trim_to_duration=False`` keeps the original's F rows (parity tests).
+
+Memory: like the original, each encoder sees the whole clip as one sequence (about 50 tokens per
+second for WavLM, wav2vec2 and BEATs alike), so attention memory grows with the square of the clip
+length. Measured peak RSS increase on the CPU (float32, one thread) for 60 s of audio (1500 frames,
+L = 3000 tokens) with the tiny test encoders (4 heads, width 32, 2 layers):
+
+=============  ===========================  =================================
+encoder        whole clip (default)         ``attention_chunk=512``
+=============  ===========================  =================================
+WavLM          +611 MB                      +267 MB
+BEATs          +581 MB                      +301 MB
+wav2vec2       +81 MB (SDPA, no L x L)      (not needed)
+=============  ===========================  =================================
+
+(120 s, chunk 512: WavLM +580 MB, BEATs +799 MB; 300 s, all three, chunk 512: +820 MB.) The
+whole-clip L x L tensors scale with the head count: for Base+ (12 heads) one such tensor is
+12 x 3000^2 x 4 B = 0.43 GB at 60 s and 10.8 GB at 5 min, and transformers' WavLM holds several at
+once (bias, gated bias, scores, weights). ``compute_features(..., attention_chunk=n)`` (or
+``encoder.attention_chunk = n``) computes WavLM and BEATs attention in blocks of n query rows: the
+same function (differences ~1e-6), with memory ~ heads x n x L per block.
 """
 
 from __future__ import annotations
@@ -31,6 +49,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+
+from ..planner import video_frame_count
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -47,7 +67,7 @@ class AudioInputError(ValueError):
 class AudioFeatures:
     keyframe: torch.Tensor  # [N, 2, d_wavlm + d_beats] = cat(WavLM, BEATs)
     interpolation: torch.Tensor  # [N, 2, d_wav2vec2 + d_beats] = cat(wav2vec2, BEATs)
-    num_frames: int  # N = ceil(S16k / 640), before any max_frames crop
+    num_frames: int  # rows of keyframe / interpolation: N = video_frame_count(S) (or F with trim_to_duration=False)
     wavlm: torch.Tensor | None = None  # per-encoder arrays as the original script saves them
     beats: torch.Tensor | None = None
     wav2vec2: torch.Tensor | None = None
@@ -128,6 +148,7 @@ def prepare_waveform(waveform, sample_rate) -> torch.Tensor:
 
 
 def num_video_frames(num_samples_16k: int) -> int:
+    """F = ceil(S / 640): the 640-sample frames the encoders see (the original's clip length)."""
     return -(-int(num_samples_16k) // SAMPLES_PER_FRAME)
 
 
@@ -190,17 +211,19 @@ def wav2vec2_frames(wave16k: torch.Tensor, wav2vec2) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compute_features(waveform, sample_rate, wavlm, beats, wav2vec2, max_frames=None, attention_chunk=None) -> AudioFeatures:
+def compute_features(waveform, sample_rate, wavlm, beats, wav2vec2, max_frames=None, attention_chunk=None,
+                     trim_to_duration=True) -> AudioFeatures:
     """Raw audio -> :class:`AudioFeatures` (keyframe / interpolation arrays, one row per 25 fps frame).
 
     ``waveform``: [S], [C, S] or [1, C, S] at ``sample_rate`` (see :func:`prepare_waveform`).
     ``max_frames``: optional crop of the arrays (the original crops at 1125 = 45 s) before the
     common-length cut. ``attention_chunk``: if given, WavLM and BEATs compute attention in blocks of
     that many query rows for this call (memory ~ L x chunk instead of L^2; same function, see the
-    module docstring). Outputs are float32 on the CPU.
+    module docstring). ``trim_to_duration``: cut to N = :func:`video_frame_count` rows (the default;
+    see "Clip length" above) instead of the original's F = ceil(S / 640). Outputs are float32 on the CPU.
     """
     wave = prepare_waveform(waveform, sample_rate)
-    n = num_video_frames(wave.shape[0])
+    n = video_frame_count(wave.shape[0]) if trim_to_duration else num_video_frames(wave.shape[0])
     saved = [getattr(m, "attention_chunk", None) for m in (wavlm, beats)]
     try:
         if attention_chunk is not None:
@@ -219,7 +242,7 @@ def compute_features(waveform, sample_rate, wavlm, beats, wav2vec2, max_frames=N
     if max_frames is not None:
         key = [t[: int(max_frames)] for t in key]
         interp = [t[: int(max_frames)] for t in interp]
-    length = min(t.shape[0] for t in key + interp)
+    length = min([t.shape[0] for t in key + interp] + [n])
     keyframe = torch.cat([t[:length] for t in key], dim=-1)
     interpolation = torch.cat([t[:length] for t in interp], dim=-1)
-    return AudioFeatures(keyframe=keyframe, interpolation=interpolation, num_frames=n, wavlm=w, beats=b, wav2vec2=v)
+    return AudioFeatures(keyframe=keyframe, interpolation=interpolation, num_frames=length, wavlm=w, beats=b, wav2vec2=v)

@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import CheckpointError
-from ._common import as_batch, load_strict, module_device_dtype, read_encoder_file
-from .wavlm import _hf_encoder_keys
+from ._common import as_batch, hf_encoder_keys, load_strict, module_device_dtype, read_encoder_file
 
 
 def normalize_waveform(waveform: torch.Tensor) -> torch.Tensor:
@@ -69,7 +68,7 @@ def load_wav2vec2(path, config=None, dtype=None, device=None, attn_implementatio
         setattr(hf_config, name, 0.0)
     hf_config._attn_implementation = attn_implementation
     model = Wav2Vec2Model(hf_config)
-    sd = _hf_encoder_keys(f["model"], f["source"], prefix="wav2vec2.", what="wav2vec2")
+    sd = hf_encoder_keys(f["model"], f["source"], prefix="wav2vec2.", what="wav2vec2")
     if "masked_spec_embed" in sd and "masked_spec_embed" not in model.state_dict():
         sd.pop("masked_spec_embed")  # training-time mask vector, unused at inference
     load_strict(model, sd, f["source"], "wav2vec2")

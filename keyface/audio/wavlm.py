@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..checkpoints import CheckpointError, KeyLedger
-from ._common import as_batch, load_strict, module_device_dtype, read_encoder_file
+from ._common import as_batch, hf_encoder_keys, load_strict, module_device_dtype, read_encoder_file
 
 # unilm WavLMConfig defaults (used only for keys a cfg does not carry)
 UNILM_DEFAULTS = {
@@ -153,6 +153,18 @@ def convert_unilm_state_dict(sd: dict, model_keys, source="WavLM checkpoint") ->
             if pat.match(key):
                 out[pat.sub(repl, key)] = ledger.take_key(key)
                 break
+    if "post_extract_proj.weight" not in sd and "feature_projection.projection.weight" in set(model_keys):
+        # unilm has no projection when the conv width equals the model width; transformers always
+        # has one: an identity map computes the same function
+        convs = {int(m.group(1)): v for k, v in sd.items()
+                 if (m := re.match(r"feature_extractor\.conv_layers\.(\d+)\.0\.weight$", k))}
+        if not convs:
+            raise CheckpointError(f"{source}: no feature_extractor.conv_layers.*.0.weight keys; not a WavLM checkpoint")
+        conv_dim = convs[max(convs)].shape[0]
+        ln = sd.get("layer_norm.weight")
+        dtype = ln.dtype if ln is not None else torch.float32
+        out["feature_projection.projection.weight"] = torch.eye(conv_dim, dtype=dtype)
+        out["feature_projection.projection.bias"] = torch.zeros(conv_dim, dtype=dtype)
     if "mask_emb" in sd:
         if "masked_spec_embed" in set(model_keys):
             out["masked_spec_embed"] = ledger.take_key("mask_emb")
@@ -160,16 +172,6 @@ def convert_unilm_state_dict(sd: dict, model_keys, source="WavLM checkpoint") ->
             ledger.ignore("mask_emb", "training-time mask embedding; never used at inference")
     ledger.finish("These are not WavLM encoder weights (is this a different model's checkpoint?)")
     return out
-
-
-def _hf_encoder_keys(sd: dict, source: str, prefix="wavlm.", what="WavLM") -> dict:
-    """Strip the task-model prefix (``wavlm.``) and account for the task-head keys beside it."""
-    if not any(k.startswith(prefix) for k in sd):
-        return dict(sd)
-    ledger = KeyLedger(sd, source)
-    base = ledger.take(prefix)
-    ledger.ignore("", f"task head beside the {what} encoder (for example lm_head of a CTC model); not part of the features")
-    return base
 
 
 class WavLMEncoder(nn.Module):
@@ -249,11 +251,11 @@ def _chunked_attention(attn, owner, h, chunk):
     return attn.out_proj(o)
 
 
-def build_wavlm(config) -> "WavLMEncoder":
+def build_wavlm(config):
+    """A ``transformers.WavLMModel`` for ``config`` (random weights until loaded)."""
     from transformers import WavLMModel
 
-    model = WavLMModel(config)
-    return model
+    return WavLMModel(config)
 
 
 def load_wavlm(path, config=None, dtype=None, device=None) -> WavLMEncoder:
@@ -265,19 +267,21 @@ def load_wavlm(path, config=None, dtype=None, device=None) -> WavLMEncoder:
     f = read_encoder_file(path, config=config, what="WavLM")
     if f["kind"] == "unilm":
         cfg = f["cfg"]
+        if "input_patch_size" in cfg or "patch_embedding.weight" in f["model"]:
+            raise CheckpointError(f"{path}: this is a BEATs checkpoint, not WavLM; use load_beats for it")
         hf_config = wavlm_config_from_unilm(cfg)
         normalize = bool(cfg.get("normalize", False))
         model = build_wavlm(hf_config)
         sd = convert_unilm_state_dict(f["model"], model.state_dict().keys(), f["source"])
     else:
+        if f["cfg"].get("model_type", "wavlm") != "wavlm":
+            raise CheckpointError(f"{path}: config.json describes a {f['cfg'].get('model_type')!r} model, not WavLM")
         hf_config = WavLMConfig.from_dict(f["cfg"])
-        if getattr(hf_config, "model_type", "wavlm") != "wavlm":
-            raise CheckpointError(f"{path}: config.json describes a {hf_config.model_type!r} model, not WavLM")
         for name in ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "layerdrop"):
             setattr(hf_config, name, 0.0)
         normalize = False  # HF feature extractors normalise outside the model; KeyFace feeds raw audio
         model = build_wavlm(hf_config)
-        sd = _hf_encoder_keys(f["model"], f["source"])
+        sd = hf_encoder_keys(f["model"], f["source"])
         if "masked_spec_embed" in sd and "masked_spec_embed" not in model.state_dict():
             sd.pop("masked_spec_embed")  # training-time mask vector, unused at inference
     load_strict(model, sd, f["source"], "WavLM")

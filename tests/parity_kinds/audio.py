@@ -46,7 +46,8 @@ def run_audio_features(case, folder):
     w2v = load_wav2vec2(case_file(case, folder, "wav2vec2"))
     wave = _waveform(case, folder)
     assert cfg.get("samples_per_frame", 640) == 640 and cfg.get("fps", 25) == 25
-    feats = compute_features(wave, cfg.get("sample_rate", 16000), wavlm, beats, w2v, max_frames=cfg.get("max_frames"))
+    feats = compute_features(wave, cfg.get("sample_rate", 16000), wavlm, beats, w2v, max_frames=cfg.get("max_frames"),
+                             trim_to_duration=False)
     assert feats.num_frames == cfg.get("num_frames", feats.num_frames)
     prepared = prepare_waveform(wave, cfg.get("sample_rate", 16000))
     return {

@@ -1,0 +1,82 @@
+"""keyface.bench count mode: the instrumented pipeline must match the closed form of the released
+batching, decode nothing twice or in vain, and keep per-call sizes independent of the clip length.
+
+Fast (a few seconds): the network bodies are stubs, everything else is the real pipeline code at the
+released tensor sizes.
+"""
+
+import math
+
+import pytest
+
+from keyface import bench
+from keyface.planner import plan_clip
+
+
+@pytest.fixture(scope="module")
+def models():
+    return bench._stub_models()
+
+
+def test_steady_state_closed_form():
+    ss = bench.steady_state()
+    # keyframes: 25/13 keyframes/s x 14/13 slots x 3 branches x 11 evals; interpolation 25/13 x 14 x 2 x 11
+    assert ss["keyframe_frame_evals_per_s"] == pytest.approx(25 / 13 * 14 / 13 * 33)
+    assert ss["interpolation_frame_evals_per_s"] == pytest.approx(25 / 13 * 14 * 22)
+    assert ss["unet_frame_evals_per_s"] == pytest.approx(660.65, abs=0.01)  # spec 8.2: 660.6
+    assert ss["decoder_frames_per_s"] == pytest.approx(25 * 14 / 13)  # no wasted keyframe decodes (29.0 in the original)
+    approx = bench.steady_state(last_step_good_only=True)
+    assert approx["unet_frame_evals_per_s"] == pytest.approx(660.65 - 25 / 13 * 14, abs=0.01)
+    assert approx["unet_frame_evals_per_s"] <= bench.TARGET_FRAME_EVALS_PER_S < ss["unet_frame_evals_per_s"]
+
+
+@pytest.mark.parametrize("n", [200, 171])  # 171: 14 keyframes -> a second batch of [identity, 1 keyframe, 12 pads]
+def test_count_matches_released_batching(models, n):
+    r = bench.count_clip(n, models=models)
+    m, cf = r["measured"], r["closed_form"]
+    plan = plan_clip(n)
+    b, s = plan.num_batches, plan.num_segments
+    assert r["frames_out"] == n
+    # keyframes: one call per Euler step per batch, 3 branches x 14 slots in it
+    assert m["unet_rows_per_call"]["keyframe"] == {"42": 11 * b}
+    # interpolation: 2 segments (28 frames) per call, good and bad network each, 11 steps
+    calls = math.ceil(s / 2) * 11
+    for net in ("interpolation_good", "interpolation_bad"):
+        assert sum(m["unet_rows_per_call"][net].values()) == calls
+        assert m["unet_max_rows_per_call"][net] == 28
+    assert m["unet_frame_evals"] == b * 14 * 3 * 11 + s * 14 * 2 * 11 == cf["unet_frame_evals"]
+    assert m["unet_calls"] == b * 11 + 2 * calls
+    # decoder: exactly the frames that reach the output (shared keyframes twice), one frame per video,
+    # nothing during sampling (no keyframe decode without a preview), chunks on the CPU
+    needed = n + len([t for t in range(13, n, 13)])
+    assert m["decoder_frames"] == m["decoder_frames_needed"] == needed == cf["decoder_frames"]
+    assert m["decoder_frames_wasted"] == 0
+    assert m["decoder_frames_during_sampling"] == 0
+    assert m["decoder_frames_per_video"] == [1]
+    assert m["decoder_max_frames_per_call"] <= 2 * 16
+    assert m["output_chunk_devices"] == ["cpu"] and m["output_chunk_max_frames"] <= 16
+
+
+def test_batching_is_configurable_and_approximation_counts(models):
+    n = 120
+    plan = plan_clip(n)
+    r4 = bench.count_clip(n, models=models, segments_per_call=4)
+    assert r4["measured"]["unet_max_rows_per_call"]["interpolation_good"] == 56
+    assert r4["measured"]["interpolation_calls"] == 2 * math.ceil(plan.num_segments / 4) * 11
+    exact = bench.count_clip(n, models=models)
+    approx = bench.count_clip(n, models=models, approx_interpolation=True)
+    # the last step (sigma 0.002 -> 0) evaluates only the good network
+    saved = exact["measured"]["interpolation_frame_evals"] - approx["measured"]["interpolation_frame_evals"]
+    assert saved == plan.num_segments * 14
+    assert approx["measured"]["unet_frame_evals"] == approx["closed_form"]["unet_frame_evals"]
+    off = bench.count_clip(n, models=models, autoguidance=False)
+    assert off["measured"]["interpolation_frame_evals"] == plan.num_segments * 14 * 11
+    assert "interpolation_bad" not in off["measured"]["unet_rows_per_call"] or \
+        off["measured"]["unet_rows_per_call"]["interpolation_bad"] == {}
+
+
+def test_per_call_sizes_do_not_grow_with_clip_length(models):
+    short = bench.count_clip(40, models=models)["measured"]
+    long = bench.count_clip(400, models=models)["measured"]
+    assert short["unet_max_rows_per_call"] == long["unet_max_rows_per_call"]
+    assert long["decoder_max_frames_per_call"] <= 2 * 16 and long["output_chunk_max_frames"] <= 16

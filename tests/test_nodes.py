@@ -1,0 +1,306 @@
+"""Node adapters under the ComfyUI stubs (tests/comfy_stubs.py), no server.
+
+Uses tiny smoke models (keyface.smoke) and a short clip so the whole module runs in well under a
+minute on two cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import comfy_stubs
+
+ROOT = Path(__file__).resolve().parents[1]
+MEDIA = ROOT / "tests" / "fixtures" / "media"
+PACK = "keyface_pack_under_test"
+
+
+def _import_pack():
+    if PACK in sys.modules:
+        return sys.modules[PACK]
+    spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[PACK] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return _import_pack()
+
+
+@pytest.fixture(scope="module")
+def N(pack):
+    return pack.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(autouse=True)
+def _stub_state():
+    comfy_stubs.reset()
+    yield
+    comfy_stubs.reset()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # small shared CPUs: oversubscribed threads are many times slower
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory, pack):
+    import folder_paths
+
+    d = tmp_path_factory.mktemp("kf_models")
+    smoke = importlib.import_module(PACK + ".keyface.smoke")
+    smoke.write_smoke_models(d, seed=0)
+    folder_paths.add_model_folder_path("keyface", str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def models(N, smoke_dir, one_thread):
+    vae, = N["KeyFaceVAELoader"]().load("svd_vae.safetensors")
+    enc, = N["KeyFaceAudioEncoderLoader"]().load(
+        "WavLM-Base+.pt", "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt", "wav2vec2-base-960h")
+    kf, = N["KeyFaceKeyframeModelLoader"]().load("keyframe.pt")
+    it, = N["KeyFaceInterpolationModelLoader"]().load("interpolation.pt", "interpolation_bad.pt")
+    return {"vae": vae, "enc": enc, "kf": kf, "it": it}
+
+
+def _audio(seconds=1.0, sr=16000, batch=1):
+    import torch
+
+    t = torch.arange(int(seconds * sr)) / sr
+    wf = 0.3 * torch.sin(2 * math.pi * 220 * t) * (1 + torch.sin(2 * math.pi * 3 * t))
+    return {"waveform": wf.reshape(1, 1, -1).repeat(batch, 1, 1).float(), "sample_rate": sr}
+
+
+def _image(batch=1, h=80, w=64):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(batch, h, w, 3, generator=g)
+
+
+@pytest.fixture(scope="module")
+def clip(N, models):
+    """Features and keyframes of a 1.0 s clip (25 frames, 2 segments)."""
+    feats, n, audio, fps = N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(1.0))
+    kfs, = N["KeyFaceSampleKeyframes"]().sample(models["kf"], models["vae"], _image(), feats, 5, 10, 2.0, 5.0, "crop")
+    return {"feats": feats, "n": n, "audio": audio, "fps": fps, "kfs": kfs}
+
+
+# ---------------------------------------------------------------------------------- declarations
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+def test_declarations_consistent(pack, N):
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(N)
+    expected = {"KeyFaceVAELoader", "KeyFaceAudioEncoderLoader", "KeyFaceKeyframeModelLoader",
+                "KeyFaceInterpolationModelLoader", "KeyFaceEncodeAudio", "KeyFaceSampleKeyframes",
+                "KeyFacePreviewKeyframes", "KeyFaceInterpolate", "KeyFaceDecode", "KeyFaceSaveVideo", "KeyFaceEmotion"}
+    assert expected <= set(N)
+    produced = {"IMAGE", "AUDIO", "LATENT", "INT", "FLOAT", "STRING", "MASK", "VIDEO"}
+    for cls in N.values():
+        produced |= set(cls.RETURN_TYPES)
+    for name, cls in N.items():
+        assert cls.CATEGORY == "KeyFace", name
+        assert isinstance(cls.RETURN_TYPES, tuple), name
+        if hasattr(cls, "RETURN_NAMES"):
+            assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES), name
+        if hasattr(cls, "OUTPUT_TOOLTIPS"):
+            assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES), name
+        assert getattr(cls, "DESCRIPTION", ""), name
+        spec = cls.INPUT_TYPES()
+        fn = getattr(cls, cls.FUNCTION)
+        params = inspect.signature(fn).parameters
+        required = spec.get("required", {})
+        optional = spec.get("optional", {})
+        for inp, s in {**required, **optional}.items():
+            assert inp in params, (name, inp)
+            kind = s[0]
+            opts = s[1] if len(s) > 1 else {}
+            assert opts.get("tooltip"), (name, inp)
+            if isinstance(kind, list):
+                assert kind, (name, inp)
+                if "default" in opts:
+                    assert opts["default"] in kind
+            elif kind not in WIDGET_TYPES:
+                assert kind in produced, f"{name}.{inp}: nothing produces {kind}"
+            if kind in ("INT", "FLOAT") and "default" in opts:
+                assert opts.get("min", -math.inf) <= opts["default"] <= opts.get("max", math.inf), (name, inp)
+        for p, v in params.items():
+            if p == "self" or v.default is not inspect.Parameter.empty:
+                continue
+            assert p in required, f"{name}: argument {p} is not a required input"
+        if not getattr(cls, "OUTPUT_NODE", False):
+            assert cls.RETURN_TYPES, name
+
+
+def test_sampler_defaults(N):
+    req = N["KeyFaceSampleKeyframes"].INPUT_TYPES()["required"]
+    assert req["ref_guidance"][1]["default"] == 2.0 and req["audio_guidance"][1]["default"] == 5.0
+    assert req["fit"][0] == ["crop", "pad"]
+    assert "emotion" in N["KeyFaceSampleKeyframes"].INPUT_TYPES()["optional"]
+    enc = N["KeyFaceEncodeAudio"]
+    assert enc.RETURN_TYPES == ("KEYFACE_AUDIO_FEATURES", "INT", "AUDIO", "FLOAT")
+    assert N["KeyFaceInterpolate"].RETURN_TYPES == ("LATENT",)
+
+
+# ------------------------------------------------------------------------------- model folders
+def test_folder_registration_merges(pack):
+    import folder_paths
+
+    common = importlib.import_module(PACK + ".nodes._common")
+    saved = folder_paths.folder_names_and_paths.pop("keyface", None)
+    try:
+        folder_paths.add_model_folder_path("keyface", "/from/extra_model_paths")  # as the YAML does, ext set empty
+        common.register_folders()
+        paths, exts = folder_paths.folder_names_and_paths["keyface"]
+        assert paths[0] == "/from/extra_model_paths"
+        assert os.path.join(folder_paths.models_dir, "keyface") in paths
+        assert ".safetensors" in exts and ".pt" in exts and ".json" not in exts
+        common.register_folders()  # idempotent
+        assert folder_paths.folder_names_and_paths["keyface"][0].count("/from/extra_model_paths") == 1
+    finally:
+        if saved is not None:
+            folder_paths.folder_names_and_paths["keyface"] = saved
+
+
+def test_choices_list_released_names_and_folders(N, smoke_dir):
+    req = N["KeyFaceAudioEncoderLoader"].INPUT_TYPES()["required"]
+    assert req["wav2vec2_name"][0][0] == "wav2vec2-base-960h"
+    assert req["wavlm_name"][0][0] == "WavLM-Base+.pt"
+    assert not any("model.safetensors" in c for c in req["wav2vec2_name"][0])
+    assert N["KeyFaceVAELoader"].INPUT_TYPES()["required"]["vae_name"][0][0] == "svd_vae.safetensors"
+    assert N["KeyFaceInterpolationModelLoader"].INPUT_TYPES()["required"]["bad_model_name"][0][0] == "interpolation_bad.pt"
+
+
+def test_missing_model_names_the_input(N, smoke_dir):
+    with pytest.raises(ValueError, match="model_name"):
+        N["KeyFaceKeyframeModelLoader"]().load("nope.pt")
+
+
+def test_keyframe_checkpoint_in_interpolation_loader(N, smoke_dir):
+    with pytest.raises(ValueError) as e:
+        N["KeyFaceInterpolationModelLoader"]().load("keyframe.pt", "interpolation_bad.pt")
+    assert type(e.value).__name__ == "CheckpointError"
+    assert "keyframe" in str(e.value) and "interpolation" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------ running
+def test_memory_manager_used(models):
+    import comfy.model_patcher
+
+    for key in ("vae", "kf"):
+        assert isinstance(models[key].patcher, comfy.model_patcher.ModelPatcher)
+    assert len(models["it"].patchers) == 2 and len(models["enc"].patchers) == 3
+
+
+def test_encode_audio_exact_length(N, models):
+    feats, n, audio, fps = N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(1.01, sr=44100))
+    assert fps == 25.0
+    assert n == feats.num_frames and n in (25, 26)  # 1.01 s at 25 fps, ceil of 640-sample frames
+    assert audio["sample_rate"] == 44100
+    assert audio["waveform"].shape[-1] == round(n * 44100 / 25)
+    assert audio["waveform"].dim() == 3
+
+
+def test_first_of_batch_warning(N, models, clip, caplog):
+    node = N["KeyFaceSampleKeyframes"]()
+    with caplog.at_level(logging.WARNING, logger="keyface"):
+        two, = node.sample(models["kf"], models["vae"], _image(batch=3), clip["feats"], 5, 10, 2.0, 5.0, "crop")
+    assert any("3 images" in r.getMessage() and "first" in r.getMessage() for r in caplog.records)
+    # the first image alone gives the same keyframes
+    assert (two.latents == clip["kfs"].latents).all()
+
+
+def test_crop_and_pad_differ_never_squash(N, models, clip):
+    pipeline = importlib.import_module(PACK + ".keyface.pipeline")
+    img = _image(h=96, w=64)[0]
+    crop = pipeline.prepare_identity(img, 64, "crop")
+    pad = pipeline.prepare_identity(img, 64, "pad")
+    assert crop.shape == pad.shape == (64, 64, 3)
+    # crop keeps the centre rows unscaled; pad keeps every row (scaled) with repeated borders
+    assert (crop - img[16:80]).abs().max() < 1e-6
+    assert (pad[:, :10] - pad[:, 10:11]).abs().max() < 1e-6
+
+
+def test_progress_bars_and_interrupt_checks(N, models, clip):
+    kfs, = N["KeyFaceSampleKeyframes"]().sample(models["kf"], models["vae"], _image(), clip["feats"], 5, 10, 2.0, 5.0, "pad")
+    prog = comfy_stubs.STATE.progress
+    assert prog, "no ProgressBar updates"
+    assert prog[-1][1] == prog[-1][2]  # finished at total
+    assert comfy_stubs.STATE.checks >= len(prog)
+    assert comfy_stubs.STATE.loaded, "load_models_gpu was not called"
+
+
+def test_features_from_other_clip_rejected(N, models, clip):
+    other, _, _, _ = N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(2.0))
+    with pytest.raises(ValueError, match="audio_features"):
+        N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], other, 5, 10, 2.0, True, 2)
+
+
+def test_interpolate_decode_save(N, models, clip, tmp_path):
+    import folder_paths
+
+    from keyface.video_io import probe_mp4
+
+    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 2)
+    s = clip["kfs"].plan.num_segments
+    assert lat["samples"].shape == (s * 14, 4, 8, 8) and lat["keyface_num_frames"] == clip["n"]
+    assert any(p[2] for p in comfy_stubs.STATE.progress)
+    imgs, = N["KeyFaceDecode"]().decode(models["vae"], lat, 7)
+    assert imgs.shape == (clip["n"], 64, 64, 3) and imgs.device.type == "cpu"
+    assert 0 <= float(imgs.min()) and float(imgs.max()) <= 1
+    imgs2, = N["KeyFaceDecode"]().decode(models["vae"], lat, 16)
+    # per-frame decode: the chunk size changes only float rounding (batched convolutions), not the frames
+    assert (imgs - imgs2).abs().max() < 1e-4
+    prev, = N["KeyFacePreviewKeyframes"]().preview(clip["kfs"], models["vae"])
+    assert prev.shape == (clip["kfs"].latents.shape[0], 64, 64, 3)
+
+    folder_paths.output_directory = str(tmp_path)
+    out = N["KeyFaceSaveVideo"]().save(models["vae"], lat, clip["audio"], "kf/t", 16, 23)
+    path = Path(out["result"][0])
+    assert path.is_file() and out["result"][1] == clip["n"]
+    assert out["ui"]["images"][0]["filename"] == path.name
+    assert probe_mp4(path)["frames"] == clip["n"]
+
+    with pytest.raises(ValueError, match="latent"):
+        N["KeyFaceDecode"]().decode(models["vae"], {"samples": lat["samples"]}, 16)
+
+
+def test_cancel_mid_decode_leaves_no_file(N, models, clip, tmp_path):
+    import comfy.model_management
+    import folder_paths
+
+    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, False, 2)
+    folder_paths.output_directory = str(tmp_path)
+    comfy_stubs.STATE.interrupt_after = 3  # the third interrupt check raises (mid-decode)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        N["KeyFaceSaveVideo"]().save(models["vae"], lat, clip["audio"], "kf/cancel", 4, 23)
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert leftovers == [], leftovers
+
+
+def test_cancel_mid_sampling(N, models, clip):
+    import comfy.model_management
+
+    comfy_stubs.STATE.interrupt_after = 2
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 1)
+    assert comfy_stubs.STATE.interrupt is False  # the flag is consumed, as in ComfyUI
