@@ -255,7 +255,7 @@ def test_features_of_another_clip_rejected(comfy_server, two_runs):
     import shutil
 
     server = comfy_server
-    other = SPEECH  # the main prompt loads SPEECH_ODD
+    other = SPEECH_ODD  # this prompt is the workflow as shipped, which loads SPEECH
     shutil.copy(ROOT / "tests" / "fixtures" / "media" / other, Path(server.input_dir) / other)
     prompt = convert(_load("keyface_talking_head.json"), server.object_info())
     enc_loader = _node_id(prompt, "KeyFaceAudioEncoderLoader")

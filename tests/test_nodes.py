@@ -211,13 +211,16 @@ def test_memory_manager_used(models):
     assert len(models["it"].patchers) == 2 and len(models["enc"].patchers) == 3
 
 
-def test_encode_audio_exact_length(N, models):
-    feats, n, audio, fps = N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(1.01, sr=44100))
+def test_encode_audio_clip_length(N, models):
+    clip = _audio(1.03, sr=44100)  # 25.75 frames: round gives 26 (the original's ceil would too)
+    feats, n, audio, fps = N["KeyFaceEncodeAudio"]().encode(models["enc"], clip)
     assert fps == 25.0
-    assert n == feats.num_frames and n in (25, 26)  # 1.01 s at 25 fps, ceil of 640-sample frames
-    assert audio["sample_rate"] == 44100
-    assert audio["waveform"].shape[-1] == round(n * 44100 / 25)
-    assert audio["waveform"].dim() == 3
+    assert n == feats.num_frames == feats.keyframe.shape[0] == feats.interpolation.shape[0] == 26
+    # the whole clip is passed on at its own rate, so the mp4 carries the input's duration
+    assert audio["sample_rate"] == 44100 and audio["waveform"].dim() == 3
+    assert audio["waveform"][0].equal(clip["waveform"][0].float())
+    short = _audio(1.01, sr=44100)  # 25.25 frames: round gives 25 where ceil(640-sample frames) gives 26
+    assert N["KeyFaceEncodeAudio"]().encode(models["enc"], short)[1] == 25
 
 
 def test_first_of_batch_warning(N, models, clip, caplog):
