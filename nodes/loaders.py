@@ -7,23 +7,11 @@ so KeyFace models are evicted / partially loaded like any core model.
 
 from __future__ import annotations
 
-import inspect
 import logging
 
 from . import _common as C
 
 log = logging.getLogger("keyface")
-
-
-def call_accepting(fn, *args, **kwargs):
-    """Call ``fn`` with only the keyword arguments its signature accepts."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return fn(*args, **kwargs)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(*args, **kwargs)
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
 
 
 def _sidecar(path):
@@ -116,8 +104,7 @@ class KeyFaceVAELoader:
 
         path = C.resolve("vae", vae_name, "vae_name")
         load_device, offload_device, dtype = C.vae_policy()
-        model = call_accepting(kvae.load_vae, path, dtype=dtype, device=offload_device,
-                               operations=comfy.ops.disable_weight_init)
+        model = kvae.load_vae(path, dtype=dtype, device=offload_device, operations=comfy.ops.disable_weight_init)
         model = model.to(device=offload_device, dtype=dtype).eval().requires_grad_(False)
         return (KeyFaceVAE(model, C.patcher(model, load_device, offload_device), dtype, vae_name),)
 
@@ -139,8 +126,7 @@ class KeyFaceAudioEncoderLoader:
         }}
 
     def load(self, wavlm_name, beats_name, wav2vec2_name):
-        from ..keyface import audio as kaudio
-        from ..keyface.audio import beats as kbeats, wav2vec2 as kw2v, wavlm as kwavlm
+        from ..keyface.audio import load_beats, load_wav2vec2, load_wavlm
 
         load_device, offload_device, dtype = C.text_encoder_policy()
         paths = {
@@ -148,14 +134,10 @@ class KeyFaceAudioEncoderLoader:
             "beats": C.resolve("beats", beats_name, "beats_name"),
             "wav2vec2": C.resolve("wav2vec2", wav2vec2_name, "wav2vec2_name"),
         }
-        loaders = {
-            "wavlm": getattr(kaudio, "load_wavlm", None) or kwavlm.load_wavlm,
-            "beats": getattr(kaudio, "load_beats", None) or kbeats.load_beats,
-            "wav2vec2": getattr(kaudio, "load_wav2vec2", None) or kw2v.load_wav2vec2,
-        }
+        loaders = {"wavlm": load_wavlm, "beats": load_beats, "wav2vec2": load_wav2vec2}
         models, patchers = {}, []
         for key in ("wavlm", "beats", "wav2vec2"):
-            m = call_accepting(loaders[key], paths[key], dtype=dtype, device=offload_device)
+            m = loaders[key](paths[key], dtype=dtype, device=offload_device)
             m = m.to(device=offload_device, dtype=dtype).eval().requires_grad_(False)
             models[key] = m
             patchers.append(C.patcher(m, load_device, offload_device))

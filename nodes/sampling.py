@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 
 from . import _common as C
-from .loaders import call_accepting
 
 log = logging.getLogger("keyface")
 
@@ -101,20 +100,14 @@ class KeyFaceEncodeAudio:
 
     def encode(self, audio_encoders, audio):
         import torch
-        from ..keyface import audio as kaudio
+        from ..keyface.audio import compute_features
 
-        compute = getattr(kaudio, "compute_features", None)
-        if compute is None:
-            from ..keyface.audio import features as kfeat
-
-            compute = kfeat.compute_features
         waveform, sr = _audio_batch(audio)
         enc = audio_encoders
         C.load(enc.patchers)
         C.check_interrupt()
-        with torch.inference_mode():
-            feats = call_accepting(compute, waveform, sr, enc.wavlm, enc.beats, enc.wav2vec2,
-                                   device=enc.device, dtype=enc.dtype, callback=C.Progress())
+        with torch.inference_mode():  # the encoders move the clip to their own device and dtype
+            feats = compute_features(waveform, sr, enc.wavlm, enc.beats, enc.wav2vec2)
         feats = _features_to_cpu(feats)
         n = int(feats.num_frames)
         return (feats, n, clip_audio(waveform, sr), C.FPS)
@@ -318,9 +311,8 @@ def decode_chunks(vae, latent, chunk_frames, progress):
     C.load([vae.patcher])
     out_device = C.mm().intermediate_device()
     with torch.inference_mode():
-        for chunk in call_accepting(_pipeline().decode_segments, vae.vae, seg.to(vae.dtype), n,
-                                    chunk_frames=int(chunk_frames), device=vae.device, dtype=vae.dtype,
-                                    callback=progress):
+        for chunk in _pipeline().decode_segments(vae.vae, seg.to(vae.dtype), n, chunk_frames=int(chunk_frames),
+                                                 device=vae.device, dtype=vae.dtype, callback=progress):
             C.check_interrupt()
             yield chunk.to(out_device, torch.float32)
 

@@ -39,7 +39,8 @@ whole-clip L x L tensors scale with the head count: for Base+ (12 heads) one suc
 12 x 3000^2 x 4 B = 0.43 GB at 60 s and 10.8 GB at 5 min, and transformers' WavLM holds several at
 once (bias, gated bias, scores, weights). ``compute_features(..., attention_chunk=n)`` (or
 ``encoder.attention_chunk = n``) computes WavLM and BEATs attention in blocks of n query rows: the
-same function (differences ~1e-6), with memory ~ heads x n x L per block.
+same function (differences ~1e-6), with memory ~ heads x n x L per block. :func:`compute_features`
+uses blocks of :data:`DEFAULT_ATTENTION_CHUNK` rows unless told otherwise.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ SAMPLE_RATE = 16000
 FPS = 25
 SAMPLES_PER_FRAME = math.ceil(SAMPLE_RATE / FPS)  # 640
 SILENCE_THRESHOLD = 1e-5
+# Query rows per attention block in WavLM and BEATs (about 20 s of audio). Clips shorter than that
+# are one block; longer ones keep attention memory linear in the clip length (see above).
+DEFAULT_ATTENTION_CHUNK = 1024
 BEATS_MIN_SAMPLES = 400 + 15 * 160  # 16 fbank frames = one 16 x 16 patch row
 
 
@@ -211,16 +215,18 @@ def wav2vec2_frames(wave16k: torch.Tensor, wav2vec2) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compute_features(waveform, sample_rate, wavlm, beats, wav2vec2, max_frames=None, attention_chunk=None,
+def compute_features(waveform, sample_rate, wavlm, beats, wav2vec2, max_frames=None,
+                     attention_chunk=DEFAULT_ATTENTION_CHUNK,
                      trim_to_duration=True) -> AudioFeatures:
     """Raw audio -> :class:`AudioFeatures` (keyframe / interpolation arrays, one row per 25 fps frame).
 
     ``waveform``: [S], [C, S] or [1, C, S] at ``sample_rate`` (see :func:`prepare_waveform`).
     ``max_frames``: optional crop of the arrays (the original crops at 1125 = 45 s) before the
-    common-length cut. ``attention_chunk``: if given, WavLM and BEATs compute attention in blocks of
-    that many query rows for this call (memory ~ L x chunk instead of L^2; same function, see the
-    module docstring). ``trim_to_duration``: cut to N = :func:`video_frame_count` rows (the default;
-    see "Clip length" above) instead of the original's F = ceil(S / 640). Outputs are float32 on the CPU.
+    common-length cut. ``attention_chunk``: WavLM and BEATs compute attention in blocks of that many
+    query rows for this call (memory ~ L x chunk instead of L^2; the same function, see the module
+    docstring); ``None`` attends over the whole clip at once, as the original. ``trim_to_duration``:
+    cut to N = :func:`video_frame_count` rows (the default; see "Clip length" above) instead of the
+    original's F = ceil(S / 640). Outputs are float32 on the CPU.
     """
     wave = prepare_waveform(waveform, sample_rate)
     n = video_frame_count(wave.shape[0]) if trim_to_duration else num_video_frames(wave.shape[0])
