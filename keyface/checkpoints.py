@@ -41,10 +41,9 @@ FORWARD_MODULE_PREFIX = "_forward_module."
 AUDIO_CFG_METADATA_KEY = "keyface.audio_cfg"
 
 _ADVICE = (
-    "KeyFace never runs code from a model file. If you trust this file and its origin, convert it "
-    "once, in a trusted environment, with `python -m keyface.checkpoints convert --trust-pickle SRC "
-    "DST.safetensors` (keyface.checkpoints.convert_to_safetensors(src, dst, trust_pickle=True)), and "
-    "load the .safetensors file instead."
+    "KeyFace never runs code from a model file, so it cannot open this one. If the file comes from a "
+    "source you trust, re-save its tensors as safetensors with the tool that wrote it (in an "
+    "environment you are prepared to run its code in) and load the .safetensors file instead."
 )
 
 
@@ -448,15 +447,13 @@ def _unshare(sd: dict) -> dict:
     return out
 
 
-def convert_to_safetensors(src, dst, trust_pickle: bool = False) -> Path:
+def convert_to_safetensors(src, dst) -> Path:
     """Convert any supported model file to ``dst`` (safetensors), atomically.
 
     KeyFace engine files (DeepSpeed / Lightning / plain), VAE files and unilm WavLM/BEATs pickles
     (whose ``cfg`` is stored as JSON metadata). The result loads through the same loaders with
-    identical tensors. ``src`` is read with the same safety rules as everywhere else, unless
-    ``trust_pickle=True``: then a pickle the restricted loader refuses is loaded with plain
-    ``torch.load(weights_only=False)``, which CAN RUN CODE from the file -- only for files you trust,
-    in an environment you trust. That is the one place in KeyFace that may do so, and only on request.
+    identical tensors. ``src`` is read with the same safety rules as everywhere else: no code from
+    a pickle ever runs, here either.
     """
     from safetensors.torch import save_file
 
@@ -471,12 +468,7 @@ def convert_to_safetensors(src, dst, trust_pickle: bool = False) -> Path:
         metadata.update({k: v for k, v in old_meta.items() if k == AUDIO_CFG_METADATA_KEY})
         sd = sd if AUDIO_CFG_METADATA_KEY in old_meta else _strip_forward_module(sd)
     else:
-        try:
-            obj = load_torch_file(src)
-        except CheckpointError:
-            if not trust_pickle:
-                raise
-            obj = torch.load(src, map_location="cpu", weights_only=False)  # explicitly trusted by the caller
+        obj = load_torch_file(src)
         if isinstance(obj, dict) and "cfg" in obj and "model" in obj:
             audio = _audio_from_obj(obj, src)
             try:
@@ -510,13 +502,12 @@ def _main(argv=None):
     conv = sub.add_parser("convert", help="convert a model file to safetensors")
     conv.add_argument("src")
     conv.add_argument("dst")
-    conv.add_argument(
-        "--trust-pickle", action="store_true",
-        help="load a pickle the safe loader refuses with plain torch.load (can run code: trusted files only)",
-    )
     args = parser.parse_args(argv)
     if args.cmd == "convert":
-        out = convert_to_safetensors(args.src, args.dst, trust_pickle=args.trust_pickle)
+        try:
+            out = convert_to_safetensors(args.src, args.dst)
+        except (CheckpointError, OSError) as err:
+            parser.exit(2, f"error: {err}\n")
         print(f"wrote {out}")
 
 

@@ -108,27 +108,8 @@ class KeyFaceEncodeAudio:
         C.check_interrupt()
         with torch.inference_mode():  # the encoders move the clip to their own device and dtype
             feats = compute_features(waveform, sr, enc.wavlm, enc.beats, enc.wav2vec2)
-        feats = _features_to_cpu(feats)
-        n = int(feats.num_frames)
+        n = int(feats.num_frames)  # the features are float32 on the CPU (intermediate device)
         return (feats, n, clip_audio(waveform, sr), C.FPS)
-
-
-def _features_to_cpu(feats):
-    import dataclasses
-
-    try:
-        fields = {f.name for f in dataclasses.fields(feats)}
-    except TypeError:
-        return feats
-    changes = {}
-    for name in ("keyframe", "interpolation"):
-        t = getattr(feats, name, None)
-        if name in fields and t is not None and hasattr(t, "to"):
-            changes[name] = t.float().cpu()
-    try:
-        return dataclasses.replace(feats, **changes) if changes else feats
-    except (TypeError, ValueError):
-        return feats
 
 
 # --------------------------------------------------------------------------------- sample keyframes
