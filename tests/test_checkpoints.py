@@ -58,7 +58,7 @@ def test_code_running_pickle_is_refused(tmp_path, container):
         read_state_dict(path)
     msg = str(err.value)
     assert "system" in msg and str(path) in msg and "refusing" in msg
-    assert "convert" in msg  # tells the user what to do
+    assert "never runs code" in msg and ".safetensors" in msg  # says why, and what to do instead
     with pytest.raises(CheckpointError):
         convert_to_safetensors(path, tmp_path / "out.safetensors")
     with pytest.raises(CheckpointError):
