@@ -12,6 +12,24 @@ from ..checkpoints import CheckpointError, KeyLedger, read_audio_checkpoint, rea
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
+def torchaudio_part(name: str):
+    """Import ``torchaudio.<name>`` (pure-Python parts only: ``compliance.kaldi``, ``functional``).
+
+    torchaudio is not a dependency of the pack's requirements.txt (it must match the user's torch
+    build); newer ComfyUI installs may lack it, so say exactly what to install.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(f"torchaudio.{name}")
+    except ImportError as err:
+        raise ImportError(
+            f"KeyFace needs torchaudio (only its pure-Python {name}) for the audio features, and it could not be "
+            f"imported ({err}). Install the torchaudio release that matches your torch {torch.__version__.split('+')[0]}, "
+            "e.g. `pip install torchaudio==<same version as torch> --no-deps`."
+        ) from err
+
+
 def read_encoder_file(path, config=None, what="audio encoder") -> dict:
     """Read an encoder from ``path`` without running code from it.
 

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from ..checkpoints import CheckpointError, KeyLedger
 from ..ops import resolve
-from ._common import as_batch, module_device_dtype, read_encoder_file
+from ._common import as_batch, module_device_dtype, read_encoder_file, torchaudio_part
 
 FBANK_MEAN = 15.41663
 FBANK_STD = 6.55582
@@ -78,7 +78,7 @@ class BEATsConfig:
 
 def kaldi_fbank(waveform: torch.Tensor) -> torch.Tensor:
     """Normalised BEATs input features: ``[B, S]`` float waveform in [-1, 1] -> ``[B, Tf, 128]`` float32."""
-    from torchaudio.compliance import kaldi  # pure Python; imported here so `import keyface` stays light
+    kaldi = torchaudio_part("compliance.kaldi")  # imported here so `import keyface` stays light
 
     out = []
     for w in as_batch(waveform).to(torch.float32):

@@ -132,9 +132,9 @@ def prepare_waveform(waveform, sample_rate) -> torch.Tensor:
         raise AudioInputError(f"audio: the waveform contains {bad} NaN or infinite sample(s)")
     x = x.mean(dim=0)  # downmix (a no-op for mono)
     if sr != SAMPLE_RATE:
-        from torchaudio.functional import resample  # pure Python; imported lazily
+        from ._common import torchaudio_part
 
-        x = resample(x, sr, SAMPLE_RATE)
+        x = torchaudio_part("functional").resample(x, sr, SAMPLE_RATE)
     if x.shape[0] < SAMPLES_PER_FRAME:
         seconds = x.shape[0] / SAMPLE_RATE
         raise AudioInputError(
