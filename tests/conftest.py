@@ -16,5 +16,18 @@ for p in (str(TESTS), str(ROOT)):
         sys.path.insert(0, p)
 
 import comfy_stubs  # noqa: E402
+import pytest  # noqa: E402
 
 comfy_stubs.install()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Run torch on one thread: the test models are tiny, and on the 2-core CI machine two threads
+    competing with the ComfyUI / browser processes were measured 5-20x slower than one."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

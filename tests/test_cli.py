@@ -21,12 +21,6 @@ FACE = MEDIA / "face_grace_hopper.jpg"  # 512 x 600: exercises the centre crop
 WAV = MEDIA / "speech_female_arctic_a0009.wav"  # 49520 samples at 16 kHz = 3.095 s
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

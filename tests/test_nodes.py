@@ -50,14 +50,6 @@ def _stub_state():
     comfy_stubs.reset()
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # small shared CPUs: oversubscribed threads are many times slower
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -73,13 +73,6 @@ def randomize(module, seed):
     return module.eval().requires_grad_(False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # two shared cores: one thread is several times faster than two oversubscribed ones
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def build_models():
