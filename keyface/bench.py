@@ -21,7 +21,7 @@ Modes (each prints a table and writes ``<out-dir>/<mode>[_<device>].json``):
   released), plus ``torch.cuda.max_memory_allocated``.
 * **knobs**: speed knobs on the tiny models (one clip length): sampling steps, autoguidance off,
   weight dtype, segments per call, SDPA backend, the last-step approximation (see
-  :func:`last_step_approximation`), and (``--compile``) ``torch.compile`` of the UNets; for each the
+  ``guidance_min_sigma``), and (``--compile``) ``torch.compile`` of the UNets; for each the
   wall time per output second, the UNet frame-evaluations, and the max abs difference of the
   latents and of the final uint8 frames against the default settings.
 * **import**: time to import the pack's root ``__init__.py`` the way ComfyUI does (package under a
@@ -208,54 +208,6 @@ def _watch_models(counter, kf, good, bad, vae):
 
 
 # ==================================================================================================
-# The last-step approximation (not in the pipeline: measured here by wrapping its denoisers)
-# ==================================================================================================
-
-
-@contextlib.contextmanager
-def last_step_approximation(interpolation: bool = True, keyframes: bool = False, sigma_max: float = LAST_STEP_SIGMA):
-    """Inside the block, evaluations at sigma <= ``sigma_max`` (the final Euler step 0.002 -> 0) use
-    only the good interpolation network (``interpolation``) / only the full keyframe branch
-    (``keyframes``). At sigma = 0.002, c_out = -0.002, so the guidance terms
-    scale * (D_good - D_bad) = scale * c_out * (F_good - F_bad) are ~0.002 x a network difference: this
-    is an approximation, NOT the released result. Implemented by wrapping the pipeline's
-    ``interpolation_denoiser`` / ``keyframe_denoiser`` (the real functions run underneath)."""
-    from . import pipeline as P
-
-    real_i, real_k = P.interpolation_denoiser, P.keyframe_denoiser
-
-    def approx_i(good, bad, cond, scale=2.0, segments_per_call=2, autoguidance=True):
-        exact = real_i(good, bad, cond, scale=scale, segments_per_call=segments_per_call, autoguidance=autoguidance)
-        if not autoguidance:
-            return exact
-        good_only = real_i(good, None, cond, scale=scale, segments_per_call=segments_per_call, autoguidance=False)
-
-        def denoise(x, sigma):
-            return (good_only if float(sigma) <= sigma_max else exact)(x, sigma)
-
-        return denoise
-
-    def approx_k(network, cond, uc, ref_ratio=2.0, audio_ratio=5.0):
-        exact = real_k(network, cond, uc, ref_ratio=ref_ratio, audio_ratio=audio_ratio)
-
-        def denoise(x, sigma):
-            if float(sigma) > sigma_max:
-                return exact(x, sigma)
-            return network.denoise(x, sigma, concat=cond["concat"], crossattn=cond["crossattn"], vector=cond["vector"])
-
-        return denoise
-
-    try:
-        if interpolation:
-            P.interpolation_denoiser = approx_i
-        if keyframes:
-            P.keyframe_denoiser = approx_k
-        yield
-    finally:
-        P.interpolation_denoiser, P.keyframe_denoiser = real_i, real_k
-
-
-# ==================================================================================================
 # Count mode
 # ==================================================================================================
 
@@ -314,8 +266,7 @@ def _stub_models(latent_hw=(64, 64), feature_dim=1536, seed=0):
     return kf, good, bad, vae
 
 
-def count_clip(num_frames: int, *, models=None, approx_interpolation: bool = False, approx_keyframes: bool = False,
-               **settings) -> dict:
+def count_clip(num_frames: int, *, models=None, **settings) -> dict:
     """Run the real pipeline (stub network bodies, released sizes) on a clip of ``num_frames`` and
     return the instrumented counts plus the closed form for the same settings."""
     import torch
@@ -333,7 +284,7 @@ def count_clip(num_frames: int, *, models=None, approx_interpolation: bool = Fal
     z_id = torch.randn(1, 4, h, w, generator=gen)
     frames = 0
     try:
-        with last_step_approximation(approx_interpolation, approx_keyframes), torch.inference_mode():
+        with torch.inference_mode():
             for chunk in P.iter_render(kf, good, bad, vae, z_id, features, callback=counter.progress, **settings):
                 counter.chunk(chunk)
                 frames += int(chunk.shape[0])
@@ -345,16 +296,17 @@ def count_clip(num_frames: int, *, models=None, approx_interpolation: bool = Fal
     it_rows = s["unet"]["interpolation_good"]["rows"] + s["unet"].get("interpolation_bad", {}).get("rows", 0)
     it_calls = s["unet"]["interpolation_good"]["calls"] + s["unet"].get("interpolation_bad", {}).get("calls", 0)
     needed = closed_form(n)["decoder_frames"]
+    unguided_last_step = settings.get("guidance_min_sigma", 0.0) >= LAST_STEP_SIGMA
     cf = closed_form(n, steps=settings.get("interpolation_steps", 10),
                      autoguidance=settings.get("autoguidance", True),
                      segments_per_call=settings.get("segments_per_call", 2),
-                     last_step_good_only=approx_interpolation, last_step_full_only=approx_keyframes)
+                     last_step_good_only=unguided_last_step, last_step_full_only=unguided_last_step)
     return {
         "seconds": seconds,
         "num_frames": n,
         "frames_out": frames,
         "settings": settings,
-        "approx_last_step": {"interpolation": approx_interpolation, "keyframes": approx_keyframes},
+        "unguided_last_step": unguided_last_step,
         "measured": {
             "keyframe_calls": s["unet"]["keyframe"]["calls"],
             "keyframe_frame_evals": kf_rows,
@@ -433,8 +385,8 @@ def run_count(seconds_list, out_dir, flops=True) -> dict:
     for sec in seconds_list:
         n = max(1, round(sec * FPS))
         exact = count_clip(n, models=models)
-        approx = count_clip(n, models=models, approx_interpolation=True)
-        rows.append({"exact": exact, "approx_interpolation_last_step": approx})
+        approx = count_clip(n, models=models, guidance_min_sigma=LAST_STEP_SIGMA)
+        rows.append({"exact": exact, "approx_unguided_last_step": approx})
     fl = measure_flops() if flops else None
     result = {
         "mode": "count",
@@ -495,9 +447,9 @@ def format_count(r) -> str:
     row("  of which wasted", o["decoder_frames_wasted_per_s"], 0.0, "decoder_frames_wasted", "{:>10.2f}")
     if "tflop" in ss:
         row("TFLOP/s of video", o["pflop_per_s"] * 1000, ss["tflop"], "tflop")
-    ap = r["steady_state"]["approx_interpolation_last_step_good_only"]
-    cells = "".join(f"{c['approx_interpolation_last_step']['per_second']['unet_frame_evals']:>10.1f}" for c in r["clips"])
-    lines.append(f"{'APPROX last step good-only, evals/s':34s}{'-':>10s}{ap['unet_frame_evals_per_s']:>10.2f}{cells}")
+    ap = r["steady_state"]["approx_both_last_step"]
+    cells = "".join(f"{c['approx_unguided_last_step']['per_second']['unet_frame_evals']:>10.1f}" for c in r["clips"])
+    lines.append(f"{'APPROX unguided last step, evals/s':34s}{'-':>10s}{ap['unet_frame_evals_per_s']:>10.2f}{cells}")
     lines.append("")
     for c in r["clips"]:
         m, cf = c["exact"]["measured"], c["exact"]["closed_form"]
@@ -859,8 +811,7 @@ def run_knobs(seconds, out_dir, folder=None, threads=1, compile_unet=False) -> d
         ("steps=12 (AYS, 12 evals)", {"steps": 12}, {}),
         ("steps=16 (AYS, 16 evals)", {"steps": 16}, {}),
         ("autoguidance off (interpolation)", {"autoguidance": False}, {}),
-        ("APPROX last step good-only (interp)", {}, {"approx_i": True}),
-        ("APPROX last step full-only (keyframes)", {}, {"approx_k": True}),
+        ("APPROX guidance_min_sigma=0.0025 (unguided last step)", {"guidance_min_sigma": LAST_STEP_SIGMA}, {}),
         ("weights bf16", {}, {"dtype": torch.bfloat16}),
         ("weights fp16", {}, {"dtype": torch.float16}),
         ("SDPA math backend", {}, {"sdpa": [SDPBackend.MATH]}),
@@ -884,7 +835,6 @@ def run_knobs(seconds, out_dir, folder=None, threads=1, compile_unet=False) -> d
             ctx = contextlib.ExitStack()
             if "sdpa" in extra:
                 ctx.enter_context(sdpa_kernel(extra["sdpa"]))
-            ctx.enter_context(last_step_approximation(extra.get("approx_i", False), extra.get("approx_k", False)))
             with ctx, torch.inference_mode():
                 if extra.get("compile"):
                     t0 = time.perf_counter()

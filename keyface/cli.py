@@ -43,6 +43,9 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--audio-ratio", type=float, default=5.0, help="keyframe audio guidance")
     r.add_argument("--scale", type=float, default=2.0, help="interpolation autoguidance scale")
     r.add_argument("--no-autoguidance", action="store_true", help="interpolate with the main network only")
+    r.add_argument("--unguided-last-step", action="store_true",
+                   help="skip both stages' guidance at the last step (sigma 0.002): 4%% fewer UNet evaluations, "
+                        "an approximation (see bench/README.md)")
     r.add_argument("--segments-per-call", type=int, default=2, help="interpolation segments per UNet call")
     r.add_argument("--chunk-frames", type=int, default=16, help="frames per VAE decode call")
     r.add_argument("--identity-mode", choices=("crop", "pad"), default="crop",
@@ -127,6 +130,10 @@ def _emotion(args, num_frames):
     return per_frame_emotion(curve, num_frames, intensity=args.intensity)
 
 
+# Just above the AYS schedule's last sigma (0.002), so only the final Euler step is unguided.
+UNGUIDED_LAST_STEP_SIGMA = 0.0025
+
+
 def cmd_render(args) -> int:
     import torch
 
@@ -187,6 +194,7 @@ def cmd_render(args) -> int:
         interpolation_steps=args.interpolation_steps or args.steps,
         ref_ratio=args.ref_ratio, audio_ratio=args.audio_ratio, scale=args.scale,
         autoguidance=not args.no_autoguidance, segments_per_call=args.segments_per_call,
+        guidance_min_sigma=UNGUIDED_LAST_STEP_SIGMA if args.unguided_last_step else 0.0,
         chunk_frames=args.chunk_frames,
     )
     progress.log(f"wrote {args.out}: {n} frames ({n / 25:.2f} s) at 25 fps")

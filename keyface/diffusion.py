@@ -99,7 +99,13 @@ def sample_euler(denoise, noise: torch.Tensor, sigmas: torch.Tensor, callback=No
 # --------------------------------------------------------------------------------------------------
 
 
-def keyframe_denoiser(network, cond, uc=None, ref_ratio: float = 2.0, audio_ratio: float = 5.0):
+def _unguided(sigma, guidance_min_sigma: float) -> bool:
+    """True where the guidance is skipped: every row's sigma is at or below ``guidance_min_sigma``."""
+    return guidance_min_sigma > 0 and float(torch.as_tensor(sigma).max()) <= guidance_min_sigma
+
+
+def keyframe_denoiser(network, cond, uc=None, ref_ratio: float = 2.0, audio_ratio: float = 5.0,
+                      guidance_min_sigma: float = 0.0):
     """AudioRefMultiCondGuider around the keyframe engine (spec 5.4).
 
     One batched network call of 3 x rows: branches [u: uc concat, uc crossattn, c vector |
@@ -107,6 +113,11 @@ def keyframe_denoiser(network, cond, uc=None, ref_ratio: float = 2.0, audio_rati
     ``cond``/``uc`` as returned by :func:`keyface.conditioning.keyframe_conditioning` (B videos);
     ``cond`` may also be that ``(c, uc)`` pair. ``uc=None``: the released unconditional branch
     (concat and audio tokens zeroed, emotion vector kept), derived from ``cond``.
+
+    ``guidance_min_sigma`` (default 0: exact, as released): at sigmas at or below it only the full
+    branch is evaluated (D = D_full, one third of the cost). With AYS the last step is at 0.002,
+    where c_out = -0.002 makes the guidance terms ~0.002 x a network difference: an approximation,
+    measured in bench/README.md.
     """
     if isinstance(cond, tuple) and len(cond) == 2 and uc is None:
         cond, uc = cond
@@ -123,6 +134,8 @@ def keyframe_denoiser(network, cond, uc=None, ref_ratio: float = 2.0, audio_rati
     vector = torch.cat([cond["vector"], cond["vector"], cond["vector"]], dim=0)
 
     def denoise(x, sigma):
+        if _unguided(sigma, guidance_min_sigma):
+            return network.denoise(x, sigma, concat=cond["concat"], crossattn=cond["crossattn"], vector=cond["vector"])
         rows = x.shape[0]
         xx = torch.cat([x, x, x], dim=0)
         d = network.denoise(xx, sigma, concat=concat, crossattn=crossattn, vector=vector)
@@ -132,13 +145,16 @@ def keyframe_denoiser(network, cond, uc=None, ref_ratio: float = 2.0, audio_rati
     return denoise
 
 
-def interpolation_denoiser(good, bad, cond: dict, scale: float = 2.0, segments_per_call: int = 2, autoguidance: bool = True):
+def interpolation_denoiser(good, bad, cond: dict, scale: float = 2.0, segments_per_call: int = 2, autoguidance: bool = True,
+                           guidance_min_sigma: float = 0.0):
     """KarrasGuider autoguidance around the two interpolation networks (spec 5.5).
 
     D = D_bad + scale (D_good - D_bad); both networks get the same (main engine's) conditioning.
     Segments are independent, so they are evaluated ``segments_per_call`` at a time (the released
     code uses 2; the result does not depend on it beyond float rounding). ``autoguidance=False``
     evaluates the good network only (D = D_good): half the cost, a different (unguided) result.
+    ``guidance_min_sigma``: as in :func:`keyframe_denoiser`, the good network alone at sigmas at or
+    below it (default 0: exact).
     """
     if segments_per_call < 1:
         raise ValueError(f"segments_per_call must be >= 1, got {segments_per_call}")
@@ -160,7 +176,7 @@ def interpolation_denoiser(good, bad, cond: dict, scale: float = 2.0, segments_p
         if x.shape[0] != n_seg * FRAMES_PER_VIDEO:
             raise ValueError(f"interpolation denoiser: x has {x.shape[0]} rows, expected {n_seg} x {FRAMES_PER_VIDEO}")
         d_good = run(good, x, sigma)
-        if not autoguidance:
+        if not autoguidance or _unguided(sigma, guidance_min_sigma):
             return d_good
         d_bad = run(bad, x, sigma)
         return d_bad + scale * (d_good - d_bad)

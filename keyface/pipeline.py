@@ -254,8 +254,8 @@ def encode_identity(vae, image, device=None) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal, plan, *, seed: int = DEFAULT_SEED,
-                     steps: int = 10, ref_ratio: float = 2.0, audio_ratio: float = 5.0, device=None, dtype=None,
-                     callback: Callable | None = None) -> torch.Tensor:
+                     steps: int = 10, ref_ratio: float = 2.0, audio_ratio: float = 5.0, guidance_min_sigma: float = 0.0,
+                     device=None, dtype=None, callback: Callable | None = None) -> torch.Tensor:
     """Sample every keyframe of the plan -> scaled latents [K, 4, h, w] (float32, CPU).
 
     ``identity_latent`` [1, 4, h, w] (scaled); ``keyframe_audio`` [N, 2, F] ([WavLM | BEATs] rows);
@@ -264,7 +264,8 @@ def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal,
     are discarded. Batch ``b`` draws its noise from ``stage_noise(seed, "keyframes", b)``.
     ``device``: where the batch is sampled (default: the network's device; only the current batch and
     the identity latent go there). ``dtype``: sampler state dtype (float32; half types are promoted,
-    the network still computes in its own weight dtype).
+    the network still computes in its own weight dtype). ``guidance_min_sigma``: see
+    :func:`keyface.diffusion.keyframe_denoiser` (0 = exact).
     """
     plan = _plan_of(plan)
     z_id = _identity_latent(identity_latent)
@@ -285,7 +286,8 @@ def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal,
         rows_t = torch.as_tensor(rows, dtype=torch.long)
         c, uc = keyframe_conditioning(z_id, val[rows_t][None].to(device), aro[rows_t][None].to(device), audio[None],
                                       network.audio_projection)
-        denoise = keyframe_denoiser(network, c, uc, ref_ratio=ref_ratio, audio_ratio=audio_ratio)
+        denoise = keyframe_denoiser(network, c, uc, ref_ratio=ref_ratio, audio_ratio=audio_ratio,
+                                    guidance_min_sigma=guidance_min_sigma)
         noise = stage_noise(seed, STAGE_KEYFRAMES, b, (WINDOW, LATENT_CHANNELS, h, w), device, dtype)
 
         def step_cb(i, n, x, d, b=b):
@@ -306,7 +308,7 @@ def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal,
 @torch.no_grad()
 def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan, *, seed: int = DEFAULT_SEED,
                          steps: int = 10, scale: float = 2.0, segments_per_call: int = 2, autoguidance: bool = True,
-                         device=None, dtype=None, callback: Callable | None = None,
+                         guidance_min_sigma: float = 0.0, device=None, dtype=None, callback: Callable | None = None,
                          segment_indices: Sequence[int] | None = None) -> torch.Tensor:
     """Interpolate the plan's segments -> scaled latents [S, 14, 4, h, w] (float32, CPU).
 
@@ -363,7 +365,7 @@ def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan,
         audio = _index_rows(interpolation_audio, rows).reshape(len(segs), WINDOW, *interpolation_audio.shape[1:])
         cond = interpolation_conditioning(pairs, audio.to(device=device, dtype=dtype), good.audio_projection)
         denoise = interpolation_denoiser(good, bad, cond, scale=scale, segments_per_call=segments_per_call,
-                                         autoguidance=autoguidance)
+                                         autoguidance=autoguidance, guidance_min_sigma=guidance_min_sigma)
         noise = torch.cat([
             stage_noise(seed, STAGE_INTERPOLATION, s.index, (WINDOW, LATENT_CHANNELS, h, w), device, dtype)
             for s in segs
@@ -478,6 +480,9 @@ class RenderSettings:
     autoguidance: bool = True
     segments_per_call: int = 2
     chunk_frames: int = DEFAULT_CHUNK_FRAMES
+    # > 0: skip both stages' guidance at sigmas at or below it (the last AYS step is at 0.002). Saves 26.9
+    # of 660.7 UNet frame-evaluations per output second; an approximation (bench/README.md), off by default.
+    guidance_min_sigma: float = 0.0
 
 
 def _features_parts(features):
@@ -514,17 +519,31 @@ def iter_render(keyframe_network, interpolation_network, bad_network, vae, ident
     z_id = check_identity_latent(identity_latent, interpolation_network)
     kf = sample_keyframes(keyframe_network, z_id, kf_audio, valence, arousal, plan, seed=s.seed,
                           steps=s.keyframe_steps, ref_ratio=s.ref_ratio, audio_ratio=s.audio_ratio,
-                          device=device, dtype=dtype, callback=callback)
+                          guidance_min_sigma=s.guidance_min_sigma, device=device, dtype=dtype, callback=callback)
     seg = interpolate_segments(interpolation_network, bad_network, kf, it_audio, plan, seed=s.seed,
                                steps=s.interpolation_steps, scale=s.scale, segments_per_call=s.segments_per_call,
-                               autoguidance=s.autoguidance, device=device, dtype=dtype, callback=callback)
+                               autoguidance=s.autoguidance, guidance_min_sigma=s.guidance_min_sigma,
+                               device=device, dtype=dtype, callback=callback)
     del kf
     yield from decode_segments(vae, seg, plan, chunk_frames=s.chunk_frames, device=device, callback=callback)
 
 
-def render(*args, **kwargs) -> torch.Tensor:
-    """:func:`iter_render` collected into one CPU tensor [N, H, W, 3] (float32, 0..1)."""
-    return torch.cat(list(iter_render(*args, **kwargs)))
+def render(keyframe_network, interpolation_network, bad_network, vae, identity_latent, features,
+           **kwargs) -> torch.Tensor:
+    """:func:`iter_render` collected into one CPU tensor [N, H, W, 3] (float32, 0..1).
+
+    The output is allocated once, when the first chunk shows the frame size, and filled chunk by
+    chunk, so peak memory is the frames themselves plus one chunk (not the frames twice).
+    """
+    num_frames = _features_parts(features)[0].shape[0]
+    out, done = None, 0
+    for chunk in iter_render(keyframe_network, interpolation_network, bad_network, vae, identity_latent, features,
+                             **kwargs):
+        if out is None:
+            out = torch.empty((num_frames, *chunk.shape[1:]), dtype=chunk.dtype)
+        out[done:done + chunk.shape[0]] = chunk
+        done += chunk.shape[0]
+    return out
 
 
 def render_to_file(keyframe_network, interpolation_network, bad_network, vae, identity_latent, features, path, *,

@@ -65,10 +65,12 @@ def test_batching_is_configurable_and_approximation_counts(models):
     assert r4["measured"]["unet_max_rows_per_call"]["interpolation_good"] == 56
     assert r4["measured"]["interpolation_calls"] == 2 * math.ceil(plan.num_segments / 4) * 11
     exact = bench.count_clip(n, models=models)
-    approx = bench.count_clip(n, models=models, approx_interpolation=True)
-    # the last step (sigma 0.002 -> 0) evaluates only the good network
+    approx = bench.count_clip(n, models=models, guidance_min_sigma=bench.LAST_STEP_SIGMA)
+    # the last step (sigma 0.002 -> 0) evaluates only the good network and the full keyframe branch
     saved = exact["measured"]["interpolation_frame_evals"] - approx["measured"]["interpolation_frame_evals"]
     assert saved == plan.num_segments * 14
+    saved_kf = exact["measured"]["keyframe_frame_evals"] - approx["measured"]["keyframe_frame_evals"]
+    assert saved_kf == plan.num_batches * 14 * 2
     assert approx["measured"]["unet_frame_evals"] == approx["closed_form"]["unet_frame_evals"]
     off = bench.count_clip(n, models=models, autoguidance=False)
     assert off["measured"]["interpolation_frame_evals"] == plan.num_segments * 14 * 11

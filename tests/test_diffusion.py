@@ -188,3 +188,47 @@ def test_keyframe_denoiser_default_uc_and_pair():
     ref = keyframe_denoiser(_FakeNet(1.0), c, uc)(x, sigma)
     torch.testing.assert_close(keyframe_denoiser(_FakeNet(1.0), c)(x, sigma), ref, rtol=0, atol=0)
     torch.testing.assert_close(keyframe_denoiser(_FakeNet(1.0), (c, uc))(x, sigma), ref, rtol=0, atol=0)
+
+
+class _RecordingNet:
+    """A stand-in network: D = x * (1 + sum of the conditioning), recording the rows of every call."""
+
+    def __init__(self, offset=0.0):
+        self.rows, self.offset = [], offset
+
+    def denoise(self, x, sigma, concat, crossattn, vector=None):
+        self.rows.append(x.shape[0])
+        rows = x.shape[0]
+        per_video = rows // concat.shape[0]
+        c = concat.flatten(1).sum(1) + crossattn.flatten(1).sum(1) + self.offset
+        return x * (1 + c.repeat_interleave(per_video)[:, None, None, None])
+
+
+def test_guidance_min_sigma_skips_guidance_only_at_or_below_it():
+    import torch
+
+    from keyface.diffusion import interpolation_denoiser, keyframe_denoiser
+
+    g = torch.Generator().manual_seed(0)
+    cond = {"concat": torch.randn(1, 4, 2, 2, generator=g), "crossattn": torch.randn(1, 14, 3, generator=g),
+            "vector": torch.randn(14, 5, generator=g)}
+    x = torch.randn(14, 4, 2, 2, generator=g)
+    net = _RecordingNet()
+    exact = keyframe_denoiser(net, cond)
+    approx = keyframe_denoiser(net, cond, guidance_min_sigma=0.0025)
+    torch.testing.assert_close(approx(x, torch.tensor(0.01)), exact(x, torch.tensor(0.01)))  # above: exact
+    assert net.rows == [42, 42]
+    full_only = approx(x, torch.tensor(0.002))
+    assert net.rows[-1] == 14  # one third of the rows
+    torch.testing.assert_close(full_only, net.denoise(x, 0.002, cond["concat"], cond["crossattn"], cond["vector"]))
+    assert not torch.allclose(full_only, exact(x, torch.tensor(0.002)))
+
+    good, bad = _RecordingNet(), _RecordingNet(offset=0.5)
+    icond = {"concat": torch.randn(2, 8, 2, 2, generator=g), "crossattn": torch.randn(2, 14, 3, generator=g)}
+    xi = torch.randn(28, 4, 2, 2, generator=g)
+    guided = interpolation_denoiser(good, bad, icond, guidance_min_sigma=0.0025)
+    guided(xi, torch.tensor(0.01))
+    assert len(good.rows) == 1 and len(bad.rows) == 1
+    out = guided(xi, torch.tensor(0.002))
+    assert len(good.rows) == 2 and len(bad.rows) == 1  # the bad network is skipped at the last step
+    torch.testing.assert_close(out, good.denoise(xi, 0.002, icond["concat"], icond["crossattn"]))
