@@ -62,7 +62,7 @@ ORIGINAL = {
     "pflop_per_s": 0.957,
 }
 TARGET_FRAME_EVALS_PER_S = 640.0
-LAST_STEP_SIGMA = 0.0025  # evaluations at sigma <= this (the AYS schedule's final 0.002) count as "last step"
+from .diffusion import UNGUIDED_LAST_STEP_SIGMA as LAST_STEP_SIGMA  # noqa: E402  (the knob's "last step only" value)
 
 
 # ==================================================================================================
@@ -567,17 +567,8 @@ def _json_default(o):
 def load_tiny_models(folder, dtype=None, device="cpu"):
     """The keyface.smoke tiny random models from ``folder`` (UNets in ``dtype``; VAE in fp32)."""
     from . import model_files as mf
-    from .engines import load_interpolation_networks, load_keyframe_network
-    from .vae import load_vae
 
-    found = mf.find_models(folder)
-    vae = load_vae(found[mf.VAE], device=device)
-    kf = load_keyframe_network(found[mf.KEYFRAME], config=mf.read_sidecar(found[mf.KEYFRAME]), dtype=dtype,
-                               device=device)
-    good, bad = load_interpolation_networks(found[mf.INTERPOLATION], found[mf.INTERPOLATION_BAD],
-                                            config=mf.read_sidecar(found[mf.INTERPOLATION]), dtype=dtype,
-                                            device=device)
-    return kf, good, bad, vae
+    return mf.load_diffusion_models(mf.find_models(folder), dtype=dtype, device=device)
 
 
 def build_full_size_models(dtype, device):
@@ -776,11 +767,12 @@ def _stages(kf, good, bad, vae, z_id, features, plan, counter, **s):
 
     from . import pipeline as P
 
+    unguided = s.get("guidance_min_sigma", 0.0)
     kfl = P.sample_keyframes(kf, z_id, features[0], None, None, plan, seed=P.DEFAULT_SEED,
-                             steps=s.get("steps", 10))
+                             steps=s.get("steps", 10), guidance_min_sigma=unguided)
     seg = P.interpolate_segments(good, bad, kfl, features[1], plan, seed=P.DEFAULT_SEED, steps=s.get("steps", 10),
                                  segments_per_call=s.get("segments_per_call", 2),
-                                 autoguidance=s.get("autoguidance", True))
+                                 autoguidance=s.get("autoguidance", True), guidance_min_sigma=unguided)
     frames = torch.cat(list(P.decode_segments(vae, seg, plan)))
     return kfl, seg, frames
 

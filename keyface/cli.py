@@ -130,19 +130,14 @@ def _emotion(args, num_frames):
     return per_frame_emotion(curve, num_frames, intensity=args.intensity)
 
 
-# Just above the AYS schedule's last sigma (0.002), so only the final Euler step is unguided.
-UNGUIDED_LAST_STEP_SIGMA = 0.0025
-
-
 def cmd_render(args) -> int:
     import torch
 
     from . import model_files as mf
     from . import pipeline
     from .audio import compute_features, load_beats, load_wav2vec2, load_wavlm
-    from .engines import load_interpolation_networks, load_keyframe_network
+    from .diffusion import UNGUIDED_LAST_STEP_SIGMA
     from .planner import plan_clip
-    from .vae import load_vae
     from .video_io import read_audio_file, read_image
 
     if args.threads:
@@ -172,12 +167,7 @@ def cmd_render(args) -> int:
     valence, arousal = _emotion(args, n)
 
     # 2. models
-    vae = load_vae(found[mf.VAE], device=device)
-    kf_net = load_keyframe_network(found[mf.KEYFRAME], config=mf.read_sidecar(found[mf.KEYFRAME]), dtype=dtype,
-                                   device=device)
-    good, bad = load_interpolation_networks(found[mf.INTERPOLATION], found[mf.INTERPOLATION_BAD],
-                                            config=mf.read_sidecar(found[mf.INTERPOLATION]), dtype=dtype,
-                                            device=device)
+    kf_net, good, bad, vae = mf.load_diffusion_models(found, dtype=dtype, device=device)
     height, width = pipeline.model_resolution(good)
     if height != width:
         raise ValueError(f"non-square model resolution {width}x{height} is not supported by the identity crop")

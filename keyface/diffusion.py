@@ -99,6 +99,10 @@ def sample_euler(denoise, noise: torch.Tensor, sigmas: torch.Tensor, callback=No
 # --------------------------------------------------------------------------------------------------
 
 
+# A guidance_min_sigma just above the AYS schedule's last sigma (0.002): only the final Euler step is unguided.
+UNGUIDED_LAST_STEP_SIGMA = 0.0025
+
+
 def _unguided(sigma, guidance_min_sigma: float) -> bool:
     """True where the guidance is skipped: every row's sigma is at or below ``guidance_min_sigma``."""
     return guidance_min_sigma > 0 and float(torch.as_tensor(sigma).max()) <= guidance_min_sigma
@@ -186,6 +190,7 @@ def interpolation_denoiser(good, bad, cond: dict, scale: float = 2.0, segments_p
 
 __all__ = [
     "AYS_BASE_SIGMAS",
+    "UNGUIDED_LAST_STEP_SIGMA",
     "ays_sigmas",
     "interpolation_denoiser",
     "keyframe_denoiser",

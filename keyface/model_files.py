@@ -170,3 +170,19 @@ def resolution_of(config: dict | None) -> int:
     if config and isinstance(config.get("resolution"), int):
         return int(config["resolution"])
     return DEFAULT_RESOLUTION
+
+
+def load_diffusion_models(found: dict, dtype=None, device=None):
+    """(keyframe network, interpolation network, bad network, VAE) from :func:`find_models`' paths.
+
+    The UNets load in ``dtype`` with their sidecar configs (if any); the VAE stays float32, as
+    released. torch and the networks are imported here, not when this module is imported.
+    """
+    from .engines import load_interpolation_networks, load_keyframe_network
+    from .vae import load_vae
+
+    vae = load_vae(found[VAE], device=device)
+    keyframe = load_keyframe_network(found[KEYFRAME], config=read_sidecar(found[KEYFRAME]), dtype=dtype, device=device)
+    good, bad = load_interpolation_networks(found[INTERPOLATION], found[INTERPOLATION_BAD],
+                                            config=read_sidecar(found[INTERPOLATION]), dtype=dtype, device=device)
+    return keyframe, good, bad, vae
