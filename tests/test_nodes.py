@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import comfy_stubs
 
@@ -299,3 +300,16 @@ def test_cancel_mid_sampling(N, models, clip):
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 1)
     assert comfy_stubs.STATE.interrupt is False  # the flag is consumed, as in ComfyUI
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: {"waveform": 0.3 * torch.ones(1, 1, 300), "sample_rate": 16000}, "too short"),
+    (lambda: {"waveform": torch.zeros(1, 2, 16000), "sample_rate": 16000}, "silent"),
+    (lambda: {"waveform": torch.cat([0.1 * torch.ones(1, 1, 8000), torch.full((1, 1, 1), float("nan"))], -1),
+              "sample_rate": 16000}, "NaN"),
+])
+def test_encode_audio_rejects_unusable_audio(N, models, make, message):
+    """Too short (< one 40 ms frame), silent or NaN audio: a ValueError that says what is wrong."""
+    with pytest.raises(ValueError, match=message) as err:
+        N["KeyFaceEncodeAudio"]().encode(models["enc"], make())
+    assert str(err.value).startswith("audio")
