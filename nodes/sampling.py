@@ -25,6 +25,7 @@ log = logging.getLogger("keyface")
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 SEGMENT_FRAMES = 14
+PREVIEW_OFF_SIZE = 64  # the placeholder preview when it is off (nothing decoded)
 
 
 class KeyFaceKeyframes:
@@ -118,9 +119,13 @@ class KeyFaceSampleKeyframes:
                    "audio features and the emotion, with KeyFace's 3-branch guidance (Euler EDM, AYS sigmas).")
     CATEGORY = C.CATEGORY
     FUNCTION = "sample"
-    RETURN_TYPES = ("KEYFACE_KEYFRAMES",)
-    RETURN_NAMES = ("keyframes",)
-    OUTPUT_TOOLTIPS = ("Keyframe latents + clip plan, for KeyFace Interpolate (and KeyFace Preview Keyframes).",)
+    RETURN_TYPES = ("KEYFACE_KEYFRAMES", "IMAGE")
+    RETURN_NAMES = ("keyframes", "preview")
+    OUTPUT_TOOLTIPS = (
+        "Keyframe latents + clip plan, for KeyFace Interpolate.",
+        "The keyframes decoded (frames 0, 13, 26, ...) when 'preview' is on; otherwise one black "
+        f"{PREVIEW_OFF_SIZE}x{PREVIEW_OFF_SIZE} image (nothing is decoded).",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -140,6 +145,8 @@ class KeyFaceSampleKeyframes:
                                              "tooltip": "Audio guidance scale, 5.0 as released."}),
                 "fit": (["crop", "pad"], {"default": "crop",
                                           "tooltip": "How a non-square portrait becomes square: centre-crop, or pad the short side (border pixels repeated). Never squashed."}),
+                "preview": ("BOOLEAN", {"default": False,
+                                        "tooltip": "Decode the keyframes for the preview output, to review them before the (expensive) interpolation. Costs one VAE decode per keyframe (13 frames apart); off, nothing is decoded."}),
             },
             "optional": {
                 "emotion": ("KEYFACE_EMOTION", {"tooltip": "From KeyFace Emotion; not connected = neutral (valence 0, arousal 0)."}),
@@ -147,7 +154,7 @@ class KeyFaceSampleKeyframes:
         }
 
     def sample(self, keyframe_model, vae, image, audio_features, seed, steps, ref_guidance, audio_guidance, fit,
-               emotion=None):
+               preview=False, emotion=None):
         import torch
         from ..keyface import emotion as kemotion, planner
 
@@ -162,8 +169,10 @@ class KeyFaceSampleKeyframes:
                 keyframe_model.network, identity.to(keyframe_model.device), audio_features.keyframe, valence, arousal,
                 plan, seed=int(seed), steps=int(steps), ref_ratio=float(ref_guidance), audio_ratio=float(audio_guidance),
                 device=keyframe_model.device, dtype=keyframe_model.dtype, callback=progress)
-        return (KeyFaceKeyframes(latents.float().cpu(), plan, identity.float().cpu(), int(seed),
-                                 keyframe_model.resolution),)
+        keyframes = KeyFaceKeyframes(latents.float().cpu(), plan, identity.float().cpu(), int(seed),
+                                     keyframe_model.resolution)
+        return keyframes, (decode_keyframes(keyframes, vae) if preview else
+                           torch.zeros(1, PREVIEW_OFF_SIZE, PREVIEW_OFF_SIZE, 3))
 
 
 def encode_identity(vae, image, resolution, fit, input_name="image"):
@@ -182,31 +191,15 @@ def encode_identity(vae, image, resolution, fit, input_name="image"):
         return pipeline.encode_identity(vae.vae, pixels, device=vae.device).float().cpu()
 
 
-# ------------------------------------------------------------------------------- preview keyframes
-class KeyFacePreviewKeyframes:
-    DESCRIPTION = ("Decodes the keyframes to images so they can be reviewed before the (expensive) interpolation. "
-                   "Runs only when its output is connected to something that runs, e.g. Preview Image.")
-    CATEGORY = C.CATEGORY
-    FUNCTION = "preview"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("images",)
-    OUTPUT_TOOLTIPS = ("One image per keyframe (frames 0, 13, 26, ...).",)
+def decode_keyframes(keyframes, vae):
+    """IMAGE [K, H, W, 3] of the keyframes (one VAE decode each), on the intermediate device."""
+    import torch
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "keyframes": ("KEYFACE_KEYFRAMES", {"tooltip": "From KeyFace Sample Keyframes."}),
-            "vae": ("KEYFACE_VAE", {"tooltip": "From KeyFace Load VAE."}),
-        }}
-
-    def preview(self, keyframes, vae):
-        import torch
-
-        C.load([vae.patcher])
-        C.check_interrupt()
-        with torch.inference_mode():
-            images = _pipeline().decode_keyframe_preview(vae.vae, keyframes.latents, device=vae.device)
-        return (images.to(C.mm().intermediate_device()),)
+    C.load([vae.patcher])
+    C.check_interrupt()
+    with torch.inference_mode():
+        images = _pipeline().decode_keyframe_preview(vae.vae, keyframes.latents, device=vae.device)
+    return images.to(C.mm().intermediate_device())
 
 
 # ------------------------------------------------------------------------------------- interpolate
@@ -326,14 +319,12 @@ class KeyFaceDecode:
 NODE_CLASS_MAPPINGS = {
     "KeyFaceEncodeAudio": KeyFaceEncodeAudio,
     "KeyFaceSampleKeyframes": KeyFaceSampleKeyframes,
-    "KeyFacePreviewKeyframes": KeyFacePreviewKeyframes,
     "KeyFaceInterpolate": KeyFaceInterpolate,
     "KeyFaceDecode": KeyFaceDecode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "KeyFaceEncodeAudio": "KeyFace Encode Audio",
     "KeyFaceSampleKeyframes": "KeyFace Sample Keyframes",
-    "KeyFacePreviewKeyframes": "KeyFace Preview Keyframes",
     "KeyFaceInterpolate": "KeyFace Interpolate",
     "KeyFaceDecode": "KeyFace Decode",
 }

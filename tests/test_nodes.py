@@ -93,7 +93,9 @@ def _image(batch=1, h=80, w=64):
 def clip(N, models):
     """Features and keyframes of a 1.0 s clip (25 frames, 2 segments)."""
     feats, n, audio, fps = N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(1.0))
-    kfs, = N["KeyFaceSampleKeyframes"]().sample(models["kf"], models["vae"], _image(), feats, 5, 10, 2.0, 5.0, "crop")
+    kfs, preview = N["KeyFaceSampleKeyframes"]().sample(models["kf"], models["vae"], _image(), feats, 5, 10, 2.0, 5.0,
+                                                        "crop")
+    assert preview.shape == (1, 64, 64, 3) and not preview.any()  # preview off: a placeholder, nothing decoded
     return {"feats": feats, "n": n, "audio": audio, "fps": fps, "kfs": kfs}
 
 
@@ -105,7 +107,7 @@ def test_declarations_consistent(pack, N):
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(N)
     expected = {"KeyFaceVAELoader", "KeyFaceAudioEncoderLoader", "KeyFaceKeyframeModelLoader",
                 "KeyFaceInterpolationModelLoader", "KeyFaceEncodeAudio", "KeyFaceSampleKeyframes",
-                "KeyFacePreviewKeyframes", "KeyFaceInterpolate", "KeyFaceDecode", "KeyFaceSaveVideo", "KeyFaceEmotion"}
+                "KeyFaceInterpolate", "KeyFaceDecode", "KeyFaceSaveVideo", "KeyFaceEmotion"}
     assert expected <= set(N)
     produced = {"IMAGE", "AUDIO", "LATENT", "INT", "FLOAT", "STRING", "MASK", "VIDEO"}
     for cls in N.values():
@@ -219,7 +221,7 @@ def test_encode_audio_clip_length(N, models):
 def test_first_of_batch_warning(N, models, clip, caplog):
     node = N["KeyFaceSampleKeyframes"]()
     with caplog.at_level(logging.WARNING, logger="keyface"):
-        two, = node.sample(models["kf"], models["vae"], _image(batch=3), clip["feats"], 5, 10, 2.0, 5.0, "crop")
+        two, _ = node.sample(models["kf"], models["vae"], _image(batch=3), clip["feats"], 5, 10, 2.0, 5.0, "crop")
     assert any("3 images" in r.getMessage() and "first" in r.getMessage() for r in caplog.records)
     # the first image alone gives the same keyframes
     assert (two.latents == clip["kfs"].latents).all()
@@ -237,7 +239,7 @@ def test_crop_and_pad_differ_never_squash(N, models, clip):
 
 
 def test_progress_bars_and_interrupt_checks(N, models, clip):
-    kfs, = N["KeyFaceSampleKeyframes"]().sample(models["kf"], models["vae"], _image(), clip["feats"], 5, 10, 2.0, 5.0, "pad")
+    kfs, _ = N["KeyFaceSampleKeyframes"]().sample(models["kf"], models["vae"], _image(), clip["feats"], 5, 10, 2.0, 5.0, "pad")
     prog = comfy_stubs.STATE.progress
     assert prog, "no ProgressBar updates"
     assert prog[-1][1] == prog[-1][2]  # finished at total
@@ -266,8 +268,9 @@ def test_interpolate_decode_save(N, models, clip, tmp_path):
     imgs2, = N["KeyFaceDecode"]().decode(models["vae"], lat, 16)
     # per-frame decode: the chunk size changes only float rounding (batched convolutions), not the frames
     assert (imgs - imgs2).abs().max() < 1e-4
-    prev, = N["KeyFacePreviewKeyframes"]().preview(clip["kfs"], models["vae"])
-    assert prev.shape == (clip["kfs"].latents.shape[0], 64, 64, 3)
+    _, prev = N["KeyFaceSampleKeyframes"]().sample(models["kf"], models["vae"], _image(), clip["feats"], 5, 10, 2.0,
+                                                   5.0, "crop", preview=True)
+    assert prev.shape == (clip["kfs"].latents.shape[0], 64, 64, 3) and prev.std() > 0
 
     folder_paths.output_directory = str(tmp_path)
     out = N["KeyFaceSaveVideo"]().save(models["vae"], lat, clip["audio"], "kf/t", 16, 23)
