@@ -225,43 +225,21 @@ def file_params(path: str, bytes_per_param: int = 4) -> int:
 # ---------------------------------------------------------------------------------------- progress
 class Progress:
     """Pipeline callback: checks ComfyUI's interrupt flag on every event and drives one
-    ``comfy.utils.ProgressBar`` per stage (denoising steps, segments, decode chunks)."""
+    ``comfy.utils.ProgressBar`` per stage (denoising steps, segment groups, decode chunks)."""
 
-    def __init__(self, node_id=None):
-        self.node_id = node_id
+    def __init__(self):
         self.bar = None
         self.key = None
-        self.events = 0
 
-    def start(self, total, key="stage"):
+    def __call__(self, event):
+        """``event``: a ``keyface.pipeline.ProgressEvent`` (stage, step, total, ...)."""
         import comfy.utils
 
-        self.key = (key, total)
-        self.bar = comfy.utils.ProgressBar(max(int(total), 1))
-        return self.bar
-
-    def __call__(self, event=None, *args):
         check_interrupt()
-        self.events += 1
-        if event is None:
-            return
-        stage = getattr(event, "stage", None)
-        step = getattr(event, "step", None)
-        total = getattr(event, "total", None)
-        if step is None and isinstance(event, (tuple, list)) and len(event) >= 3:
-            stage, step, total = event[:3]
-        if step is None or not total:
-            return
-        if self.bar is None or self.key != (stage, total):
-            self.start(total, stage)
-        self.bar.update_absolute(min(int(step), int(total)), int(total))
-
-    def step(self, value, total, key="loop"):
-        """Manual progress for loops the node runs itself."""
-        check_interrupt()
-        if self.bar is None or self.key != (key, total):
-            self.start(total, key)
-        self.bar.update_absolute(value, total)
+        if self.key != (event.stage, event.total):  # a new stage: a new bar
+            self.key = (event.stage, event.total)
+            self.bar = comfy.utils.ProgressBar(max(int(event.total), 1))
+        self.bar.update_absolute(min(int(event.step), int(event.total)), int(event.total))
 
 
 # ---------------------------------------------------------------------------------- identity image
