@@ -8,7 +8,6 @@ The modules below are imported for their registrations.
 
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 RUNNERS = {}
@@ -38,5 +37,3 @@ def load_all_runners():
         importlib.import_module(f"{__name__}.{info.name}")
     return RUNNERS
 
-
-torch.set_grad_enabled(True)  # runners use torch.no_grad() themselves
