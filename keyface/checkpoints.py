@@ -15,6 +15,8 @@ and :func:`convert_to_safetensors`, a one-call conversion of any supported file.
 
 from __future__ import annotations
 
+import builtins
+import importlib
 import io
 import json
 import os
@@ -119,12 +121,8 @@ def _resolve_allowed(module: str, name: str):
     if (module, name) in _INERT_STANDINS:
         return _INERT_STANDINS[(module, name)]
     if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
-        import builtins
-
         return getattr(builtins, name)
     if (module, name) in _SAFE_TORCH:
-        import importlib
-
         return getattr(importlib.import_module(module), name)
     if module == "torch" and name.endswith("Storage") and hasattr(torch, name):
         return getattr(torch, name)  # legacy typed storages (torch.FloatStorage ...)
@@ -133,8 +131,6 @@ def _resolve_allowed(module: str, name: str):
         if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
             return obj
     if (module, name) in _SAFE_OTHER:
-        import importlib
-
         try:
             mod = importlib.import_module(module)
         except ImportError:
@@ -142,8 +138,6 @@ def _resolve_allowed(module: str, name: str):
         return getattr(mod, name, None)
     if module.startswith("numpy") and module.endswith("dtypes") and name.endswith("DType"):
         # numpy >= 1.25 pickles dtypes as numpy.dtypes.Float32DType etc.; the classes are inert.
-        import importlib
-
         try:
             return getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
@@ -378,9 +372,6 @@ class KeyLedger:
         self._used: set[str] = set()
         self.ignored: dict[str, str] = {}  # key -> reason
 
-    def __contains__(self, key):
-        return key in self.state_dict
-
     def has_prefix(self, prefix: str) -> bool:
         return any(k.startswith(prefix) for k in self.state_dict)
 
@@ -462,7 +453,6 @@ def convert_to_safetensors(src, dst) -> Path:
         raise CheckpointError(f"{dst}: the converted file must end in .safetensors")
     suffix = _check_suffix(src)
     metadata = {"format": "pt", "converted_by": "keyface", "source": src.name}
-    obj = None
     if suffix == ".safetensors":
         sd, old_meta = _read_safetensors(src)
         metadata.update({k: v for k, v in old_meta.items() if k == AUDIO_CFG_METADATA_KEY})

@@ -29,7 +29,6 @@ class AudioProjection(nn.Module):
         super().__init__()
         ops = resolve(operations)
         self.feature_dim = feature_dim
-        self.context_dim = context_dim
         self.linear = ops.Linear(feature_dim, context_dim, bias=True, dtype=dtype, device=device)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
@@ -61,6 +60,19 @@ def _unscale(latent: torch.Tensor, scale_factor: float) -> torch.Tensor:
     return latent / scale_factor
 
 
+def _audio_tokens(projection: AudioProjection, audio: torch.Tensor) -> torch.Tensor:
+    """Audio tokens, projected on the projection's device and dtype (features go in unmoved when
+    the projection is on ``meta``)."""
+    p = projection.linear.weight
+    return projection(audio.to(device=p.device, dtype=p.dtype) if p.device.type != "meta" else audio)
+
+
+def keyframe_unconditional(c: dict) -> dict:
+    """The released unconditional branch of keyframe conditioning ``c``: concat and audio tokens
+    zeroed, the emotion vector kept (``force_uc_zero_embeddings=[cond_frames, audio_emb]``)."""
+    return {"concat": torch.zeros_like(c["concat"]), "vector": c["vector"], "crossattn": torch.zeros_like(c["crossattn"])}
+
+
 def keyframe_conditioning(
     identity_latent_scaled: torch.Tensor,
     valence: torch.Tensor,
@@ -73,8 +85,7 @@ def keyframe_conditioning(
 
     identity_latent_scaled [B, 4, h, w]; valence, arousal [B, 14]; audio [B, 14, 2, F].
     c = {concat [B,4,h,w] = latent / 0.18215, vector [B*14, 512] = [valence emb | arousal emb],
-    crossattn [B, 14, D] = projected audio}; uc has concat and crossattn zeroed and the same vector
-    (``force_uc_zero_embeddings=[cond_frames, audio_emb]``; emotion is never dropped).
+    crossattn [B, 14, D] = projected audio}; uc = :func:`keyframe_unconditional` (c).
     """
     if identity_latent_scaled.dim() != 4:
         raise ValueError(f"identity latent: expected [B, 4, h, w], got {tuple(identity_latent_scaled.shape)}")
@@ -93,13 +104,11 @@ def keyframe_conditioning(
         )
     concat = _unscale(identity_latent_scaled, scale_factor)
     vector = torch.cat([emotion_embedding(valence), emotion_embedding(arousal)], dim=1)
-    p = projection.linear.weight
-    crossattn = projection(audio.to(device=p.device, dtype=p.dtype) if p.device.type != "meta" else audio)
+    crossattn = _audio_tokens(projection, audio)
     vector = vector.to(device=crossattn.device, dtype=crossattn.dtype)
     concat = concat.to(device=crossattn.device, dtype=crossattn.dtype)
     c = {"concat": concat, "vector": vector, "crossattn": crossattn}
-    uc = {"concat": torch.zeros_like(concat), "vector": vector, "crossattn": torch.zeros_like(crossattn)}
-    return c, uc
+    return c, keyframe_unconditional(c)
 
 
 def interpolation_conditioning(
@@ -122,6 +131,5 @@ def interpolation_conditioning(
     # (s, c, t, h, w) -> (s, t*c, h, w): channels [start c | end c]
     concat = keyframe_pairs_scaled.transpose(1, 2).reshape(s, -1, *keyframe_pairs_scaled.shape[-2:])
     concat = _unscale(concat, scale_factor)
-    p = projection.linear.weight
-    crossattn = projection(audio.to(device=p.device, dtype=p.dtype) if p.device.type != "meta" else audio)
+    crossattn = _audio_tokens(projection, audio)
     return {"concat": concat.to(device=crossattn.device, dtype=crossattn.dtype), "crossattn": crossattn}

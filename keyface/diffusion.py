@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .conditioning import keyframe_unconditional
+
 # AYSDiscretization base list (spec 5.2)
 AYS_BASE_SIGMAS = (700.0, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002)
 FRAMES_PER_VIDEO = 14
@@ -115,8 +117,8 @@ def keyframe_denoiser(network, cond, uc=None, ref_ratio: float = 2.0, audio_rati
     One batched network call of 3 x rows: branches [u: uc concat, uc crossattn, c vector |
     id: c concat, uc crossattn, c vector | full: c]. D = D_u + ref (D_id - D_u) + audio (D_full - D_id).
     ``cond``/``uc`` as returned by :func:`keyface.conditioning.keyframe_conditioning` (B videos);
-    ``cond`` may also be that ``(c, uc)`` pair. ``uc=None``: the released unconditional branch
-    (concat and audio tokens zeroed, emotion vector kept), derived from ``cond``.
+    ``cond`` may also be that ``(c, uc)`` pair. ``uc=None``: the released unconditional branch,
+    :func:`keyface.conditioning.keyframe_unconditional` of ``cond``.
 
     ``guidance_min_sigma`` (default 0: exact, as released): at sigmas at or below it only the full
     branch is evaluated (D = D_full, one third of the cost). With AYS the last step is at 0.002,
@@ -126,11 +128,7 @@ def keyframe_denoiser(network, cond, uc=None, ref_ratio: float = 2.0, audio_rati
     if isinstance(cond, tuple) and len(cond) == 2 and uc is None:
         cond, uc = cond
     if uc is None:
-        uc = {
-            "concat": torch.zeros_like(cond["concat"]),
-            "crossattn": torch.zeros_like(cond["crossattn"]),
-            "vector": cond["vector"],
-        }
+        uc = keyframe_unconditional(cond)
     if not isinstance(cond, dict) or not isinstance(uc, dict):
         raise TypeError("keyframe_denoiser: cond and uc must be the dicts of keyface.conditioning.keyframe_conditioning")
     concat = torch.cat([uc["concat"], cond["concat"], cond["concat"]], dim=0)

@@ -24,9 +24,10 @@ from torch import nn
 
 from .checkpoints import CheckpointError, KeyLedger, read_state_dict
 from .conditioning import AudioProjection
+from .config import INTERPOLATION_UNET, KEYFRAME_UNET, UNetConfig
 from .diffusion import _row_scalings
+from .unet import VideoUNet
 
-FRAMES = 14
 UNET_PREFIX = "model.diffusion_model."
 MASK_KEY = "model.learned_mask"
 KEYFRAME_AUDIO_EMBEDDER = 3  # conditioner.embedders.3 = audio_emb (released keyframe.yaml)
@@ -44,18 +45,6 @@ IGNORED_PREFIXES = (
 # --------------------------------------------------------------------------------------------------
 # Networks
 # --------------------------------------------------------------------------------------------------
-
-
-def _config_module():
-    from . import config
-
-    return config
-
-
-def _video_unet(config, dtype, device, operations):
-    from .unet import VideoUNet
-
-    return VideoUNet(config, dtype=dtype, device=device, operations=operations)
 
 
 class _EngineBase(nn.Module):
@@ -88,7 +77,7 @@ class KeyframeNetwork(_EngineBase):
     def __init__(self, unet_config, audio_feature_dim: int = RELEASED_AUDIO_FEATURE_DIM, dtype=None, device=None, operations=None):
         super().__init__()
         self.unet_config = unet_config
-        self.diffusion_model = _video_unet(unet_config, dtype, device, operations)
+        self.diffusion_model = VideoUNet(unet_config, dtype=dtype, device=device, operations=operations)
         self.audio_projection = AudioProjection(
             audio_feature_dim, unet_config.context_dim, dtype=dtype, device=device, operations=operations
         )
@@ -126,7 +115,7 @@ class InterpolationNetwork(_EngineBase):
     ):
         super().__init__()
         self.unet_config = unet_config
-        self.diffusion_model = _video_unet(unet_config, dtype, device, operations)
+        self.diffusion_model = VideoUNet(unet_config, dtype=dtype, device=device, operations=operations)
         self.learned_mask = nn.Parameter(torch.zeros(n_channels, *mask_hw, dtype=dtype, device=device))
         if audio_feature_dim is None:
             self.audio_projection = None
@@ -135,7 +124,7 @@ class InterpolationNetwork(_EngineBase):
                 audio_feature_dim, unet_config.context_dim, dtype=dtype, device=device, operations=operations
             )
 
-    def wrapper_input(self, x_scaled_in, concat, frames: int = FRAMES):
+    def wrapper_input(self, x_scaled_in, concat, frames: int):
         """InterpolationWrapper input: [c_in x (4) | start, M x (T-2), end (4) | mask 1, 0 x (T-2), 1 (1)]."""
         rows, c, h, w = x_scaled_in.shape
         segments = concat.shape[0]
@@ -190,12 +179,9 @@ def _audio_embedder_from_config(config, default_index):
 
 
 def _unet_config_from(config, released, inferred: dict):
-    cfgmod = _config_module()
     if config is not None and "network_config" in config:
         params = (config["network_config"] or {}).get("params", config["network_config"])
-        return cfgmod.UNetConfig.from_original(dict(params))
-    if config is not None and isinstance(config, cfgmod.UNetConfig):
-        return config
+        return UNetConfig.from_original(dict(params))
     if not inferred:
         return released
     cfg = dataclasses.replace(released, **inferred)
@@ -262,39 +248,31 @@ def _infer_unet_params(unet_sd: dict) -> dict:
     return out
 
 
-def _config_fields():
-    cfgmod = _config_module()
-    return {f.name for f in dataclasses.fields(cfgmod.UNetConfig)}
-
-
-def _filter_fields(params: dict) -> dict:
-    fields = _config_fields()
-    return {k: v for k, v in params.items() if k in fields}
-
-
-def keyframe_network_config(config=None, state_dict=None):
-    """(UNetConfig, audio_feature_dim, audio_embedder_index) for the keyframe engine."""
-    cfgmod = _config_module()
-    unet_sd = {k[len(UNET_PREFIX):]: v for k, v in (state_dict or {}).items() if k.startswith(UNET_PREFIX)}
-    inferred = _filter_fields(_infer_unet_params(unet_sd)) if config is None else {}
-    unet_cfg = _unet_config_from(config, cfgmod.KEYFRAME_UNET, _match_released_types(cfgmod.KEYFRAME_UNET, inferred))
-    idx, feat, _ = _audio_embedder_from_config(config, KEYFRAME_AUDIO_EMBEDDER)
+def _engine_config(config, state_dict, released, default_embedder):
+    """(UNetConfig, audio_feature_dim, audio_embedder_index): ``config``'s, else read from the
+    checkpoint's shapes where they differ from ``released``, else the released ones."""
+    state_dict = state_dict or {}
+    if config is None:
+        unet_sd = {k[len(UNET_PREFIX):]: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
+        inferred = _infer_unet_params(unet_sd)
+    else:
+        inferred = {}
+    unet_cfg = _unet_config_from(config, released, _match_released_types(released, inferred))
+    idx, feat, _ = _audio_embedder_from_config(config, default_embedder)
     if feat is None:
-        w = (state_dict or {}).get(f"conditioner.embedders.{idx}.linear.weight")
+        w = state_dict.get(f"conditioner.embedders.{idx}.linear.weight")
         feat = int(w.shape[1]) if w is not None else RELEASED_AUDIO_FEATURE_DIM
     return unet_cfg, int(feat), idx
 
 
+def keyframe_network_config(config=None, state_dict=None):
+    """(UNetConfig, audio_feature_dim, audio_embedder_index) for the keyframe engine."""
+    return _engine_config(config, state_dict, KEYFRAME_UNET, KEYFRAME_AUDIO_EMBEDDER)
+
+
 def interpolation_network_config(config=None, state_dict=None):
     """(UNetConfig, audio_feature_dim, audio_embedder_index, mask_hw, n_channels) for the interpolation engine."""
-    cfgmod = _config_module()
-    unet_sd = {k[len(UNET_PREFIX):]: v for k, v in (state_dict or {}).items() if k.startswith(UNET_PREFIX)}
-    inferred = _filter_fields(_infer_unet_params(unet_sd)) if config is None else {}
-    unet_cfg = _unet_config_from(config, cfgmod.INTERPOLATION_UNET, _match_released_types(cfgmod.INTERPOLATION_UNET, inferred))
-    idx, feat, _ = _audio_embedder_from_config(config, INTERPOLATION_AUDIO_EMBEDDER)
-    if feat is None:
-        w = (state_dict or {}).get(f"conditioner.embedders.{idx}.linear.weight")
-        feat = int(w.shape[1]) if w is not None else RELEASED_AUDIO_FEATURE_DIM
+    unet_cfg, feat, idx = _engine_config(config, state_dict, INTERPOLATION_UNET, INTERPOLATION_AUDIO_EMBEDDER)
     wrapper = ((config or {}).get("network_wrapper") or {}).get("params") or {}
     n_channels = int(wrapper.get("n_channels", 4))
     if "im_size" in wrapper:
@@ -304,7 +282,7 @@ def interpolation_network_config(config=None, state_dict=None):
         mask_hw = tuple(int(s) for s in m.shape[-2:]) if m is not None else RELEASED_MASK_HW
         if m is not None:
             n_channels = int(m.shape[0])
-    return unet_cfg, int(feat), idx, mask_hw, n_channels
+    return unet_cfg, feat, idx, mask_hw, n_channels
 
 
 def _match_released_types(released, inferred: dict) -> dict:
@@ -376,7 +354,8 @@ def _check_kind(sd, name, expected: str, role: str):
 
 
 def _materialise(module: nn.Module, tensors: dict, name: str, dtype, device):
-    """Load ``tensors`` strictly into a module built on ``meta`` (assign), then move/cast."""
+    """Load ``tensors`` strictly into a module built on ``meta`` (assign), then move/cast; the
+    module is returned in eval mode without gradients (inference only)."""
     if dtype is not None:
         tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     try:
@@ -391,7 +370,7 @@ def _materialise(module: nn.Module, tensors: dict, name: str, dtype, device):
         raise CheckpointError(f"{name}: no weights for {leftovers[:10]}")
     if device is not None:
         module.to(device)
-    return module
+    return module.eval().requires_grad_(False)
 
 
 def _ignore_common(ledger: KeyLedger):
@@ -399,9 +378,9 @@ def _ignore_common(ledger: KeyLedger):
         ledger.ignore(prefix, why)
 
 
-def _take_projection(ledger: KeyLedger, index: int, name: str, required: bool):
+def _take_projection(ledger: KeyLedger, index: int, name: str):
     proj = ledger.take(f"conditioner.embedders.{index}.linear.")
-    if not proj and required:
+    if not proj:
         raise CheckpointError(
             f"{name}: the audio projection conditioner.embedders.{index}.linear.* is missing; "
             "is this a complete KeyFace engine file?"
@@ -420,13 +399,13 @@ def load_keyframe_network(source, config=None, dtype=None, device=None, operatio
     unet_cfg, feat, idx = keyframe_network_config(config, sd)
     ledger = KeyLedger(sd, name)
     unet = ledger.take(UNET_PREFIX)
-    proj = _take_projection(ledger, idx, name, required=True)
+    proj = _take_projection(ledger, idx, name)
     _ignore_common(ledger)
     ledger.finish(hint="These keys are not part of the KeyFace keyframe engine; is this the right file?")
     net = KeyframeNetwork(unet_cfg, feat, dtype=dtype, device="meta", operations=operations)
     tensors = {f"diffusion_model.{k}": v for k, v in unet.items()}
     tensors.update({f"audio_projection.{k}": v for k, v in proj.items()})
-    return _materialise(net, tensors, name, dtype, device or "cpu").eval().requires_grad_(False)
+    return _materialise(net, tensors, name, dtype, device or "cpu")
 
 
 def _load_interp(sd, name, unet_cfg, feat, idx, mask_hw, n_ch, dtype, device, operations, bad: bool):
@@ -442,7 +421,7 @@ def _load_interp(sd, name, unet_cfg, feat, idx, mask_hw, n_ch, dtype, device, op
         )
         proj = {}
     else:
-        proj = _take_projection(ledger, idx, name, required=True)
+        proj = _take_projection(ledger, idx, name)
     _ignore_common(ledger)
     ledger.finish(hint="These keys are not part of the KeyFace interpolation engine; is this the right file?")
     net = InterpolationNetwork(
@@ -451,7 +430,7 @@ def _load_interp(sd, name, unet_cfg, feat, idx, mask_hw, n_ch, dtype, device, op
     tensors = {f"diffusion_model.{k}": v for k, v in unet.items()}
     tensors["learned_mask"] = mask
     tensors.update({f"audio_projection.{k}": v for k, v in proj.items()})
-    return _materialise(net, tensors, name, dtype, device or "cpu").eval().requires_grad_(False)
+    return _materialise(net, tensors, name, dtype, device or "cpu")
 
 
 def load_interpolation_networks(source, bad_source=None, config=None, dtype=None, device=None, operations=None):
@@ -489,10 +468,10 @@ def load_audio_projection(source, engine: str, config=None, dtype=None, device=N
     default = KEYFRAME_AUDIO_EMBEDDER if engine == "keyframe" else INTERPOLATION_AUDIO_EMBEDDER
     idx, _, _ = _audio_embedder_from_config(config, default)
     ledger = KeyLedger(sd, name)
-    proj = _take_projection(ledger, idx, name, required=True)
+    proj = _take_projection(ledger, idx, name)
     feat, ctx = proj["linear.weight"].shape[1], proj["linear.weight"].shape[0]
     module = AudioProjection(int(feat), int(ctx), dtype=dtype, device="meta", operations=operations)
-    return _materialise(module, proj, name, dtype, device or "cpu").eval().requires_grad_(False)
+    return _materialise(module, proj, name, dtype, device or "cpu")
 
 
 __all__ = [

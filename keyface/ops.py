@@ -24,9 +24,6 @@ def resolve(operations):
     """Return ``operations`` or the torch defaults; fill in any class the namespace lacks."""
     if operations is None:
         return TORCH_OPS
-    missing = {k: v for k, v in vars(TORCH_OPS).items() if not hasattr(operations, k)}
-    if not missing:
+    if all(hasattr(operations, k) for k in vars(TORCH_OPS)):
         return operations
-    merged = dict(missing)
-    merged.update({k: getattr(operations, k) for k in vars(TORCH_OPS) if hasattr(operations, k)})
-    return SimpleNamespace(**merged)
+    return SimpleNamespace(**{k: getattr(operations, k, torch_cls) for k, torch_cls in vars(TORCH_OPS).items()})

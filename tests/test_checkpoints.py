@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from keyface import checkpoints
 from keyface.checkpoints import CheckpointError, KeyLedger, convert_to_safetensors, read_audio_checkpoint, read_state_dict
 
 PARITY = Path(__file__).parent / "fixtures" / "parity"

@@ -158,7 +158,6 @@ def test_keyframe_guidance_one_batched_call():
 
 def test_interpolation_segments_per_call_invariance_real_network():
     """Same invariance through the real tiny interpolation network (wrapper assembly included)."""
-    pytest.importorskip("keyface.unet")
     from keyface.engines import InterpolationNetwork
     from keyface.config import UNetConfig
 

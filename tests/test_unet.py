@@ -130,8 +130,9 @@ def test_injected_operations_build_and_run_every_layer():
     owned = {id(p) for m in layers for p in m.parameters()}
     loose = [k for k, p in net.named_parameters() if id(p) not in owned]
     assert loose and all(k.endswith("mix_factor") for k in loose)
+    x, t, ctx, y = _inputs(TINY)
     with torch.no_grad():
-        net(*_inputs(TINY)[:3], y=_inputs(TINY)[3])
+        net(x, t, ctx, y=y)
     unused = [type(m).__name__ for m in layers if id(m) not in called]
     assert unused == [], f"injected layers never called in forward: {unused}"
 

@@ -57,19 +57,14 @@ def run_denoiser(case, folder):
     good, bad = engines.load_interpolation_networks(
         case_file(case, folder, "checkpoint"), case_file(case, folder, "bad_checkpoint"), config=cfg
     )
-    per_call = int(cfg.get("chunk_size", 2))
     cond = {"concat": inp["concat"], "crossattn": inp["crossattn"]}
-    out = {}
-    for name, net in (("denoised_bad", bad), ("denoised_good", good)):
-        chunks = []
-        for s0 in range(0, cond["concat"].shape[0], per_call):
-            rows = slice(s0 * 14, (s0 + per_call) * 14)
-            chunks.append(
-                net.denoise(inp["x"][rows], inp["sigma"][rows], concat=cond["concat"][s0:s0 + per_call],
-                            crossattn=cond["crossattn"][s0:s0 + per_call])
-            )
-        out[name] = torch.cat(chunks)
-    return out
+    per_call = int(cfg.get("chunk_size", 2))
+    # each network alone (autoguidance off), evaluated per_call segments at a time as the reference does
+    return {
+        name: diffusion.interpolation_denoiser(net, None, cond, segments_per_call=per_call, autoguidance=False)(
+            inp["x"], inp["sigma"])
+        for name, net in (("denoised_bad", bad), ("denoised_good", good))
+    }
 
 
 @register("sigmas")
