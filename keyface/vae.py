@@ -42,6 +42,7 @@ from torch import nn
 
 from .checkpoints import CheckpointError, KeyLedger, read_state_dict
 from .ops import resolve
+from .unet import norm_then
 
 __all__ = [
     "SCALE_FACTOR",
@@ -83,17 +84,21 @@ def _check_inert(cls_name, params):
 
 
 @dataclass
-class EncoderConfig:
-    """``sgm.modules.diffusionmodules.model.Encoder`` parameters (original names). Defaults = SVD."""
+class _DDConfig:
+    """The ``ddconfig`` fields of the original encoder and decoder configs (original names).
+
+    Both YAML nodes carry the whole ddconfig, so each side keeps (and ignores) the entries only the
+    other one uses.
+    """
 
     ch: int = 128
     ch_mult: tuple = (1, 2, 4, 4)
     num_res_blocks: int = 2
     attn_resolutions: tuple = ()
     z_channels: int = 4
-    double_z: bool = True
-    in_channels: int = 3
-    out_ch: int = 3  # part of the shared ddconfig; the encoder does not use it
+    double_z: bool = True  # encoder only
+    in_channels: int = 3  # encoder only
+    out_ch: int = 3  # decoder only
     resolution: int = 256
 
     def __post_init__(self):
@@ -101,48 +106,35 @@ class EncoderConfig:
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
 
     @classmethod
-    def from_original(cls, params: dict) -> "EncoderConfig":
-        """From an ``encoder_config.params`` / ``ddconfig`` dict; unknown keys raise ValueError."""
-        return _from_original(cls, params)
+    def from_original(cls, params: dict):
+        """From an ``encoder_config.params`` / ``decoder_config.params`` / ``ddconfig`` dict; unknown keys
+        raise ValueError."""
+        params = dict(params or {})
+        _check_inert(cls.__name__, params)
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in params if k not in names and k not in _INERT_KEYS)
+        if unknown:
+            raise ValueError(f"{cls.__name__}.from_original: unknown parameter(s) {unknown}; known: {sorted(names)}")
+        return cls(**{k: v for k, v in params.items() if k in names})
 
 
 @dataclass
-class DecoderConfig:
-    """``VideoDecoder`` parameters (original names). Defaults = SVD / KeyFace (spec 4.6)."""
+class EncoderConfig(_DDConfig):
+    """``sgm.modules.diffusionmodules.model.Encoder`` parameters. Defaults = SVD."""
 
-    ch: int = 128
-    ch_mult: tuple = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple = ()
-    z_channels: int = 4
-    double_z: bool = True  # part of the shared ddconfig; the decoder does not use it
-    in_channels: int = 3  # idem
-    out_ch: int = 3
-    resolution: int = 256
+
+@dataclass
+class DecoderConfig(_DDConfig):
+    """``VideoDecoder`` parameters. Defaults = SVD / KeyFace (spec 4.6)."""
+
     video_kernel_size: tuple = (3, 1, 1)
 
     def __post_init__(self):
-        self.ch_mult = tuple(int(m) for m in self.ch_mult)
-        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        super().__post_init__()
         k = self.video_kernel_size
         self.video_kernel_size = (int(k),) * 3 if isinstance(k, int) else tuple(int(v) for v in k)
         if len(self.video_kernel_size) != 3:
             raise ValueError(f"DecoderConfig: video_kernel_size must have 3 entries, got {k!r}")
-
-    @classmethod
-    def from_original(cls, params: dict) -> "DecoderConfig":
-        """From a ``decoder_config.params`` dict; unknown keys raise ValueError."""
-        return _from_original(cls, params)
-
-
-def _from_original(cls, params):
-    params = dict(params or {})
-    _check_inert(cls.__name__, params)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(k for k in params if k not in names and k not in _INERT_KEYS)
-    if unknown:
-        raise ValueError(f"{cls.__name__}.from_original: unknown parameter(s) {unknown}; known: {sorted(names)}")
-    return cls(**{k: v for k, v in params.items() if k in names})
 
 
 SVD_ENCODER = EncoderConfig()
@@ -203,16 +195,12 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
-def _group_norm32(norm, x):
-    """Run a GroupNorm in float32 and cast back (the original ``GroupNorm32``)."""
-    return norm(x.float()).type(x.dtype)
-
-
 class TemporalResBlock(nn.Module):
     """``openaimodel.ResBlock(dims=3, kernel_size=video_kernel_size, skip_t_emb=True)``: the time_stack.
 
     Keys: ``in_layers.0`` (GroupNorm32, eps 1e-5), ``in_layers.2`` (Conv3d), ``out_layers.0``,
     ``out_layers.3``; identity skip (channels unchanged). The zero "time embedding" adds nothing.
+    The norms run in float32 and return the input dtype, as the original ``GroupNorm32``.
     """
 
     def __init__(self, channels, kernel_size, ops, dtype=None, device=None):
@@ -231,9 +219,7 @@ class TemporalResBlock(nn.Module):
         )
 
     def forward(self, x):  # x [B, C, T, H, W]
-        h = self.in_layers[2](F.silu(_group_norm32(self.in_layers[0], x)))
-        h = self.out_layers[3](F.silu(_group_norm32(self.out_layers[0], h)))
-        return x + h
+        return x + norm_then(self.out_layers, norm_then(self.in_layers, x))
 
 
 def _to_video(x, timesteps):
@@ -257,12 +243,10 @@ class VideoResBlock(ResnetBlock):
         self.mix_factor = nn.Parameter(torch.zeros(1, dtype=dtype, device=device))
 
     def forward(self, x, timesteps):
-        x = super().forward(x)
-        x_mix = _to_video(x, timesteps)
-        x = self.time_stack(_to_video(x, timesteps))
-        alpha = torch.sigmoid(self.mix_factor.to(dtype=x.dtype, device=x.device))
-        x = alpha * x + (1.0 - alpha) * x_mix  # REVERSE of the UNet's AlphaBlender (spec 4.6)
-        return _from_video(x)
+        spatial = _to_video(super().forward(x), timesteps)
+        temporal = self.time_stack(spatial)
+        alpha = torch.sigmoid(self.mix_factor.to(dtype=temporal.dtype, device=temporal.device))
+        return _from_video(alpha * temporal + (1.0 - alpha) * spatial)  # REVERSE of the UNet's AlphaBlender (spec 4.6)
 
 
 class AttnBlock(nn.Module):
@@ -824,10 +808,7 @@ def load_vae(
 def _load_strict(module, sd, name):
     """Load ``sd`` into ``module``; one error naming unused, missing and mis-shaped keys."""
     own = module.state_dict()
-    ledger = KeyLedger(sd, name)
-    for k in own:
-        ledger.take_key(k)
-    unused = ledger.leftover()
+    unused = [k for k in sd if k not in own]
     missing = [k for k in own if k not in sd]
     wrong = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
     if unused or missing or wrong:

@@ -123,8 +123,8 @@ def fit_weight_norm(sd: dict, model_keys) -> dict:
 
 def load_strict(module: torch.nn.Module, sd: dict, source: str, what: str):
     """``load_state_dict(strict=True)`` with a :class:`CheckpointError` naming the file on mismatch."""
-    sd = fit_weight_norm(sd, module.state_dict().keys())
     expected = module.state_dict()
+    sd = fit_weight_norm(sd, expected.keys())
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -157,11 +157,19 @@ def as_batch(wave: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"expected a waveform [S] or [B, S], got shape {tuple(wave.shape)}")
 
 
-def hf_encoder_keys(sd: dict, source: str, prefix="wavlm.", what="WavLM") -> dict:
-    """Strip the task-model prefix (``wavlm.``) and account for the task-head keys beside it."""
-    if not any(k.startswith(prefix) for k in sd):
-        return dict(sd)
-    ledger = KeyLedger(sd, source)
-    base = ledger.take(prefix)
-    ledger.ignore("", f"task head beside the {what} encoder (for example lm_head of a CTC model); not part of the features")
+def hf_encoder_keys(sd: dict, source: str, model_keys, prefix: str, what: str) -> dict:
+    """The encoder's keys of a Hugging Face file, for a model whose state-dict keys are ``model_keys``.
+
+    Strips the task-model prefix (``wavlm.``, ``wav2vec2.``) and accounts for the task-head keys beside
+    it; drops ``masked_spec_embed`` (the training-time mask vector, unused at inference) when the
+    built model has none (its config turns masking off).
+    """
+    if any(k.startswith(prefix) for k in sd):
+        ledger = KeyLedger(sd, source)
+        base = ledger.take(prefix)
+        ledger.ignore("", f"task head beside the {what} encoder (for example lm_head of a CTC model); not part of the features")
+    else:
+        base = dict(sd)
+    if "masked_spec_embed" not in model_keys:
+        base.pop("masked_spec_embed", None)
     return base

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from ..checkpoints import CheckpointError, KeyLedger
 from ..ops import resolve
-from ._common import as_batch, module_device_dtype, read_encoder_file, torchaudio_part
+from ._common import as_batch, load_strict, module_device_dtype, read_encoder_file, torchaudio_part
 
 FBANK_MEAN = 15.41663
 FBANK_STD = 6.55582
@@ -299,16 +299,6 @@ def load_beats(path, dtype=None, device=None, operations=None) -> BEATs:
         raise CheckpointError(f"{path}: this is not a BEATs checkpoint (no patch_embedding; a WavLM file?); use load_wavlm for WavLM")
     cfg = BEATsConfig.from_cfg(f["cfg"])
     model = BEATs(cfg, dtype=torch.float32, operations=operations)
-    sd = convert_state_dict(f["model"], cfg, f["source"])
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{f['source']}: does not match the BEATs built from its cfg (missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}, wrong shape {wrong[:8]})"
-        )
-    model.load_state_dict(sd, strict=True)
+    load_strict(model, convert_state_dict(f["model"], cfg, f["source"]), f["source"], "BEATs")
     model = model.eval().requires_grad_(False)
     return model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model

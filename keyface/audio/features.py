@@ -52,6 +52,8 @@ import torch
 from torch.nn import functional as F
 
 from ..planner import video_frame_count
+from ._common import torchaudio_part
+from .wav2vec2 import normalize_waveform
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -132,8 +134,6 @@ def prepare_waveform(waveform, sample_rate) -> torch.Tensor:
         raise AudioInputError(f"audio: the waveform contains {bad} NaN or infinite sample(s)")
     x = x.mean(dim=0)  # downmix (a no-op for mono)
     if sr != SAMPLE_RATE:
-        from ._common import torchaudio_part
-
         x = torchaudio_part("functional").resample(x, sr, SAMPLE_RATE)
     if x.shape[0] < SAMPLES_PER_FRAME:
         seconds = x.shape[0] / SAMPLE_RATE
@@ -199,8 +199,6 @@ def beats_frames(wave16k: torch.Tensor, beats) -> torch.Tensor:
 @torch.no_grad()
 def wav2vec2_frames(wave16k: torch.Tensor, wav2vec2) -> torch.Tensor:
     """wav2vec2 array [F, 2, d]: whole-clip normalisation, zero pad, encode, zero vector if odd."""
-    from .wav2vec2 import normalize_waveform
-
     normed = normalize_waveform(wave16k)
     padded, frames = _pad_frames(normed, even=False)
     h = wav2vec2(padded[None])[0].float()  # [L, d]

@@ -68,9 +68,7 @@ def load_wav2vec2(path, config=None, dtype=None, device=None, attn_implementatio
         setattr(hf_config, name, 0.0)
     hf_config._attn_implementation = attn_implementation
     model = Wav2Vec2Model(hf_config)
-    sd = hf_encoder_keys(f["model"], f["source"], prefix="wav2vec2.", what="wav2vec2")
-    if "masked_spec_embed" in sd and "masked_spec_embed" not in model.state_dict():
-        sd.pop("masked_spec_embed")  # training-time mask vector, unused at inference
+    sd = hf_encoder_keys(f["model"], f["source"], model.state_dict().keys(), prefix="wav2vec2.", what="wav2vec2")
     load_strict(model, sd, f["source"], "wav2vec2")
     enc = Wav2Vec2Encoder(model).eval().requires_grad_(False)
     return enc.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else enc

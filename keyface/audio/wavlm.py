@@ -251,18 +251,11 @@ def _chunked_attention(attn, owner, h, chunk):
     return attn.out_proj(o)
 
 
-def build_wavlm(config):
-    """A ``transformers.WavLMModel`` for ``config`` (random weights until loaded)."""
-    from transformers import WavLMModel
-
-    return WavLMModel(config)
-
-
 def load_wavlm(path, config=None, dtype=None, device=None) -> WavLMEncoder:
     """Load WavLM from a unilm pickle (``{"cfg","model"}``), its safetensors conversion, a Hugging Face
     folder, or a single HF-layout ``.safetensors`` / ``.bin`` (config from ``config`` or a
     ``config.json`` beside it). Returns an eval-mode :class:`WavLMEncoder`."""
-    from transformers import WavLMConfig
+    from transformers import WavLMConfig, WavLMModel
 
     f = read_encoder_file(path, config=config, what="WavLM")
     if f["kind"] == "unilm":
@@ -271,7 +264,7 @@ def load_wavlm(path, config=None, dtype=None, device=None) -> WavLMEncoder:
             raise CheckpointError(f"{path}: this is a BEATs checkpoint, not WavLM; use load_beats for it")
         hf_config = wavlm_config_from_unilm(cfg)
         normalize = bool(cfg.get("normalize", False))
-        model = build_wavlm(hf_config)
+        model = WavLMModel(hf_config)
         sd = convert_unilm_state_dict(f["model"], model.state_dict().keys(), f["source"])
     else:
         if f["cfg"].get("model_type", "wavlm") != "wavlm":
@@ -280,10 +273,8 @@ def load_wavlm(path, config=None, dtype=None, device=None) -> WavLMEncoder:
         for name in ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "layerdrop"):
             setattr(hf_config, name, 0.0)
         normalize = False  # HF feature extractors normalise outside the model; KeyFace feeds raw audio
-        model = build_wavlm(hf_config)
-        sd = hf_encoder_keys(f["model"], f["source"])
-        if "masked_spec_embed" in sd and "masked_spec_embed" not in model.state_dict():
-            sd.pop("masked_spec_embed")  # training-time mask vector, unused at inference
+        model = WavLMModel(hf_config)
+        sd = hf_encoder_keys(f["model"], f["source"], model.state_dict().keys(), prefix="wavlm.", what="WavLM")
     load_strict(model, sd, f["source"], "WavLM")
     enc = WavLMEncoder(model, normalize=normalize).eval().requires_grad_(False)
     return enc.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else enc
