@@ -45,7 +45,6 @@ import tempfile
 import time
 from pathlib import Path
 
-FPS = 25
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The original's cost per output second (spec 8.1 / 8.2, steady state).
@@ -63,11 +62,17 @@ ORIGINAL = {
 }
 TARGET_FRAME_EVALS_PER_S = 640.0
 from .diffusion import UNGUIDED_LAST_STEP_SIGMA as LAST_STEP_SIGMA  # noqa: E402  (the knob's "last step only" value)
+from .planner import FPS  # noqa: E402
 
 
 # ==================================================================================================
 # Closed form (the released batching, from the planner)
 # ==================================================================================================
+
+
+def _clip_frames(seconds: float) -> int:
+    """Frames of a bench clip of ``seconds`` (at least one)."""
+    return max(1, round(seconds * FPS))
 
 
 def closed_form(num_frames: int, steps: int = 10, autoguidance: bool = True, segments_per_call: int = 2,
@@ -137,7 +142,6 @@ class Counter:
         self.unet = {}  # name -> {"calls", "rows", "max_rows", "rows_hist"}
         self.decoder = {"calls": 0, "rows": 0, "max_rows": 0, "frames_per_video": set()}
         self.decoder_rows_during_sampling = 0
-        self.stage = None
         self.chunks = {"count": 0, "max_frames": 0, "devices": set()}
         self._handles = []
 
@@ -172,7 +176,6 @@ class Counter:
         """Use as the pipeline callback: remembers how many frames were decoded while sampling."""
         from .pipeline import STAGE_DECODE
 
-        self.stage = event.stage
         if event.stage != STAGE_DECODE:
             self.decoder_rows_during_sampling = self.decoder["rows"]
 
@@ -277,11 +280,7 @@ def count_clip(num_frames: int, *, models=None, **settings) -> dict:
     counter = Counter()
     _watch_models(counter, kf, good, bad, vae)
     n = int(num_frames)
-    h, w = P.model_latent_size(good)
-    feat = kf.audio_projection.linear.weight.shape[1]
-    gen = torch.Generator().manual_seed(1)
-    features = (torch.randn(n, 2, feat, generator=gen), torch.randn(n, 2, feat, generator=gen))
-    z_id = torch.randn(1, 4, h, w, generator=gen)
+    features, z_id = random_inputs(n, good, kf)  # the stub bodies make the counts independent of the values
     frames = 0
     try:
         with torch.inference_mode():
@@ -295,12 +294,12 @@ def count_clip(num_frames: int, *, models=None, **settings) -> dict:
     kf_rows = s["unet"]["keyframe"]["rows"]
     it_rows = s["unet"]["interpolation_good"]["rows"] + s["unet"].get("interpolation_bad", {}).get("rows", 0)
     it_calls = s["unet"]["interpolation_good"]["calls"] + s["unet"].get("interpolation_bad", {}).get("calls", 0)
-    needed = closed_form(n)["decoder_frames"]
     unguided_last_step = settings.get("guidance_min_sigma", 0.0) >= LAST_STEP_SIGMA
     cf = closed_form(n, steps=settings.get("interpolation_steps", 10),
                      autoguidance=settings.get("autoguidance", True),
                      segments_per_call=settings.get("segments_per_call", 2),
                      last_step_good_only=unguided_last_step, last_step_full_only=unguided_last_step)
+    needed = cf["decoder_frames"]  # depends on the plan only, not on the sampling settings
     return {
         "seconds": seconds,
         "num_frames": n,
@@ -383,7 +382,7 @@ def run_count(seconds_list, out_dir, flops=True) -> dict:
     models = _stub_models()
     rows = []
     for sec in seconds_list:
-        n = max(1, round(sec * FPS))
+        n = _clip_frames(sec)
         exact = count_clip(n, models=models)
         approx = count_clip(n, models=models, guidance_min_sigma=LAST_STEP_SIGMA)
         rows.append({"exact": exact, "approx_unguided_last_step": approx})
@@ -553,9 +552,9 @@ def _write(out_dir, name, obj):
     print(f"wrote {p / name}")
 
 
-def _json_default(o):
-    if isinstance(o, (set, tuple)):
-        return sorted(o) if isinstance(o, set) else list(o)
+def _json_default(o):  # only for what json cannot write itself
+    if isinstance(o, set):
+        return sorted(o)
     return str(o)
 
 
@@ -624,7 +623,7 @@ def _worker(spec: dict) -> dict:
     t_load = time.perf_counter() - t_load
     n = int(spec["num_frames"])
 
-    def render(num, measure):
+    def render(num):
         features, z_id = random_inputs(num, good, kf)
         if spec["output"] == "file":
             path = os.path.join(spec["tmp"], f"bench_{num}.mp4")
@@ -638,7 +637,7 @@ def _worker(spec: dict) -> dict:
         return frames, frames.numel() * frames.element_size()
 
     # warm-up (one-time allocations, kernel selection), then reset the peaks
-    render(28, False)
+    render(28)
     counter = Counter()
     _watch_models(counter, kf, good, bad, vae)
     import gc
@@ -651,7 +650,7 @@ def _worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         cuda0 = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    frames, out_bytes = render(n, True)
+    frames, out_bytes = render(n)
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -705,7 +704,7 @@ def run_run(seconds_list, out_dir, threads=1, outputs=("frames", "file"), smoke_
         for device, models, dt in configs:
             for sec in seconds_list:
                 for output in outputs:
-                    spec = {"device": device, "models": models, "dtype": dt, "num_frames": max(1, round(sec * FPS)),
+                    spec = {"device": device, "models": models, "dtype": dt, "num_frames": _clip_frames(sec),
                             "output": output, "threads": threads, "folder": folder, "tmp": tmp}
                     r = _spawn_worker(spec)
                     r.pop("folder", None)
@@ -755,13 +754,7 @@ def format_run(result) -> str:
 # ==================================================================================================
 
 
-def _to_uint8(frames):
-    import torch
-
-    return (frames.clamp(0, 1) * 255.0).to(torch.uint8)  # truncation, as video_io.frames_to_uint8
-
-
-def _stages(kf, good, bad, vae, z_id, features, plan, counter, **s):
+def _stages(kf, good, bad, vae, z_id, features, plan, **s):
     """The stages of pipeline.iter_render, run one by one so the latents can be compared."""
     import torch
 
@@ -783,6 +776,7 @@ def run_knobs(seconds, out_dir, folder=None, threads=1, compile_unet=False) -> d
 
     from .planner import plan_clip
     from .smoke import write_smoke_models
+    from .video_io import frames_to_uint8
 
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -791,7 +785,7 @@ def run_knobs(seconds, out_dir, folder=None, threads=1, compile_unet=False) -> d
         tmp = tempfile.TemporaryDirectory(prefix="keyface_knobs_")
         folder = tmp.name
         write_smoke_models(folder)
-    n = max(1, round(seconds * FPS))
+    n = _clip_frames(seconds)
     plan = plan_clip(n)
     base_models = load_tiny_models(folder)
     features, z_id = random_inputs(n, base_models[1], base_models[0])
@@ -830,14 +824,13 @@ def run_knobs(seconds, out_dir, folder=None, threads=1, compile_unet=False) -> d
             with ctx, torch.inference_mode():
                 if extra.get("compile"):
                     t0 = time.perf_counter()
-                    _stages(*models, z_id, features, plan, None, **settings)
+                    _stages(*models, z_id, features, plan, **settings)
                     first = time.perf_counter() - t0
-                    counter.unet.clear()
                     counter.remove()
                     counter = Counter()
                     _watch_models(counter, *models)
                 t0 = time.perf_counter()
-                kfl, seg, frames = _stages(*models, z_id, features, plan, counter, **settings)
+                kfl, seg, frames = _stages(*models, z_id, features, plan, **settings)
                 wall = time.perf_counter() - t0
             counter.remove()
             row.update(wall_s=wall, wall_per_output_s=wall / (n / FPS), unet_frame_evals=counter.unet_total("rows"),
@@ -846,16 +839,17 @@ def run_knobs(seconds, out_dir, folder=None, threads=1, compile_unet=False) -> d
             if extra.get("compile"):
                 row["first_run_s"] = first
                 row["compile_s_estimate"] = first - wall
-            if ref is None:
-                ref = (kfl, seg, frames)
-            u8, u8r = _to_uint8(frames).int(), _to_uint8(ref[2]).int()
+            u8 = torch.from_numpy(frames_to_uint8(frames)).int()
+            if ref is None:  # the first row: the default settings
+                ref = (kfl, seg, u8)
+            u8_diff = u8 - ref[2]
             row.update(
                 keyframe_latent_max_abs_diff=float((kfl - ref[0]).abs().max()),
                 latent_max_abs_diff=float((seg - ref[1]).abs().max()),
                 latent_ref_abs_max=float(ref[1].abs().max()),
-                uint8_max_abs_diff=int((u8 - u8r).abs().max()),
-                uint8_mean_abs_diff=float((u8 - u8r).abs().float().mean()),
-                uint8_frac_changed=float(((u8 - u8r) != 0).float().mean()),
+                uint8_max_abs_diff=int(u8_diff.abs().max()),
+                uint8_mean_abs_diff=float(u8_diff.abs().float().mean()),
+                uint8_frac_changed=float((u8_diff != 0).float().mean()),
             )
         except Exception as err:  # a knob that does not work here is a result too
             row["error"] = f"{type(err).__name__}: {str(err)[:400]}"

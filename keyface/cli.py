@@ -137,7 +137,7 @@ def cmd_render(args) -> int:
     from . import pipeline
     from .audio import compute_features, load_beats, load_wav2vec2, load_wavlm
     from .diffusion import UNGUIDED_LAST_STEP_SIGMA
-    from .planner import plan_clip
+    from .planner import FPS, plan_clip
     from .video_io import read_audio_file, read_image
 
     if args.threads:
@@ -187,7 +187,7 @@ def cmd_render(args) -> int:
         guidance_min_sigma=UNGUIDED_LAST_STEP_SIGMA if args.unguided_last_step else 0.0,
         chunk_frames=args.chunk_frames,
     )
-    progress.log(f"wrote {args.out}: {n} frames ({n / 25:.2f} s) at 25 fps")
+    progress.log(f"wrote {args.out}: {n} frames ({n / FPS:.2f} s) at {FPS} fps")
     return 0
 
 

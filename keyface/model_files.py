@@ -130,7 +130,7 @@ def guess_kind(name: str) -> str | None:
         return BEATS
     if "wav2vec" in stem:
         return WAV2VEC2
-    if "vae" in stem or "diffusion_pytorch_model" in stem or "vae" in str(name).lower():
+    if "diffusion_pytorch_model" in stem or "vae" in str(name).lower():  # also a file inside a vae/ folder
         return VAE
     return None
 

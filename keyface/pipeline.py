@@ -97,10 +97,17 @@ def _emit(callback, event):
 # --------------------------------------------------------------------------------------------------
 
 
-def _module_device(module) -> torch.device:
+def _target_device(device, module) -> torch.device:
+    """``device`` if given, else the device of ``module``'s first parameter (CPU if it has none)."""
+    if device is not None:
+        return torch.device(device)
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def _vae_dtype(vae) -> torch.dtype:
+    return next((p.dtype for p in vae.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _plan_of(plan_or_n) -> ClipPlan:
@@ -237,8 +244,8 @@ def encode_identity(vae, image, device=None) -> torch.Tensor:
 
     Uses the posterior mean (deterministic; the original drew an unseeded sample, spec B10).
     """
-    device = torch.device(device) if device is not None else _module_device(vae)
-    dtype = next((p.dtype for p in vae.parameters() if p.is_floating_point()), torch.float32)
+    device = _target_device(device, vae)
+    dtype = _vae_dtype(vae)
     img = torch.as_tensor(image, dtype=torch.float32)
     if img.dim() != 3 or img.shape[-1] != 3:
         raise ValueError(f"identity image: expected [H, W, 3], got {tuple(img.shape)}")
@@ -272,7 +279,7 @@ def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal,
     _check_rows("keyframe audio features", keyframe_audio, plan, dims=3)
     val = _emotion(valence, plan, "valence")
     aro = _emotion(arousal, plan, "arousal")
-    device = torch.device(device) if device is not None else _module_device(network)
+    device = _target_device(device, network)
     dtype = _state_dtype(dtype)
     sigmas = ays_sigmas(steps)
     nfe = len(sigmas) - 1
@@ -348,7 +355,7 @@ def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan,
         bad_idx = [i for i in selected if not 0 <= i < plan.num_segments]
         if bad_idx:
             raise ValueError(f"segment indices {bad_idx} are outside 0..{plan.num_segments - 1}")
-    device = torch.device(device) if device is not None else _module_device(good)
+    device = _target_device(device, good)
     dtype = _state_dtype(dtype)
     sigmas = ays_sigmas(steps)
     nfe = len(sigmas) - 1
@@ -386,10 +393,6 @@ def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan,
 # --------------------------------------------------------------------------------------------------
 
 
-def _vae_dtype(vae):
-    return next((p.dtype for p in vae.parameters() if p.is_floating_point()), torch.float32)
-
-
 def _decode_rows(vae, latents: torch.Tensor, device, dtype) -> torch.Tensor:
     """[R, 4, h, w] scaled latents -> [R, 3, H, W] float32 pixels in 0..1 (one frame per video)."""
     x = vae.decode(latents.to(device=device, dtype=dtype), frames_per_video=1)
@@ -422,7 +425,7 @@ def decode_segments(vae, segment_latents, num_frames, *, chunk_frames: int = DEF
     chunk_frames = int(chunk_frames)
     if not 0 <= int(start_frame) <= plan.num_frames:
         raise ValueError(f"start_frame {start_frame} is outside 0..{plan.num_frames}")
-    device = torch.device(device) if device is not None else _module_device(vae)
+    device = _target_device(device, vae)
     dtype = dtype or _vae_dtype(vae)
     starts = list(range(int(start_frame), plan.num_frames, chunk_frames))
     for c, t0 in enumerate(starts):
@@ -453,7 +456,7 @@ def decode_keyframe_preview(vae, latents, *, chunk_frames: int = DEFAULT_CHUNK_F
         lat = lat[None]
     if lat.dim() != 4 or lat.shape[1] != LATENT_CHANNELS:
         raise ValueError(f"keyframe latents: expected [K, {LATENT_CHANNELS}, h, w], got {tuple(lat.shape)}")
-    device = torch.device(device) if device is not None else _module_device(vae)
+    device = _target_device(device, vae)
     dtype = _vae_dtype(vae)
     out = [
         _decode_rows(vae, lat[i:i + chunk_frames], device, dtype).permute(0, 2, 3, 1).float().cpu()
@@ -558,6 +561,7 @@ def render_to_file(keyframe_network, interpolation_network, bad_network, vae, id
 
     kf_audio, _ = _features_parts(features)
     n = int(kf_audio.shape[0])
+    # Mp4Writer checks these too, but only once the first chunk exists: fail before the sampling instead
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(folder):
         raise MediaError(f"output folder does not exist: {folder}")

@@ -23,6 +23,7 @@ keyframes, frame ``t`` always uses audio row ``t``, and every length ``N >= 1`` 
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -81,11 +82,6 @@ class ClipPlan:
     def num_segments(self) -> int:
         return len(self.segments)
 
-    @property
-    def num_rows_used(self) -> int:
-        """Feature rows the plan reads: exactly N (rows past N-1 are clamped to N-1)."""
-        return self.num_frames
-
     # ---- frame bookkeeping ---------------------------------------------------------------------
     def frame_sources(self, t: int) -> list:
         """``[(segment_index, local_frame), ...]`` that make output frame ``t`` (1 or 2 entries)."""
@@ -124,8 +120,6 @@ def plan_clip(num_frames: int) -> ClipPlan:
     """Plan a clip of ``num_frames`` (N >= 1) audio frames at 25 fps; see the module docstring."""
     if isinstance(num_frames, bool) or not isinstance(num_frames, int):
         try:
-            import operator
-
             num_frames = operator.index(num_frames)
         except TypeError:
             raise PlanError(f"num_frames must be an integer, got {num_frames!r}") from None

@@ -33,6 +33,14 @@ from pathlib import Path
 import torch
 
 from . import model_files as mf
+from .engines import (
+    INTERPOLATION_AUDIO_EMBEDDER,
+    KEYFRAME_AUDIO_EMBEDDER,
+    MASK_KEY,
+    UNET_PREFIX,
+    InterpolationNetwork,
+    KeyframeNetwork,
+)
 
 RESOLUTION = 64  # pixels; latent 8x8
 HIDDEN = 32  # every audio encoder's hidden size
@@ -131,36 +139,35 @@ WAV2VEC2_CONFIG = {
 
 def _emb_models(audio_index: int) -> list:
     """An original-style conditioner emb_models list with the audio embedder at ``audio_index``."""
-    names = ["cond_frames_without_noise", "cond_frames", "valence", "audio_emb", "arousal"]
+    others = ["cond_frames_without_noise", "cond_frames", "valence", "arousal"]
     out = []
     for i in range(max(audio_index + 1, 2)):
         if i == audio_index:
             out.append({"input_key": "audio_emb", "params": {"audio_dim": FEATURE_DIM, "linear_dim": CONTEXT_DIM}})
         else:
-            out.append({"input_key": [n for n in names if n != "audio_emb"][i % 4]})
+            out.append({"input_key": others[i % len(others)]})
     return out
 
 
 def sidecar_configs() -> dict:
     """The sidecar config dict of each engine file (original format + ``resolution``)."""
+
+    def interpolation():  # the bad network has the good one's architecture
+        return {
+            "network_config": {"params": dict(INTERPOLATION_PARAMS)},
+            "conditioner_config": {"params": {"emb_models": _emb_models(INTERPOLATION_AUDIO_EMBEDDER)}},
+            "network_wrapper": {"params": {"im_size": [RESOLUTION, RESOLUTION], "n_channels": 4}},
+            "resolution": RESOLUTION,
+        }
+
     return {
         mf.KEYFRAME: {
             "network_config": {"params": dict(KEYFRAME_PARAMS)},
-            "conditioner_config": {"params": {"emb_models": _emb_models(3)}},
+            "conditioner_config": {"params": {"emb_models": _emb_models(KEYFRAME_AUDIO_EMBEDDER)}},
             "resolution": RESOLUTION,
         },
-        mf.INTERPOLATION: {
-            "network_config": {"params": dict(INTERPOLATION_PARAMS)},
-            "conditioner_config": {"params": {"emb_models": _emb_models(1)}},
-            "network_wrapper": {"params": {"im_size": [RESOLUTION, RESOLUTION], "n_channels": 4}},
-            "resolution": RESOLUTION,
-        },
-        mf.INTERPOLATION_BAD: {
-            "network_config": {"params": dict(INTERPOLATION_PARAMS)},
-            "conditioner_config": {"params": {"emb_models": _emb_models(1)}},
-            "network_wrapper": {"params": {"im_size": [RESOLUTION, RESOLUTION], "n_channels": 4}},
-            "resolution": RESOLUTION,
-        },
+        mf.INTERPOLATION: interpolation(),
+        mf.INTERPOLATION_BAD: interpolation(),
     }
 
 
@@ -208,24 +215,29 @@ def build_vae(gen):
     return _randomize(vae, gen)
 
 
-def build_keyframe_sd(gen) -> dict:
-    from .engines import KeyframeNetwork
-
-    net = _randomize(KeyframeNetwork(_unet_config(KEYFRAME_PARAMS), FEATURE_DIM), gen)
-    sd = {"model.diffusion_model." + k: v for k, v in net.diffusion_model.state_dict().items()}
-    sd.update({"conditioner.embedders.3." + k: v for k, v in net.audio_projection.state_dict().items()})
+def engine_state_dict(net, audio_embedder: int) -> dict:
+    """An engine network's tensors under the released engine-file keys (the inverse of
+    :mod:`keyface.engines`' loaders): the UNet body, the learned mask (interpolation) and the audio
+    projection as ``conditioner.embedders.<audio_embedder>.*`` (absent on a bad network without one)."""
+    sd = {UNET_PREFIX + k: v for k, v in net.diffusion_model.state_dict().items()}
+    mask = getattr(net, "learned_mask", None)
+    if mask is not None:
+        sd[MASK_KEY] = mask.detach().clone()
+    if net.audio_projection is not None:
+        prefix = f"conditioner.embedders.{audio_embedder}."
+        sd.update({prefix + k: v for k, v in net.audio_projection.state_dict().items()})
     return sd
 
 
-def build_interpolation_sd(gen, bad: bool = False) -> dict:
-    from .engines import InterpolationNetwork
+def build_keyframe_sd(gen) -> dict:
+    net = _randomize(KeyframeNetwork(_unet_config(KEYFRAME_PARAMS), FEATURE_DIM), gen)
+    return engine_state_dict(net, KEYFRAME_AUDIO_EMBEDDER)
 
+
+def build_interpolation_sd(gen) -> dict:
     hw = (RESOLUTION // 8, RESOLUTION // 8)
     net = _randomize(InterpolationNetwork(_unet_config(INTERPOLATION_PARAMS), hw, 4, FEATURE_DIM), gen)
-    sd = {"model.diffusion_model." + k: v for k, v in net.diffusion_model.state_dict().items()}
-    sd["model.learned_mask"] = net.learned_mask.detach().clone()
-    sd.update({"conditioner.embedders.1." + k: v for k, v in net.audio_projection.state_dict().items()})
-    return sd
+    return engine_state_dict(net, INTERPOLATION_AUDIO_EMBEDDER)
 
 
 # HF WavLMModel key -> unilm key (inverse of keyface.audio.wavlm's rules)
@@ -308,20 +320,13 @@ def write_smoke_models(folder, seed: int = 0) -> dict:
               metadata={"format": "pt", "keyface_smoke": "1"})
     decoder = _decoder_sd(vae)
 
-    kf = build_keyframe_sd(gen)
-    kf.update(decoder)
-    torch.save(_deepspeed(kf), folder / names[mf.KEYFRAME])
-    mf.write_sidecar(folder / names[mf.KEYFRAME], cfgs[mf.KEYFRAME])
-
-    it = build_interpolation_sd(gen)
-    it.update(decoder)
-    torch.save(_deepspeed(it), folder / names[mf.INTERPOLATION])
-    mf.write_sidecar(folder / names[mf.INTERPOLATION], cfgs[mf.INTERPOLATION])
-
-    bad = build_interpolation_sd(gen, bad=True)
-    bad.update(decoder)
-    torch.save(_deepspeed(bad), folder / names[mf.INTERPOLATION_BAD])
-    mf.write_sidecar(folder / names[mf.INTERPOLATION_BAD], cfgs[mf.INTERPOLATION_BAD])
+    # the bad (autoguidance) network has the interpolation layout; its weights are the next draws of gen
+    for kind, build in ((mf.KEYFRAME, build_keyframe_sd), (mf.INTERPOLATION, build_interpolation_sd),
+                        (mf.INTERPOLATION_BAD, build_interpolation_sd)):
+        sd = build(gen)
+        sd.update(decoder)  # the released engine files carry the VAE decoder too
+        torch.save(_deepspeed(sd), folder / names[kind])
+        mf.write_sidecar(folder / names[kind], cfgs[kind])
 
     torch.save(build_wavlm_unilm(gen), folder / names[mf.WAVLM])
     torch.save(build_beats_unilm(gen), folder / names[mf.BEATS])

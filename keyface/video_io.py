@@ -22,6 +22,11 @@ import numpy as np
 AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
 
 
+def _aac_rate(sample_rate: int) -> int:
+    """The rate the AAC track is written at: the input's if AAC can store it, else 48 kHz."""
+    return sample_rate if sample_rate in AAC_RATES else 48000
+
+
 class MediaError(ValueError):
     """An input media file that cannot be read, or frames that do not fit the writer."""
 
@@ -73,7 +78,7 @@ class Mp4Writer:
             if audio is not None and sample_rate:
                 # the edit lists are stored in the movie timescale (1000 by default, i.e. the audio
                 # duration rounded to ms); the AAC rate is a multiple of 25, so both tracks stay exact
-                options["movie_timescale"] = str(int(sample_rate) if int(sample_rate) in AAC_RATES else 48000)
+                options["movie_timescale"] = str(_aac_rate(int(sample_rate)))
             self._container = av.open(self._tmp, mode="w", format="mp4", options=options)
             vs = self._container.add_stream("libx264", rate=self.fps)
             vs.width, vs.height, vs.pix_fmt = self.width, self.height, "yuv420p"
@@ -102,7 +107,7 @@ class Mp4Writer:
         a = np.ascontiguousarray(np.clip(a, -1.0, 1.0))
         rate = int(sample_rate)
         layout = "mono" if a.shape[0] == 1 else "stereo"
-        out_rate = rate if rate in AAC_RATES else 48000
+        out_rate = _aac_rate(rate)
         st = self._container.add_stream("aac", rate=out_rate)
         st.layout = layout
         st.bit_rate = bitrate
@@ -119,8 +124,6 @@ class Mp4Writer:
     def _push_audio(self, upto_sample: int, final: bool = False):
         import av
 
-        if self._audio is None:
-            return
         upto = min(int(upto_sample), self._audio.shape[1])
         if upto > self._a_pos:
             chunk = self._audio[:, self._a_pos:upto]
@@ -233,12 +236,10 @@ def read_audio_file(path):
         streams = container.streams.audio
         if not streams:
             raise MediaError(f"{path} has no audio stream")
-        st = streams[0]
-        rate = st.codec_context.sample_rate or st.rate
-        resampler = None
+        resampler = rate = None
         chunks = []
-        for frame in container.decode(st):
-            if resampler is None:
+        for frame in container.decode(streams[0]):
+            if resampler is None:  # the first decoded frame fixes the layout and rate of the whole waveform
                 resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=frame.sample_rate)
                 rate = frame.sample_rate
             for f in resampler.resample(frame):

@@ -13,6 +13,7 @@ import test_pipeline as tp
 from keyface import cli
 from keyface import model_files as mf
 from keyface import pipeline as P
+from keyface.engines import INTERPOLATION_AUDIO_EMBEDDER, KEYFRAME_AUDIO_EMBEDDER
 from keyface.video_io import probe_mp4
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,17 +42,12 @@ def models_dir(tmp_path_factory):
     (w2v / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
     save_file(sd, str(w2v / "model.safetensors"), metadata={"format": "pt"})
     m = tp.build_models()
-    kf_sd = {"model.diffusion_model." + k: v for k, v in m.kf.diffusion_model.state_dict().items()}
-    kf_sd.update({"conditioner.embedders.3." + k: v for k, v in m.kf.audio_projection.state_dict().items()})
-    save_file({k: v.contiguous() for k, v in kf_sd.items()}, str(folder / "keyframe.safetensors"))
-    mf.write_sidecar(folder / "keyframe.safetensors", tp.KEYFRAME_CFG)
-    for name, net in (("interpolation", m.good), ("interpolation_bad", m.bad)):
-        sd = {"model.diffusion_model." + k: v for k, v in net.diffusion_model.state_dict().items()}
-        sd["model.learned_mask"] = net.learned_mask.detach()
-        if net.audio_projection is not None:
-            sd.update({"conditioner.embedders.1." + k: v for k, v in net.audio_projection.state_dict().items()})
+    for name, net, embedder, config in (("keyframe", m.kf, KEYFRAME_AUDIO_EMBEDDER, tp.KEYFRAME_CFG),
+                                        ("interpolation", m.good, INTERPOLATION_AUDIO_EMBEDDER, tp.INTERP_CFG),
+                                        ("interpolation_bad", m.bad, INTERPOLATION_AUDIO_EMBEDDER, tp.INTERP_CFG)):
+        sd = smoke.engine_state_dict(net, embedder)
         save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / f"{name}.safetensors"))
-        mf.write_sidecar(folder / f"{name}.safetensors", tp.INTERP_CFG)
+        mf.write_sidecar(folder / f"{name}.safetensors", config)
     save_file({k: v.contiguous() for k, v in m.vae.state_dict().items()}, str(folder / "svd_vae.safetensors"))
     assert not mf.missing(mf.find_models(folder))
     return folder
