@@ -96,7 +96,6 @@ class EmotionEditor {
     this.audioDuration = null;
     this.audioKey = undefined;
     this.drag = null; // {kind: "point"|"playhead", series, index, moved, axisEnd}
-    this.backing = { w: 0, h: 0 };
     this.message = null;
     this.writing = false;
     this.buildDom();
@@ -247,8 +246,8 @@ class EmotionEditor {
     this.node.graph?.setDirtyCanvas?.(true, true);
   }
 
-  pushUndo() {
-    this.undoStack.push(serializeCurve(this.curve));
+  pushUndo(text) {
+    this.undoStack.push(text);
     if (this.undoStack.length > UNDO_LIMIT) this.undoStack.shift();
   }
 
@@ -279,8 +278,7 @@ class EmotionEditor {
     const ok = fn();
     if (ok === false) return;
     if (serializeCurve(this.curve) === before) return;
-    this.undoStack.push(before);
-    if (this.undoStack.length > UNDO_LIMIT) this.undoStack.shift();
+    this.pushUndo(before);
     this.writeWidget();
     this.refreshToolbar();
     this.draw();
@@ -516,10 +514,7 @@ class EmotionEditor {
     const d = this.drag;
     this.drag = null;
     this.canvas.releasePointerCapture?.(e.pointerId);
-    if (d.kind === "point" && d.moved && d.before !== serializeCurve(this.curve)) {
-      this.undoStack.push(d.before);
-      if (this.undoStack.length > UNDO_LIMIT) this.undoStack.shift();
-    }
+    if (d.kind === "point" && d.moved && d.before !== serializeCurve(this.curve)) this.pushUndo(d.before);
     this.refreshToolbar();
     this.draw();
   }
@@ -584,36 +579,38 @@ class EmotionEditor {
   }
 
   // ---------------------------------------------------------------------------------------- draw
-  ensureBacking() {
+  // Backing-store size {w, h} that is sharp on screen: layout size x device pixels x canvas zoom
+  // (the widget is zoomed by a CSS transform). null while the canvas has no layout size.
+  backingSize() {
     const c = this.canvas;
     const w = c.clientWidth;
     const h = c.clientHeight;
     if (!w || !h) return null;
     const r = c.getBoundingClientRect();
-    const zoom = r.width && w ? r.width / w : 1; // canvas zoom (CSS transform on the widget)
+    const zoom = r.width ? r.width / w : 1;
     const scale = (window.devicePixelRatio || 1) * Math.max(0.25, Math.min(zoom, 4));
-    const bw = Math.max(1, Math.round(w * scale));
-    const bh = Math.max(1, Math.round(h * scale));
-    if (c.width !== bw || c.height !== bh) {
-      c.width = bw;
-      c.height = bh;
+    return { w: Math.max(1, Math.round(w * scale)), h: Math.max(1, Math.round(h * scale)) };
+  }
+
+  ensureBacking() {
+    const c = this.canvas;
+    const size = this.backingSize();
+    if (!size) return null;
+    if (c.width !== size.w || c.height !== size.h) {
+      c.width = size.w;
+      c.height = size.h;
     }
-    this.backing = { w: bw, h: bh, cw: w, ch: h };
     const ctx = c.getContext("2d");
-    ctx.setTransform(bw / w, 0, 0, bh / h, 0, 0);
+    ctx.setTransform(size.w / c.clientWidth, 0, 0, size.h / c.clientHeight, 0, 0);
     return ctx;
   }
 
   // Called from the node's onDrawForeground: redraw when the on-screen size changed (zoom, resize).
   checkSize() {
     const c = this.canvas;
-    if (!c.isConnected || !c.clientWidth) return;
-    const r = c.getBoundingClientRect();
-    const zoom = r.width / c.clientWidth;
-    const scale = (window.devicePixelRatio || 1) * Math.max(0.25, Math.min(zoom, 4));
-    if (Math.abs(Math.round(c.clientWidth * scale) - c.width) > 1 || Math.abs(Math.round(c.clientHeight * scale) - c.height) > 1) {
-      this.draw();
-    }
+    if (!c.isConnected) return;
+    const size = this.backingSize();
+    if (size && (Math.abs(size.w - c.width) > 1 || Math.abs(size.h - c.height) > 1)) this.draw();
   }
 
   draw() {
@@ -792,29 +789,20 @@ function attachEditor(node) {
   // The STRING widget is the source of truth: re-render on any change (typing, loading, API).
   const cw = editor.curveWidget;
   if (cw) {
-    const prevCallback = cw.callback;
-    cw.callback = function (...args) {
-      const r = prevCallback?.apply(this, args);
+    chain(cw, "callback", () => {
       if (!editor.writing) editor.syncFromWidget();
-      return r;
-    };
+    });
     cw.inputEl?.addEventListener("input", () => editor.syncFromWidget());
     cw.inputEl?.classList.add("keyface-emotion-curve-text");
   }
   for (const w of [editor.emotionWidget, editor.scheduleWidget, editor.durationWidget]) {
-    if (!w) continue;
-    const prev = w.callback;
-    w.callback = function (...args) {
-      const r = prev?.apply(this, args);
-      editor.draw();
-      return r;
-    };
+    if (w) chain(w, "callback", () => editor.draw());
   }
   chain(node, "onConfigure", () => editor.syncFromWidget(true));
   chain(node, "onExecuted", (message) => editor.onExecuted(message));
   chain(node, "onDrawForeground", () => {
     // the graph redraws on zoom/pan/resize; keep the editor's backing store matched to the screen
-    if (editor.curveWidget && editor.curveWidget.value !== editor.lastText && !editor.writing) editor.syncFromWidget();
+    if (!editor.writing) editor.syncFromWidget();
     editor.refreshAudioSource();
     // the widget's CSS transform is updated after this draw: check again on the next frame
     editor.checkSize();

@@ -235,7 +235,7 @@ class EmotionCurve:
 
     # -- derived curves / serialisation
     def with_intensity(self, intensity: float) -> "EmotionCurve":
-        return replace(self, intensity=float(intensity))
+        return replace(self, intensity=_check_intensity(intensity))
 
     def to_dict(self) -> dict:
         return {
@@ -376,7 +376,7 @@ def curve_from_named(schedule: str, duration: float | None = None, interpolation
     if not isinstance(schedule, str) or not schedule.strip():
         raise EmotionCurveError("schedule is empty; expected e.g. 'happy@0, sad@2.5, neutral@4'")
     items = [s for s in re.split(r"[,;\n]", schedule) if s.strip()]
-    entries = []
+    entries = []  # ((valence, arousal), time or None, the entry as written)
     for item in items:
         if "@" in item:
             name, _, t = item.partition("@")
@@ -388,12 +388,10 @@ def curve_from_named(schedule: str, duration: float | None = None, interpolation
                 raise EmotionCurveError(f"schedule entry {item.strip()!r}: time must be >= 0 seconds")
         else:
             name, time = item, None
-        entries.append((name.strip().lower(), time, item.strip()))
-        _lookup(name)
+        entries.append((_lookup(name), time, item.strip()))
     timed = [e for e in entries if e[1] is not None]
     if len(entries) == 1:
-        name, time, _ = entries[0]
-        v, a = _lookup(name)
+        (v, a), time, _ = entries[0]
         return EmotionCurve(((time or 0.0, v),), ((time or 0.0, a),), interpolation, source=schedule.strip())
     if timed and len(timed) != len(entries):
         missing = [e[2] for e in entries if e[1] is None]
@@ -404,14 +402,13 @@ def curve_from_named(schedule: str, duration: float | None = None, interpolation
                 "schedule: several emotions without times need a duration; write them as 'name@seconds' "
                 "(e.g. 'happy@0, sad@2.5') or give a duration")
         step = float(duration) / (len(entries) - 1)
-        entries = [(n, i * step, raw) for i, (n, _, raw) in enumerate(entries)]
+        entries = [(va, i * step, raw) for i, (va, _, raw) in enumerate(entries)]
     for i in range(1, len(entries)):
         if not entries[i][1] > entries[i - 1][1]:
             raise EmotionCurveError(
                 f"schedule: times must be strictly increasing ({entries[i][2]!r} after {entries[i - 1][2]!r})")
-    vals = [_lookup(n) for n, _, _ in entries]
-    valence = tuple((t, va[0]) for (_, t, _), va in zip(entries, vals))
-    arousal = tuple((t, va[1]) for (_, t, _), va in zip(entries, vals))
+    valence = tuple((t, va[0]) for va, t, _ in entries)
+    arousal = tuple((t, va[1]) for va, t, _ in entries)
     return EmotionCurve(valence, arousal, interpolation, source=schedule.strip())
 
 
@@ -450,5 +447,5 @@ def per_frame_emotion(curve, num_frames: int, fps: float = 25.0, intensity: floa
     if c is None:
         return torch.zeros(n, dtype=torch.float32), torch.zeros(n, dtype=torch.float32)
     if intensity is not None:
-        c = c.with_intensity(_check_intensity(intensity))
+        c = c.with_intensity(intensity)
     return c.sample([i / float(fps) for i in range(n)])

@@ -1,5 +1,5 @@
 """Shared plumbing of the node adapters: model folders, ComfyUI memory management, progress/cancel,
-identity image fitting.
+the first image / audio clip of an input batch.
 
 Imports of ``comfy.*`` and of the library happen inside functions: importing this module costs
 nothing but ``folder_paths`` (which ComfyUI has already loaded) and the standard library.
@@ -24,8 +24,6 @@ SECONDARY = {
     "wav2vec2": ("audio_encoders",),
 }
 
-_WEIGHT_EXT = {".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".sft"}
-
 
 # ---------------------------------------------------------------------------------- model folders
 def register_folders():
@@ -37,10 +35,12 @@ def register_folders():
     """
     import folder_paths
 
+    from ..keyface import model_files as mf
+
     default = os.path.join(folder_paths.models_dir, FOLDER)
     folder_paths.add_model_folder_path(FOLDER, default)
     paths, exts = folder_paths.folder_names_and_paths[FOLDER]
-    wanted = set(getattr(folder_paths, "supported_pt_extensions", set())) | _WEIGHT_EXT
+    wanted = set(getattr(folder_paths, "supported_pt_extensions", set())) | set(mf.WEIGHT_EXTENSIONS)
     if set(exts or ()) != wanted:
         folder_paths.folder_names_and_paths[FOLDER] = (paths, wanted)
         cache = getattr(folder_paths, "filename_list_cache", None)
@@ -52,7 +52,6 @@ def _folders(kind: str) -> list[tuple[str, str]]:
     """[(comfy_folder_name, directory)] searched for ``kind``, models/keyface first."""
     import folder_paths
 
-    register_folders()
     out = []
     for name in (FOLDER,) + SECONDARY.get(kind, ()):
         if name in folder_paths.folder_names_and_paths:
@@ -63,13 +62,15 @@ def _folders(kind: str) -> list[tuple[str, str]]:
 
 def _model_dirs(directory: str) -> list[str]:
     """Hugging Face style model folders (containing config.json) up to two levels below ``directory``."""
+    from ..keyface import model_files as mf
+
     found = []
     if not os.path.isdir(directory):
         return found
     for root, dirs, _files in os.walk(directory, followlinks=True):
         rel = os.path.relpath(root, directory)
         depth = 0 if rel == "." else rel.count(os.sep) + 1
-        if depth >= 1 and os.path.isfile(os.path.join(root, "config.json")):
+        if depth >= 1 and mf.is_model_folder(root):
             found.append(rel.replace(os.sep, "/"))
             dirs[:] = []
             continue
@@ -97,7 +98,7 @@ def choices(kind: str) -> list[str]:
         except Exception:  # a folder ComfyUI does not know (old builds)
             files = []
         for f in files:
-            if os.path.splitext(f)[1].lower() not in _WEIGHT_EXT:
+            if os.path.splitext(f)[1].lower() not in mf.WEIGHT_EXTENSIONS:
                 continue
             if any(f.startswith(d + "/") for d in hf):
                 continue  # weights inside a HF folder: the folder is the model
@@ -121,6 +122,8 @@ def choices(kind: str) -> list[str]:
 
 def resolve(kind: str, name: str, input_name: str) -> str:
     """Full path of combo value ``name`` (file or model folder); ValueError naming the input."""
+    from ..keyface import model_files as mf
+
     if not isinstance(name, str) or not name:
         raise ValueError(f"{input_name}: no model file chosen")
     rel = os.path.normpath(os.path.join("/", name)).lstrip("/\\")
@@ -130,7 +133,7 @@ def resolve(kind: str, name: str, input_name: str) -> str:
         full = os.path.join(directory, rel)
         if os.path.isfile(full):
             return full
-        if os.path.isdir(full) and os.path.isfile(os.path.join(full, "config.json")):
+        if mf.is_model_folder(full):
             return full
     raise ValueError(
         f"{input_name}: model '{name}' was not found in {', '.join(searched) or 'any model folder'} "
@@ -242,7 +245,7 @@ class Progress:
         self.bar.update_absolute(min(int(event.step), int(event.total)), int(event.total))
 
 
-# ---------------------------------------------------------------------------------- identity image
+# ------------------------------------------------------------------------- identity image, audio
 def first_image(image, input_name="image"):
     """The first portrait of an IMAGE batch (warns when the batch has more than one)."""
     if image is None or getattr(image, "ndim", 0) != 4 or image.shape[-1] not in (3, 4):
@@ -251,3 +254,21 @@ def first_image(image, input_name="image"):
     if image.shape[0] > 1:
         log.warning("KeyFace: %s holds %d images; using the first one as the identity", input_name, image.shape[0])
     return image[:1, :, :, :3]
+
+
+def first_clip(audio, input_name="audio"):
+    """(waveform [C, S] float32, sample_rate) of the first clip of an AUDIO batch (warns when it holds more)."""
+    try:
+        wf, sr = audio["waveform"], int(audio["sample_rate"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{input_name}: expected a ComfyUI AUDIO dict with 'waveform' and 'sample_rate'") from e
+    if wf.ndim == 3:
+        if wf.shape[0] > 1:
+            log.warning("KeyFace: %s holds a batch of %d clips; using the first", input_name, wf.shape[0])
+        wf = wf[0]
+    elif wf.ndim == 1:
+        wf = wf[None]
+    if wf.ndim != 2 or wf.shape[-1] == 0 or sr <= 0:
+        raise ValueError(f"{input_name}: expected a non-empty waveform [batch, channels, samples] with a positive "
+                         f"sample rate, got shape {tuple(audio['waveform'].shape)} at {sr} Hz")
+    return wf.float(), sr

@@ -8,6 +8,10 @@ Output ``KEYFACE_EMOTION``: a ``keyface.emotion.EmotionCurve`` (intensity includ
 it into per-frame values with ``keyface.emotion.per_frame_emotion(curve, num_frames, fps)``.
 """
 
+from dataclasses import replace
+
+from . import _common as C
+
 CUSTOM_CURVE = "custom curve"
 DEFAULT_CURVE = '{"version":1,"valence":[[0,0]],"arousal":[[0,0]],"interpolation":"monotone"}'
 PREVIEW_FPS = 25
@@ -35,8 +39,7 @@ def build_curve(emotion, curve, intensity=1.0, schedule="", duration=None):
     from ..keyface import emotion as kfe
 
     if emotion == CUSTOM_CURVE:
-        c = kfe.parse_curve(curve)
-        c = kfe.EmotionCurve(c.valence, c.arousal, c.interpolation, source=CUSTOM_CURVE, warnings=c.warnings)
+        c = replace(kfe.parse_curve(curve), source=CUSTOM_CURVE)
     elif schedule is not None and str(schedule).strip():
         c = kfe.curve_from_named(str(schedule), duration=duration)
     elif emotion in kfe.NAMED_EMOTIONS:
@@ -44,7 +47,7 @@ def build_curve(emotion, curve, intensity=1.0, schedule="", duration=None):
     else:
         raise kfe.EmotionCurveError(
             f"emotion: unknown value {emotion!r}; expected {CUSTOM_CURVE!r} or one of {', '.join(kfe.NAMED_EMOTIONS)}")
-    return c.with_intensity(kfe._check_intensity(intensity))
+    return c.with_intensity(intensity)
 
 
 class KeyFaceEmotion:
@@ -97,7 +100,7 @@ class KeyFaceEmotion:
     RETURN_NAMES = ("emotion",)
     OUTPUT_TOOLTIPS = ("Valence/arousal curve for KeyFace Sample Keyframes.",)
     FUNCTION = "build"
-    CATEGORY = "KeyFace"
+    CATEGORY = C.CATEGORY
     # An output node so that the sampled curve preview reaches the editor even when nothing downstream
     # runs; it is cheap (no model).
     OUTPUT_NODE = True

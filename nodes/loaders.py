@@ -7,17 +7,7 @@ so KeyFace models are evicted / partially loaded like any core model.
 
 from __future__ import annotations
 
-import logging
-
 from . import _common as C
-
-log = logging.getLogger("keyface")
-
-
-def _sidecar(path):
-    from ..keyface import model_files
-
-    return model_files.read_sidecar(path)
 
 
 # ----------------------------------------------------------------------------------- model holders
@@ -129,19 +119,13 @@ class KeyFaceAudioEncoderLoader:
         from ..keyface.audio import load_beats, load_wav2vec2, load_wavlm
 
         load_device, offload_device, dtype = C.text_encoder_policy()
-        paths = {
-            "wavlm": C.resolve("wavlm", wavlm_name, "wavlm_name"),
-            "beats": C.resolve("beats", beats_name, "beats_name"),
-            "wav2vec2": C.resolve("wav2vec2", wav2vec2_name, "wav2vec2_name"),
-        }
-        loaders = {"wavlm": load_wavlm, "beats": load_beats, "wav2vec2": load_wav2vec2}
-        models, patchers = {}, []
-        for key in ("wavlm", "beats", "wav2vec2"):
-            m = loaders[key](paths[key], dtype=dtype, device=offload_device)
-            m = m.to(device=offload_device, dtype=dtype).eval().requires_grad_(False)
-            models[key] = m
-            patchers.append(C.patcher(m, load_device, offload_device))
         names = {"wavlm": wavlm_name, "beats": beats_name, "wav2vec2": wav2vec2_name}
+        # every name is resolved before the first (slow) load, so a missing file fails at once
+        paths = {kind: C.resolve(kind, name, f"{kind}_name") for kind, name in names.items()}
+        loaders = {"wavlm": load_wavlm, "beats": load_beats, "wav2vec2": load_wav2vec2}
+        # the library loaders return eval-mode, grad-free modules already cast and placed
+        models = {kind: loaders[kind](path, dtype=dtype, device=offload_device) for kind, path in paths.items()}
+        patchers = [C.patcher(m, load_device, offload_device) for m in models.values()]
         return (KeyFaceAudioEncoders(models["wavlm"], models["beats"], models["wav2vec2"], patchers, dtype, names),)
 
 
@@ -163,7 +147,7 @@ class KeyFaceKeyframeModelLoader:
         from ..keyface import engines, model_files
 
         path = C.resolve("keyframe", model_name, "model_name")
-        cfg = _sidecar(path)
+        cfg = model_files.read_sidecar(path)
         load_device, offload_device, weight_dtype, compute_dtype, ops = C.unet_policy(C.file_params(path))
         net = engines.load_keyframe_network(path, config=cfg, dtype=weight_dtype, device=offload_device, operations=ops)
         res = model_files.resolution_of(cfg)
@@ -186,11 +170,11 @@ class KeyFaceInterpolationModelLoader:
         }}
 
     def load(self, model_name, bad_model_name):
-        from ..keyface import engines
+        from ..keyface import engines, model_files
 
         path = C.resolve("interpolation", model_name, "model_name")
         bad_path = C.resolve("interpolation_bad", bad_model_name, "bad_model_name")
-        cfg = _sidecar(path)
+        cfg = model_files.read_sidecar(path)
         n = C.file_params(path) + C.file_params(bad_path)
         load_device, offload_device, weight_dtype, compute_dtype, ops = C.unet_policy(n)
         good, bad = engines.load_interpolation_networks(

@@ -17,11 +17,7 @@ Data passed between nodes:
 
 from __future__ import annotations
 
-import logging
-
 from . import _common as C
-
-log = logging.getLogger("keyface")
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 SEGMENT_FRAMES = 14
@@ -47,24 +43,6 @@ def _pipeline():
     from ..keyface import pipeline
 
     return pipeline
-
-
-def _audio_batch(audio, input_name="audio"):
-    """(waveform [C, S] float32, sample_rate) of the first item of a native AUDIO dict."""
-    try:
-        wf, sr = audio["waveform"], int(audio["sample_rate"])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{input_name}: expected a ComfyUI AUDIO dict with 'waveform' and 'sample_rate'") from e
-    if wf.ndim == 3:
-        if wf.shape[0] > 1:
-            log.warning("KeyFace: %s holds a batch of %d clips; using the first", input_name, wf.shape[0])
-        wf = wf[0]
-    elif wf.ndim == 1:
-        wf = wf[None]
-    if wf.ndim != 2 or wf.shape[-1] == 0 or sr <= 0:
-        raise ValueError(f"{input_name}: expected a non-empty waveform [batch, channels, samples] with a positive "
-                         f"sample rate, got shape {tuple(audio['waveform'].shape)} at {sr} Hz")
-    return wf.float(), sr
 
 
 def clip_audio(waveform, sample_rate):
@@ -103,7 +81,7 @@ class KeyFaceEncodeAudio:
         import torch
         from ..keyface.audio import compute_features
 
-        waveform, sr = _audio_batch(audio)
+        waveform, sr = C.first_clip(audio)
         enc = audio_encoders
         C.load(enc.patchers)
         C.check_interrupt()
@@ -277,15 +255,15 @@ def segments_from_latent(latent, input_name="latent"):
     return x.reshape(x.shape[0] // t, t, *x.shape[1:]), int(latent["keyface_num_frames"])
 
 
-def decode_chunks(vae, latent, chunk_frames, progress):
-    """Iterator of decoded frame chunks [n, H, W, 3] (0..1, on the intermediate device)."""
+def decode_chunks(vae, segments, num_frames, chunk_frames, progress):
+    """Iterator of decoded frame chunks [n, H, W, 3] (0..1, on the intermediate device) of
+    ``segments_from_latent``'s ([S, 14, 4, h, w], N)."""
     import torch
 
-    seg, n = segments_from_latent(latent)
     C.load([vae.patcher])
     out_device = C.mm().intermediate_device()
     with torch.inference_mode():
-        for chunk in _pipeline().decode_segments(vae.vae, seg.to(vae.dtype), n, chunk_frames=int(chunk_frames),
+        for chunk in _pipeline().decode_segments(vae.vae, segments, num_frames, chunk_frames=int(chunk_frames),
                                                  device=vae.device, dtype=vae.dtype, callback=progress):
             C.check_interrupt()
             yield chunk.to(out_device, torch.float32)
@@ -312,7 +290,8 @@ class KeyFaceDecode:
     def decode(self, vae, latent, chunk_frames):
         import torch
 
-        frames = list(decode_chunks(vae, latent, chunk_frames, C.Progress()))
+        seg, n = segments_from_latent(latent)
+        frames = list(decode_chunks(vae, seg, n, chunk_frames, C.Progress()))
         return (torch.cat(frames, 0),)
 
 

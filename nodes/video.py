@@ -11,14 +11,14 @@ import logging
 import os
 
 from . import _common as C
-from .sampling import _audio_batch, decode_chunks, segments_from_latent
+from .sampling import decode_chunks, segments_from_latent
 
 log = logging.getLogger("keyface")
 
 
 class KeyFaceSaveVideo:
     DESCRIPTION = ("Decodes KeyFace latents in fixed chunks and streams them into an H.264/AAC mp4 in the output "
-                   "folder (flat memory for long clips). The audio is cut/padded to the video length.")
+                   "folder (flat memory for long clips). The audio is cut to the video length.")
     CATEGORY = C.CATEGORY
     FUNCTION = "save"
     OUTPUT_NODE = True
@@ -31,7 +31,7 @@ class KeyFaceSaveVideo:
         return {"required": {
             "vae": ("KEYFACE_VAE", {"tooltip": "From KeyFace Load VAE."}),
             "latent": ("LATENT", {"tooltip": "From KeyFace Interpolate."}),
-            "audio": ("AUDIO", {"tooltip": "The speech (e.g. KeyFace Encode Audio's exact-length audio)."}),
+            "audio": ("AUDIO", {"tooltip": "The speech (e.g. KeyFace Encode Audio's audio output)."}),
             "filename_prefix": ("STRING", {"default": "keyface/KeyFace", "tooltip": "Output file prefix, relative to the output folder."}),
             "chunk_frames": ("INT", {"default": 16, "min": 1, "max": 256,
                                      "tooltip": "Frames per decoder call (memory/speed only; frames are decoded one by one as released)."}),
@@ -44,7 +44,7 @@ class KeyFaceSaveVideo:
 
         seg, n = segments_from_latent(latent)
         size = int(seg.shape[-1]) * 8, int(seg.shape[-2]) * 8
-        waveform, sr = _audio_batch(audio)
+        waveform, sr = C.first_clip(audio)
         waveform = waveform[:, : int(round(n * sr / C.FPS))]
         out_dir = folder_paths.get_output_directory()
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir, size[0], size[1])
@@ -53,7 +53,7 @@ class KeyFaceSaveVideo:
         progress = C.Progress()
         with Mp4Writer(path, size[0], size[1], fps=int(C.FPS), audio=waveform, sample_rate=sr, num_frames=n,
                        crf=int(crf)) as writer:
-            for chunk in decode_chunks(vae, latent, chunk_frames, progress):
+            for chunk in decode_chunks(vae, seg, n, chunk_frames, progress):
                 writer.write(chunk)
         log.info("KeyFace: wrote %s (%d frames)", path, n)
         return {"ui": {"images": [{"filename": file, "subfolder": subfolder, "type": "output"}], "animated": (True,)},

@@ -19,7 +19,7 @@ ONCE=0
 for arg in "$@"; do
   case "$arg" in
     --once) ONCE=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;  # the comment block above
     *) echo "unknown argument: $arg (use --once or --help)" >&2; exit 2 ;;
   esac
 done

@@ -19,7 +19,6 @@ default 1: on small shared CPUs oversubscribed threads are many times slower).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -218,7 +217,3 @@ def comfy_server(tmp_path_factory):
         server.stop()
         if os.environ.get("KEYFACE_E2E_KEEP_LOG"):
             print(f"ComfyUI log: {server.log_path}")
-
-
-def load_json(path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -40,7 +40,6 @@ def _make_folder_paths():
     m = types.ModuleType("folder_paths")
     m.__stub__ = True
     base = tempfile.mkdtemp(prefix="keyface-comfy-stub-")
-    m.base_path = base
     m.models_dir = os.path.join(base, "models")
     m.supported_pt_extensions = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
     m.folder_names_and_paths = {
@@ -49,8 +48,6 @@ def _make_folder_paths():
         "custom_nodes": ([os.path.join(base, "custom_nodes")], set()),
     }
     m.output_directory = os.path.join(base, "output")
-    m.temp_directory = os.path.join(base, "temp")
-    m.input_directory = os.path.join(base, "input")
 
     def add_model_folder_path(folder_name, full_folder_path, is_default=False):
         if folder_name in m.folder_names_and_paths:
@@ -83,35 +80,10 @@ def _make_folder_paths():
                         out.add(rel)
         return sorted(out)
 
-    def get_full_path(folder_name, filename):
-        if folder_name not in m.folder_names_and_paths:
-            return None
-        filename = os.path.relpath(os.path.join("/", filename), "/")
-        for p in m.folder_names_and_paths[folder_name][0]:
-            full = os.path.join(p, filename)
-            if os.path.isfile(full):
-                return full
-        return None
-
-    def get_full_path_or_raise(folder_name, filename):
-        full = get_full_path(folder_name, filename)
-        if full is None:
-            raise FileNotFoundError(f"Model in folder '{folder_name}' with filename '{filename}' not found.")
-        return full
-
     m.add_model_folder_path = add_model_folder_path
     m.get_folder_paths = get_folder_paths
     m.get_filename_list = get_filename_list
-    m.get_full_path = get_full_path
-    m.get_full_path_or_raise = get_full_path_or_raise
     m.get_output_directory = lambda: m.output_directory
-    m.get_temp_directory = lambda: m.temp_directory
-    m.get_input_directory = lambda: m.input_directory
-
-    def get_annotated_filepath(name, default_dir=None):
-        return os.path.join(default_dir or m.input_directory, name)
-
-    m.get_annotated_filepath = get_annotated_filepath
 
     def get_save_image_path(filename_prefix, output_dir, image_width=0, image_height=0):
         subfolder = os.path.dirname(os.path.normpath(filename_prefix))
@@ -155,9 +127,6 @@ def _make_model_management():
     m.unet_manual_cast = lambda weight_dtype, inference_device, supported_dtypes=None: None
     m.text_encoder_dtype = lambda device=None: _torch().float32
     m.vae_dtype = lambda device=None, allowed_dtypes=(): _torch().float32
-    m.should_use_fp16 = lambda *a, **k: False
-    m.should_use_bf16 = lambda *a, **k: False
-    m.soft_empty_cache = lambda force=False: None
 
     def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                         force_full_load=False):
@@ -166,13 +135,6 @@ def _make_model_management():
             p.model.to(p.load_device)
 
     m.load_models_gpu = load_models_gpu
-    m.load_model_gpu = lambda model: load_models_gpu([model])
-
-    def interrupt_current_processing(value=True):
-        STATE.interrupt = value
-
-    def processing_interrupted():
-        return STATE.interrupt
 
     def throw_exception_if_processing_interrupted():
         STATE.checks += 1
@@ -185,8 +147,6 @@ def _make_model_management():
             STATE.interrupt = False
             raise InterruptProcessingException()
 
-    m.interrupt_current_processing = interrupt_current_processing
-    m.processing_interrupted = processing_interrupted
     m.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
     return m
 
@@ -197,19 +157,15 @@ def _make_model_patcher():
     m.__stub__ = True
 
     class ModelPatcher:
-        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+        def __init__(self, model, load_device, offload_device):
             self.model = model
             self.load_device = load_device
             self.offload_device = offload_device
-            self.size = size
             if getattr(model, "device", None) is None:
                 try:
                     model.device = offload_device
                 except Exception:
                     pass
-
-        def model_size(self):
-            return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     m.ModelPatcher = ModelPatcher
     return m
@@ -219,7 +175,6 @@ def _make_model_patcher():
 def _make_utils():
     m = types.ModuleType("comfy.utils")
     m.__stub__ = True
-    m.PROGRESS_BAR_HOOK = None
 
     class ProgressBar:
         def __init__(self, total, node_id=None):
@@ -233,9 +188,6 @@ def _make_utils():
             value = min(value, self.total)
             self.current = value
             STATE.progress.append((self.node_id, value, self.total))
-
-        def update(self, value):
-            self.update_absolute(self.current + value)
 
     m.ProgressBar = ProgressBar
     return m

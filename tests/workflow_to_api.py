@@ -26,18 +26,21 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 
 
+def _options(spec) -> dict:
+    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
 def _is_widget(spec) -> bool:
     if not isinstance(spec, (list, tuple)) or not spec:
         return False
-    kind = spec[0]
-    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    if opts.get("forceInput"):
+    if _options(spec).get("forceInput"):
         return False
+    kind = spec[0]
     return isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES
 
 
 def _has_control(name, spec) -> bool:
-    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    opts = _options(spec)
     if "control_after_generate" in opts:
         return bool(opts["control_after_generate"])
     return spec[0] == "INT" and name in ("seed", "noise_seed")
