@@ -16,18 +16,21 @@ and :func:`convert_to_safetensors`, a one-call conversion of any supported file.
 from __future__ import annotations
 
 import builtins
+import collections
 import importlib
 import io
 import json
 import os
 import pickle
-import tempfile
+import typing
 import warnings
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from types import SimpleNamespace
 
 import torch
+
+from ._files import create_temp_beside
 
 __all__ = [
     "CheckpointError",
@@ -70,14 +73,57 @@ class _InertNamespace(SimpleNamespace):
     """Stand-in for ``argparse.Namespace`` (the real class is harmless too, but this needs no import)."""
 
 
-# Metadata containers found beside the weights of Lightning / DeepSpeed checkpoints. They are mapped
-# to inert local classes instead of being imported.
+class _InertVersion(str):
+    """Stand-in for ``torch.torch_version.TorchVersion`` (a ``str`` subclass): the version string."""
+
+
+class _InertObject:
+    """Stand-in for a metadata object of a framework that is never imported (OmegaConf's
+    ``DictConfig`` / ``ListConfig`` and their nodes): it keeps what the pickle hands it -- constructor
+    arguments and ``BUILD`` state -- as plain data, and has no behaviour that could run code."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        obj.args = args
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+# Metadata found beside the weights of Lightning / DeepSpeed checkpoints (hyper-parameters, configs,
+# paths, versions). Each is mapped to an inert local stand-in (or a pure-data stdlib type) instead of
+# being imported. They can only ever stand for metadata: the weight subtree (``module`` /
+# ``state_dict``) must hold tensors only, which _tensor_dict checks after loading.
 _INERT_STANDINS = {
     ("argparse", "Namespace"): _InertNamespace,
     ("pytorch_lightning.utilities.parsing", "AttributeDict"): _InertDict,
     ("lightning.fabric.utilities.data", "AttributeDict"): _InertDict,
     ("lightning_fabric.utilities.data", "AttributeDict"): _InertDict,
     ("lightning.pytorch.utilities.parsing", "AttributeDict"): _InertDict,
+    ("torch.torch_version", "TorchVersion"): _InertVersion,
+    # the concrete (filesystem) path classes become pure paths: the same parts, no I/O methods
+    **{(mod, name): pure for mod in ("pathlib", "pathlib._local") for name, pure in (
+        ("Path", PurePath), ("PurePath", PurePath),
+        ("PosixPath", PurePosixPath), ("PurePosixPath", PurePosixPath),
+        ("WindowsPath", PureWindowsPath), ("PureWindowsPath", PureWindowsPath),
+    )},
+    **{(f"omegaconf.{mod}", name): _InertObject for mod, name in (
+        ("dictconfig", "DictConfig"), ("listconfig", "ListConfig"),
+        ("base", "ContainerMetadata"), ("base", "Metadata"), ("base", "Node"), ("base", "Container"),
+        ("nodes", "AnyNode"), ("nodes", "StringNode"), ("nodes", "IntegerNode"), ("nodes", "FloatNode"),
+        ("nodes", "BooleanNode"), ("nodes", "BytesNode"), ("nodes", "PathNode"), ("nodes", "ValueNode"),
+    )},
+    # OmegaConf metadata names these as types; both are inert (a defaultdict only stores its factory,
+    # which can itself only be one of these allowed globals)
+    ("typing", "Any"): typing.Any,
+    ("collections", "defaultdict"): collections.defaultdict,
+    # protocol-2 pickles spell some builtins with their Python 2 names
+    ("__builtin__", "long"): int,
+    ("__builtin__", "unicode"): str,
 }
 
 _SAFE_BUILTINS = {
@@ -287,6 +333,14 @@ def _read_safetensors(path):
 
 
 def _check_suffix(path: Path):
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES)
+        raise CheckpointError(
+            f"{path} is a folder; expected one model file (.safetensors, {', '.join(PICKLE_SUFFIXES)})"
+            + (f": pass the weights file inside it ({', '.join(inside)})" if inside else "")
+            + ". Hugging Face folders (wav2vec2-base-960h/, a WavLM folder) load directly with "
+            "keyface.audio.load_wav2vec2 / load_wavlm and need no conversion"
+        )
     suffix = path.suffix.lower()
     if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(
@@ -304,11 +358,9 @@ def read_state_dict(path) -> dict:
     Lightning ``_forward_module.`` key prefix is removed.
     """
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; expected a model file")
+    suffix = _check_suffix(path)
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
-    suffix = _check_suffix(path)
     if suffix == ".safetensors":
         sd, metadata = _read_safetensors(path)
         if AUDIO_CFG_METADATA_KEY in metadata:
@@ -323,9 +375,9 @@ def read_audio_checkpoint(path) -> dict:
     Accepts the original pickles and their safetensors conversions (cfg stored as JSON metadata).
     """
     path = Path(path)
+    suffix = _check_suffix(path)
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
-    suffix = _check_suffix(path)
     if suffix == ".safetensors":
         sd, metadata = _read_safetensors(path)
         if AUDIO_CFG_METADATA_KEY not in metadata:
@@ -470,10 +522,11 @@ def convert_to_safetensors(src, dst) -> Path:
             sd = _unwrap(obj, src)
     sd = _unshare(sd)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=str(dst.parent))
-    os.close(fd)
+    tmp = create_temp_beside(dst, ".tmp")  # mode 0o666 & ~umask, as a normally created file
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         save_file(sd, tmp, metadata=metadata)
+        os.chmod(tmp, mode)  # safetensors writes the file anew, private (0600)
         os.replace(tmp, dst)
     except BaseException:
         try:

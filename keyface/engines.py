@@ -16,6 +16,8 @@ The loaders read files through :mod:`keyface.checkpoints` and account for every 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import re
 from pathlib import Path
 
@@ -24,12 +26,14 @@ from torch import nn
 
 from .checkpoints import CheckpointError, KeyLedger, read_state_dict
 from .conditioning import AudioProjection
-from .config import INTERPOLATION_UNET, KEYFRAME_UNET, UNetConfig
+from .config import _INERT, _REQUIRED_VALUES, INTERPOLATION_UNET, KEYFRAME_UNET, UNetConfig
 from .diffusion import _row_scalings
+from .model_files import read_sidecar
 from .unet import VideoUNet
 
 UNET_PREFIX = "model.diffusion_model."
 MASK_KEY = "model.learned_mask"
+BAD_NETWORK_PREFIX = "denoiser.bad_network."  # an autoguidance network stored inside the engine file
 KEYFRAME_AUDIO_EMBEDDER = 3  # conditioner.embedders.3 = audio_emb (released keyframe.yaml)
 INTERPOLATION_AUDIO_EMBEDDER = 1  # conditioner.embedders.1 = audio_emb (released interpolation.yaml)
 RELEASED_AUDIO_FEATURE_DIM = 1536  # [WavLM|BEATs] or [wav2vec2|BEATs], spec 2.1 / 2.6
@@ -163,6 +167,19 @@ class InterpolationNetwork(_EngineBase):
 # Configuration
 # --------------------------------------------------------------------------------------------------
 
+log = logging.getLogger(__name__)
+
+# Top-level keys of an original config (``model.params`` of the reference YAML). The networks are
+# built from NETWORK_SECTIONS; the other keys configure the denoiser, the sampler and the VAE. A
+# config holding any of them is read in the nested form.
+NETWORK_SECTIONS = ("network_config", "network_wrapper", "conditioner_config")
+ORIGINAL_OTHER_KEYS = ("denoiser_config", "first_stage_config", "sampler_config", "scale_factor")
+# InterpolationWrapper parameters (network_wrapper.params, or flat): the learned mask's size.
+WRAPPER_KEYS = ("im_size", "n_channels")
+# Our own sidecar key (output pixels, read by keyface.model_files.resolution_of); no network effect.
+OWN_KEYS = ("resolution",)
+_NETWORK_PARAM_KEYS = frozenset(f.name for f in dataclasses.fields(UNetConfig)) | set(_INERT) | set(_REQUIRED_VALUES)
+
 
 def _emb_models(config):
     cond = (config or {}).get("conditioner_config") or {}
@@ -178,24 +195,100 @@ def _audio_embedder_from_config(config, default_index):
     return default_index, None, None
 
 
-def _unet_config_from(config, released, inferred: dict):
-    if config is not None and "network_config" in config:
-        params = (config["network_config"] or {}).get("params", config["network_config"])
-        return UNetConfig.from_original(dict(params))
-    if not inferred:
-        return released
-    cfg = dataclasses.replace(released, **inferred)
-    if cfg.num_head_channels > 0:
-        attn_widths = {
-            cfg.model_channels * m for lv, m in enumerate(cfg.channel_mult) if 2**lv in cfg.attention_resolutions
-        }
-        if any(w % cfg.num_head_channels for w in attn_widths):
-            raise CheckpointError(
-                f"this checkpoint's UNet is not the released size (widths {sorted(attn_widths)}), and its attention "
-                f"head size cannot be read from the weights (released: {cfg.num_head_channels}); pass its original "
-                "config (network_config.params) to the loader"
+def _section_params(config, key) -> dict:
+    """``config[key]`` as a parameter dict: ``{"target", "params"}`` (original) or the parameters themselves."""
+    section = config.get(key)
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ValueError(f"config[{key!r}] must be a dict, got {type(section).__name__}")
+    params = section.get("params", {}) if ("params" in section or "target" in section) else section
+    if not isinstance(params, dict):
+        raise ValueError(f"config[{key!r}]['params'] must be a dict, got {type(params).__name__}")
+    return params
+
+
+def _split_config(config, flat_known: frozenset):
+    """Read an engine config in either form -> (network params, complete: bool, wrapper params).
+
+    * flat: original parameter names at the top level (``{"model_channels": 64, "im_size": [256, 256]}``);
+      every key must be known.
+    * nested: the original config's sections (``network_config``, ``network_wrapper``,
+      ``conditioner_config``, ...). Other top-level keys are the original's training/sampling
+      settings and are not read, except original parameter names, which override the sections, and
+      near-misspellings of a known key, which are refused.
+
+    ``complete`` is True for a ``network_config`` with a ``target`` (copied from an original YAML):
+    it is read exactly as the original reads it, with the original VideoUNet's own defaults.
+    """
+    if config is None:
+        return {}, False, {}
+    if not isinstance(config, dict):
+        raise ValueError(f"config must be a dict of original parameters, got {type(config).__name__}")
+    sections = NETWORK_SECTIONS + ORIGINAL_OTHER_KEYS
+    flat = {k: v for k, v in config.items() if k in flat_known}
+    if not any(k in config for k in sections):
+        unknown = sorted(k for k in config if k not in flat_known)
+        if unknown:
+            why = (" (im_size and n_channels size the interpolation network's learned mask; the keyframe network "
+                   "has none)" if set(unknown) & set(WRAPPER_KEYS) else _did_you_mean(unknown, flat_known | set(sections)))
+            raise ValueError(
+                f"config: unknown key(s) {unknown}{why}; known "
+                f"keys are the original sections {list(sections)} or these parameters: {sorted(flat_known)}"
             )
+    else:
+        near = [k for k in config if k not in flat_known and k not in sections
+                and difflib.get_close_matches(k, list(flat_known) + list(sections), n=1, cutoff=0.9)]
+        if near:
+            raise ValueError(f"config: unknown key(s) {sorted(near)}{_did_you_mean(near, flat_known | set(sections))}")
+    complete = "target" in (config.get("network_config") or {})
+    params = {**_section_params(config, "network_config"), **{k: v for k, v in flat.items() if k in _NETWORK_PARAM_KEYS}}
+    wrapper = {**_section_params(config, "network_wrapper"), **{k: v for k, v in flat.items() if k in WRAPPER_KEYS}}
+    return params, complete, wrapper
+
+
+def _did_you_mean(unknown, known) -> str:
+    hints = [f"{k!r} -> {m[0]!r}" for k in unknown if (m := difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.8))]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
+def _released_params(released: UNetConfig) -> dict:
+    """The released architecture as an original ``network_config.params`` dict (switches included)."""
+    params = {f.name: getattr(released, f.name) for f in dataclasses.fields(UNetConfig)}
+    params.update({k: allowed[0] for k, (_, allowed, _) in _REQUIRED_VALUES.items()})
+    return params
+
+
+def _unet_config(params: dict, complete: bool, released: UNetConfig, unet_sd: dict) -> UNetConfig:
+    """The UNet: a complete original network_config as is; otherwise the released architecture,
+    updated with the sizes the checkpoint's shapes determine, then with ``params``."""
+    if complete:
+        return UNetConfig.from_original(dict(params))
+    inferred = _match_released_types(released, _infer_unet_params(unet_sd)) if unet_sd else {}
+    given = {k: v for k, v in params.items() if v is not None}  # None: keep the default
+    cfg = UNetConfig.from_original({**_released_params(released), **inferred, **given})
+    if inferred and not {"num_head_channels", "num_heads"} & given.keys():
+        _check_assumed_head_size(cfg)
     return cfg
+
+
+def _check_assumed_head_size(cfg: UNetConfig):
+    """A checkpoint of another size whose config is unknown: the attention head size cannot be read
+    from the weights, so the released one is assumed (refused where it cannot divide the widths)."""
+    attn_widths = sorted({cfg.model_channels * m for lv, m in enumerate(cfg.channel_mult) if 2**lv in cfg.attention_resolutions})
+    how = ("pass config={'num_head_channels': N} (or the model's original network_config) to the loader, "
+           "or put it in a sidecar <checkpoint>.json")
+    if cfg.num_head_channels > 0 and any(w % cfg.num_head_channels for w in attn_widths):
+        raise CheckpointError(
+            f"this checkpoint's UNet is not the released size (attention widths {attn_widths}), and its attention "
+            f"head size cannot be read from the weights (released: num_head_channels={cfg.num_head_channels}, which "
+            f"does not divide them); {how}"
+        )
+    log.warning(
+        "this checkpoint's UNet is not the released size (model_channels=%d, channel_mult=%s); its attention head "
+        "size cannot be read from the weights, so the released num_head_channels=%d was assumed. If the model was "
+        "trained with another, %s.", cfg.model_channels, list(cfg.channel_mult), cfg.num_head_channels, how,
+    )
 
 
 def _infer_unet_params(unet_sd: dict) -> dict:
@@ -248,41 +341,53 @@ def _infer_unet_params(unet_sd: dict) -> dict:
     return out
 
 
-def _engine_config(config, state_dict, released, default_embedder):
-    """(UNetConfig, audio_feature_dim, audio_embedder_index): ``config``'s, else read from the
-    checkpoint's shapes where they differ from ``released``, else the released ones."""
+def _engine_config(config, state_dict, released, default_embedder, flat_known):
+    """(UNetConfig, audio_feature_dim, audio_embedder_index, wrapper params) of one engine."""
     state_dict = state_dict or {}
-    if config is None:
-        unet_sd = {k[len(UNET_PREFIX):]: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
-        inferred = _infer_unet_params(unet_sd)
-    else:
-        inferred = {}
-    unet_cfg = _unet_config_from(config, released, _match_released_types(released, inferred))
+    params, complete, wrapper = _split_config(config, flat_known)
+    unet_sd = {k[len(UNET_PREFIX):]: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
+    unet_cfg = _unet_config(params, complete, released, unet_sd)
     idx, feat, _ = _audio_embedder_from_config(config, default_embedder)
     if feat is None:
         w = state_dict.get(f"conditioner.embedders.{idx}.linear.weight")
         feat = int(w.shape[1]) if w is not None else RELEASED_AUDIO_FEATURE_DIM
-    return unet_cfg, int(feat), idx
+    return unet_cfg, int(feat), idx, wrapper
 
 
 def keyframe_network_config(config=None, state_dict=None):
-    """(UNetConfig, audio_feature_dim, audio_embedder_index) for the keyframe engine."""
-    return _engine_config(config, state_dict, KEYFRAME_UNET, KEYFRAME_AUDIO_EMBEDDER)
+    """(UNetConfig, audio_feature_dim, audio_embedder_index) for the keyframe engine.
+
+    ``config`` (see :func:`load_keyframe_network`) overrides the released architecture; sizes it does
+    not set come from ``state_dict``'s shapes where they differ from the released ones.
+    """
+    unet_cfg, feat, idx, _ = _engine_config(config, state_dict, KEYFRAME_UNET, KEYFRAME_AUDIO_EMBEDDER,
+                                            _NETWORK_PARAM_KEYS | set(OWN_KEYS))
+    return unet_cfg, feat, idx
 
 
 def interpolation_network_config(config=None, state_dict=None):
-    """(UNetConfig, audio_feature_dim, audio_embedder_index, mask_hw, n_channels) for the interpolation engine."""
-    unet_cfg, feat, idx = _engine_config(config, state_dict, INTERPOLATION_UNET, INTERPOLATION_AUDIO_EMBEDDER)
-    wrapper = ((config or {}).get("network_wrapper") or {}).get("params") or {}
-    n_channels = int(wrapper.get("n_channels", 4))
+    """(UNetConfig, audio_feature_dim, audio_embedder_index, mask_hw, n_channels) for the interpolation engine.
+
+    As :func:`keyframe_network_config`, plus the InterpolationWrapper's ``im_size`` (pixels; the learned
+    mask is im_size / 8) and ``n_channels``, from the config, else the checkpoint's mask, else released.
+    """
+    unet_cfg, feat, idx, wrapper = _engine_config(config, state_dict, INTERPOLATION_UNET, INTERPOLATION_AUDIO_EMBEDDER,
+                                                  _NETWORK_PARAM_KEYS | set(OWN_KEYS) | set(WRAPPER_KEYS))
+    m = (state_dict or {}).get(MASK_KEY)
+    n_channels = int(wrapper.get("n_channels", m.shape[0] if m is not None else 4))
     if "im_size" in wrapper:
-        mask_hw = tuple(int(s) // 8 for s in wrapper["im_size"])
+        mask_hw = _mask_hw(wrapper["im_size"])
     else:
-        m = (state_dict or {}).get(MASK_KEY)
         mask_hw = tuple(int(s) for s in m.shape[-2:]) if m is not None else RELEASED_MASK_HW
-        if m is not None:
-            n_channels = int(m.shape[0])
     return unet_cfg, feat, idx, mask_hw, n_channels
+
+
+def _mask_hw(im_size) -> tuple:
+    """InterpolationWrapper ``im_size`` ([height, width] pixels) -> the learned mask's latent size."""
+    if (not isinstance(im_size, (list, tuple)) or len(im_size) != 2
+            or not all(isinstance(s, int) and s > 0 and s % 8 == 0 for s in im_size)):
+        raise ValueError(f"config: im_size must be [height, width] in pixels, multiples of 8, got {im_size!r}")
+    return tuple(s // 8 for s in im_size)
 
 
 def _match_released_types(released, inferred: dict) -> dict:
@@ -323,6 +428,14 @@ def _source_state_dict(source):
         return dict(source), "<state dict>"
     path = Path(source)
     return read_state_dict(path), str(path)
+
+
+def _config_or_sidecar(source, config):
+    """``config``, else the sidecar ``<checkpoint>.json`` beside a file ``source`` (see
+    :mod:`keyface.model_files`), else None (the released architecture / the checkpoint's shapes)."""
+    if config is not None or isinstance(source, dict):
+        return config
+    return read_sidecar(source)
 
 
 def _identify(sd: dict) -> str:
@@ -391,9 +504,17 @@ def _take_projection(ledger: KeyLedger, index: int, name: str):
 def load_keyframe_network(source, config=None, dtype=None, device=None, operations=None) -> KeyframeNetwork:
     """Load the keyframe engine (``.pt`` DeepSpeed / ``.ckpt`` / ``.bin`` / ``.safetensors``, or a state dict).
 
-    ``config``: optional dict in the original YAML format (``network_config``, ``conditioner_config``)
-    overriding the released sizes; without it, sizes are inferred from the checkpoint's shapes.
+    The architecture is the released one, overridden by ``config``, which uses the original parameter
+    names, either flat (``{"model_channels": 64, "num_head_channels": 32}``) or in the original config's
+    sections (``network_config`` [``params``], ``conditioner_config``); unknown keys are refused. A
+    ``network_config`` with a ``target`` (copied from an original YAML) is read as the original reads it.
+    ``config=None`` with a file ``source``: the sidecar ``<checkpoint>.json`` beside it when there is one
+    (:mod:`keyface.model_files`). Sizes no config sets are read from the checkpoint's shapes; the
+    attention head size cannot be, so for a checkpoint of another size the released
+    ``num_head_channels=64`` is assumed, with a logged warning (set ``num_head_channels`` to override).
+    The returned network's ``ignored_keys`` maps each unused key of the file to the reason.
     """
+    config = _config_or_sidecar(source, config)
     sd, name = _source_state_dict(source)
     _check_kind(sd, name, "keyframe", "keyframe model")
     unet_cfg, feat, idx = keyframe_network_config(config, sd)
@@ -405,11 +526,15 @@ def load_keyframe_network(source, config=None, dtype=None, device=None, operatio
     net = KeyframeNetwork(unet_cfg, feat, dtype=dtype, device="meta", operations=operations)
     tensors = {f"diffusion_model.{k}": v for k, v in unet.items()}
     tensors.update({f"audio_projection.{k}": v for k, v in proj.items()})
-    return _materialise(net, tensors, name, dtype, device or "cpu")
+    net = _materialise(net, tensors, name, dtype, device or "cpu")
+    net.ignored_keys = dict(ledger.ignored)
+    return net
 
 
-def _load_interp(sd, name, unet_cfg, feat, idx, mask_hw, n_ch, dtype, device, operations, bad: bool):
+def _load_interp(sd, name, unet_cfg, feat, idx, mask_hw, n_ch, dtype, device, operations, bad: bool, ignore=()):
     ledger = KeyLedger(sd, name)
+    for prefix, why in ignore:
+        ledger.ignore(prefix, why)
     unet = ledger.take(UNET_PREFIX)
     mask = ledger.take_key(MASK_KEY)
     if mask is None:
@@ -430,7 +555,9 @@ def _load_interp(sd, name, unet_cfg, feat, idx, mask_hw, n_ch, dtype, device, op
     tensors = {f"diffusion_model.{k}": v for k, v in unet.items()}
     tensors["learned_mask"] = mask
     tensors.update({f"audio_projection.{k}": v for k, v in proj.items()})
-    return _materialise(net, tensors, name, dtype, device or "cpu")
+    net = _materialise(net, tensors, name, dtype, device or "cpu")
+    net.ignored_keys = dict(ledger.ignored)
+    return net
 
 
 def load_interpolation_networks(source, bad_source=None, config=None, dtype=None, device=None, operations=None):
@@ -439,23 +566,29 @@ def load_interpolation_networks(source, bad_source=None, config=None, dtype=None
     ``bad_source``: the ``interpolation_bad.pt`` file (only ``model.diffusion_model.*`` and
     ``model.learned_mask`` are used, as in the original). ``None``: the bad network embedded in
     ``source`` as ``denoiser.bad_network.*`` when there is one, else ``bad`` is ``None`` (autoguidance
-    then cannot run).
+    then cannot run). Both networks have the architecture of ``config`` (as in
+    :func:`load_keyframe_network`, plus the InterpolationWrapper's ``im_size`` and ``n_channels``; the
+    sidecar of ``source`` when ``config`` is None). ``ignored_keys`` on each network: as there; embedded
+    ``denoiser.bad_network.*`` keys appear in the good network's, superseded when ``bad_source`` is given.
     """
+    config = _config_or_sidecar(source, config)
     sd, name = _source_state_dict(source)
-    embedded_bad = {k[len("denoiser.bad_network."):]: v for k, v in sd.items() if k.startswith("denoiser.bad_network.")}
-    if embedded_bad:
-        sd = {k: v for k, v in sd.items() if not k.startswith("denoiser.bad_network.")}
+    embedded_bad = {k[len(BAD_NETWORK_PREFIX):]: v for k, v in sd.items() if k.startswith(BAD_NETWORK_PREFIX)}
     _check_kind(sd, name, "interpolation", "interpolation model")
     if bad_source is not None:
         bsd, bname = _source_state_dict(bad_source)
         _check_kind(bsd, bname, "interpolation", "interpolation bad (autoguidance) model")
+        embedded_why = f"an embedded autoguidance network, superseded by bad_source ({bname})"
     elif embedded_bad:
         bsd = {("model." + k): v for k, v in embedded_bad.items()}
-        bname = f"{name} (denoiser.bad_network.*)"
+        bname = f"{name} ({BAD_NETWORK_PREFIX}*)"
+        embedded_why = "the embedded autoguidance network, loaded as the bad network"
     else:
         bsd = None
+        embedded_why = None
     unet_cfg, feat, idx, mask_hw, n_ch = interpolation_network_config(config, sd)
-    good = _load_interp(sd, name, unet_cfg, feat, idx, mask_hw, n_ch, dtype, device, operations, bad=False)
+    ignore = [(BAD_NETWORK_PREFIX, embedded_why)] if embedded_bad else []
+    good = _load_interp(sd, name, unet_cfg, feat, idx, mask_hw, n_ch, dtype, device, operations, bad=False, ignore=ignore)
     bad = None
     if bsd is not None:
         bad = _load_interp(bsd, bname, unet_cfg, feat, idx, mask_hw, n_ch, dtype, device, operations, bad=True)
@@ -464,6 +597,7 @@ def load_interpolation_networks(source, bad_source=None, config=None, dtype=None
 
 def load_audio_projection(source, engine: str, config=None, dtype=None, device=None, operations=None) -> AudioProjection:
     """Only the audio projection (``conditioner.embedders.<i>.linear.*``) of an engine file."""
+    config = _config_or_sidecar(source, config)
     sd, name = _source_state_dict(source)
     default = KEYFRAME_AUDIO_EMBEDDER if engine == "keyframe" else INTERPOLATION_AUDIO_EMBEDDER
     idx, _, _ = _audio_embedder_from_config(config, default)

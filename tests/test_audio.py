@@ -142,12 +142,46 @@ def test_beats_attention_chunks_same_function(encoders):
     x = _speechlike(2.0, 16000, seed=5)
     with torch.no_grad():
         full = beats(x)
-        beats.attention_chunk = 7
-        try:
-            chunked = beats(x)
-        finally:
-            beats.attention_chunk = None
+        chunked = beats(x, attention_chunk=7)
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+
+
+class _Spy(torch.nn.Module):
+    """An encoder that records the attention_chunk each call receives."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = []
+
+    def forward(self, x, attention_chunk=None):
+        self.calls.append(attention_chunk)
+        return self.inner(x, attention_chunk=attention_chunk)
+
+
+def test_attention_chunk_is_passed_to_each_call(encoders):
+    """compute_features hands the chunk size to the encoder calls instead of setting it on modules
+    that other threads may be using."""
+    wavlm, beats = _Spy(encoders[0]), _Spy(encoders[1])
+    x = _speechlike(1.0, 16000, seed=8)
+    chunked = compute_features(x, 16000, wavlm, beats, encoders[2], attention_chunk=7)
+    whole = compute_features(x, 16000, wavlm, beats, encoders[2], attention_chunk=None)
+    assert wavlm.calls == beats.calls == [7, None]
+    assert not hasattr(encoders[0], "attention_chunk") and not hasattr(encoders[1], "attention_chunk")
+    torch.testing.assert_close(chunked.keyframe, whole.keyframe, rtol=1e-5, atol=1e-5)
+
+
+def test_beats_ignores_unknown_cfg_keys_with_a_warning(tmp_path, encoders, caplog):
+    ckpt = torch.load(PARITY / "beats.pt", weights_only=True)
+    ckpt["cfg"]["some_future_setting"] = 3  # the original BEATsConfig accepts any key
+    path = tmp_path / "beats.pt"
+    torch.save(ckpt, path)
+    with caplog.at_level("WARNING", logger="keyface.audio.beats"):
+        beats = load_beats(path)
+    assert any("some_future_setting" in r.getMessage() for r in caplog.records)
+    x = _speechlike(1.0, 16000, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(beats(x), encoders[1](x), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +232,8 @@ def test_int16_pcm_is_scaled():
         (torch.zeros(1, 1, 1, 1000), 16000, "expected a waveform"),
         (torch.full((2, 2, 1000), 0.1), 16000, "batch of 2"),
         (torch.full((1000,), 0.1), 0, "sample_rate"),
+        (torch.full((48000, 2), 0.1), 48000, r"expected \[channels, samples\], got \[samples, channels\]\?"),
+        (torch.full((1, 16000, 1), 0.1), 16000, r"got \[samples, channels\]\?"),
     ],
 )
 def test_audio_input_errors(waveform, sample_rate, message):
@@ -265,8 +301,7 @@ def test_wavlm_attention_chunks_same_function(tmp_path, layer_norm_first):
     x = _speechlike(1.5, 16000, seed=6)
     with torch.no_grad():
         full = wavlm(x)
-        wavlm.attention_chunk = 9
-        chunked = wavlm(x)
+        chunked = wavlm(x, attention_chunk=9)
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
 
 

@@ -75,6 +75,46 @@ def test_inert_metadata_loads_without_importing(tmp_path):
     assert list(sd) == ["a.weight"] and torch.equal(sd["a.weight"], torch.arange(3.0))
 
 
+def test_training_metadata_loads_without_importing(tmp_path):
+    """OmegaConf configs, pathlib paths, TorchVersion and argparse.Namespace beside the weights (what
+    training runs store) are read as inert stand-ins; no framework module is imported."""
+    import sys
+
+    fixture = Path(__file__).parent / "fixtures" / "checkpoints" / "deepspeed_omegaconf_metadata.pt"
+    before = set(sys.modules)
+    sd = read_state_dict(fixture)  # written with the real omegaconf: tests/tools/make_metadata_checkpoint.py
+    assert sorted(sd) == ["model.b", "model.w"]
+    assert torch.equal(sd["model.w"], torch.arange(6.0).reshape(2, 3)) and torch.equal(sd["model.b"], torch.tensor([0.5, -1.5]))
+    assert not any(m.split(".")[0] in ("omegaconf", "yaml") for m in set(sys.modules) - before)
+
+    path = tmp_path / "ds.pt"
+    torch.save({"module": {"_forward_module.a": torch.ones(2)}, "dir": Path("/runs/x"),
+                "torch_version": torch.__version__, "args": argparse.Namespace(out=Path("o"))}, path)
+    assert torch.equal(read_state_dict(path)["a"], torch.ones(2))
+    assert convert_to_safetensors(path, tmp_path / "ds.safetensors").is_file()
+
+
+def test_metadata_stand_ins_are_refused_among_the_weights(tmp_path):
+    path = tmp_path / "ds.pt"
+    torch.save({"module": {"_forward_module.a": torch.ones(2), "_forward_module.p": Path("/x")}}, path)
+    with pytest.raises(CheckpointError, match="not tensors: '_forward_module.p'"):
+        read_state_dict(path)
+
+
+def test_folder_is_refused_with_what_to_pass(tmp_path):
+    hf = tmp_path / "wav2vec2-base-960h"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"")
+    for call in (lambda: convert_to_safetensors(hf, tmp_path / "w.safetensors"), lambda: read_state_dict(hf),
+                 lambda: read_audio_checkpoint(hf)):
+        with pytest.raises(CheckpointError) as err:
+            call()
+        msg = str(err.value)
+        assert "is a folder" in msg and "model.safetensors" in msg and "need no conversion" in msg
+        assert "extension" not in msg
+
+
 def test_containers(tmp_path):
     t = torch.randn(3, 2)
     torch.save({"state_dict": {"_forward_module.x": t}, "epoch": 3}, tmp_path / "l.ckpt")

@@ -20,6 +20,7 @@ as ``load_state_dict`` does, the last copy wins, which is what is kept here).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, fields
 
@@ -30,6 +31,8 @@ from torch.nn import functional as F
 from ..checkpoints import CheckpointError, KeyLedger
 from ..ops import resolve
 from ._common import as_batch, load_strict, module_device_dtype, read_encoder_file, torchaudio_part
+
+log = logging.getLogger(__name__)
 
 FBANK_MEAN = 15.41663
 FBANK_STD = 6.55582
@@ -62,10 +65,13 @@ class BEATsConfig:
 
     @classmethod
     def from_cfg(cls, cfg: dict) -> "BEATsConfig":
+        """Read a unilm ``cfg``. Like the original ``BEATsConfig``, which takes any key, settings this
+        implementation does not know are ignored (with a logged warning naming them): the modules
+        KeyFace builds read only the fields above, so they cannot change the architecture."""
         known = {f.name for f in fields(cls)}
-        unknown = [k for k in cfg if k not in known and k not in cls._INERT]
+        unknown = sorted(k for k in cfg if k not in known and k not in cls._INERT)
         if unknown:
-            raise CheckpointError(f"BEATs cfg: unknown settings {sorted(unknown)}")
+            log.warning("BEATs cfg: ignoring setting(s) %s, which the BEATs encoder does not use", unknown)
         c = cls(**{k: v for k, v in cfg.items() if k in known})
         if c.layer_norm_first:
             raise CheckpointError("BEATs cfg: layer_norm_first=True (pre-LN) is not supported; released BEATs is post-LN")
@@ -228,12 +234,13 @@ class _Encoder(nn.Module):
 
 
 class BEATs(nn.Module):
-    """BEATs encoder. ``forward(waveform [S] or [B, S], 16 kHz in [-1, 1]) -> tokens [B, 8 * floor(Tf / 16), C]``.
+    """BEATs encoder. ``forward(waveform [S] or [B, S], 16 kHz in [-1, 1], attention_chunk=None)
+    -> tokens [B, 8 * floor(Tf / 16), C]``.
 
     ``attention_chunk``: None computes each attention as one block (as the original); an int
     computes it in blocks of that many query rows, which caps the attention memory at
     ``heads * chunk * tokens`` values per layer for long clips (same function, tiny rounding
-    differences).
+    differences). It is an argument of each call, not module state, so threads may share a module.
     """
 
     def __init__(self, cfg: BEATsConfig, dtype=None, device=None, operations=None):
@@ -249,7 +256,6 @@ class BEATs(nn.Module):
             if cfg.embed_dim != cfg.encoder_embed_dim else None
         )
         self.encoder = _Encoder(cfg, ops, **kw)
-        self.attention_chunk = None
 
     @property
     def hidden_size(self) -> int:
@@ -258,7 +264,7 @@ class BEATs(nn.Module):
     def fbank(self, waveform: torch.Tensor) -> torch.Tensor:
         return kaldi_fbank(waveform)
 
-    def forward_fbank(self, fbank: torch.Tensor) -> torch.Tensor:
+    def forward_fbank(self, fbank: torch.Tensor, attention_chunk: int | None = None) -> torch.Tensor:
         """Normalised fbank [B, Tf, 128] -> tokens [B, T' * F', C] (time-major)."""
         device, dtype = module_device_dtype(self)
         x = self.patch_embedding(fbank.to(device=device, dtype=dtype)[:, None])  # [B, E, T', F']
@@ -266,11 +272,11 @@ class BEATs(nn.Module):
         x = self.layer_norm(x)
         if self.post_extract_proj is not None:
             x = self.post_extract_proj(x)
-        return self.encoder(x, self.attention_chunk)
+        return self.encoder(x, attention_chunk)
 
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+    def forward(self, waveform: torch.Tensor, attention_chunk: int | None = None) -> torch.Tensor:
         device, _ = module_device_dtype(self)
-        return self.forward_fbank(self.fbank(as_batch(waveform).to(device)))
+        return self.forward_fbank(self.fbank(as_batch(waveform).to(device)), attention_chunk)
 
 
 def convert_state_dict(sd: dict, cfg: BEATsConfig, source="BEATs checkpoint") -> dict:

@@ -38,7 +38,7 @@ wav2vec2       +81 MB (SDPA, no L x L)      (not needed)
 whole-clip L x L tensors scale with the head count: for Base+ (12 heads) one such tensor is
 12 x 3000^2 x 4 B = 0.43 GB at 60 s and 10.8 GB at 5 min, and transformers' WavLM holds several at
 once (bias, gated bias, scores, weights). ``compute_features(..., attention_chunk=n)`` (or
-``encoder.attention_chunk = n``) computes WavLM and BEATs attention in blocks of n query rows: the
+``encoder(waveform, attention_chunk=n)``) computes WavLM and BEATs attention in blocks of n query rows: the
 same function (differences ~1e-6), with memory ~ heads x n x L per block. :func:`compute_features`
 uses blocks of :data:`DEFAULT_ATTENTION_CHUNK` rows unless told otherwise.
 """
@@ -63,6 +63,10 @@ SILENCE_THRESHOLD = 1e-5
 # are one block; longer ones keep attention memory linear in the clip length (see above).
 DEFAULT_ATTENTION_CHUNK = 1024
 BEATS_MIN_SAMPLES = 400 + 15 * 160  # 16 fbank frames = one 16 x 16 patch row
+# A 2-D waveform with more rows than this, each of at most CHANNELS_LAST_MAX_COLS values, is
+# channels-last [S, C]: no clip has that many channels (7.1 = 8), nor is 8 samples a usable clip
+CHANNELS_LAST_MIN_ROWS = 64
+CHANNELS_LAST_MAX_COLS = 8
 
 
 class AudioInputError(ValueError):
@@ -103,7 +107,9 @@ def _to_float(waveform) -> torch.Tensor:
 def prepare_waveform(waveform, sample_rate) -> torch.Tensor:
     """Any mono / multichannel waveform -> mono float32 [S] at 16 kHz (on the input's device).
 
-    Accepts ``[S]``, ``[C, S]`` or ``[1, C, S]`` (a ComfyUI AUDIO batch of one). Channels are averaged
+    Accepts ``[S]``, ``[C, S]`` or ``[1, C, S]`` (a ComfyUI AUDIO batch of one); channels-last
+    ``[S, C]`` (more than 64 rows of at most 8 values, e.g. ``[48000, 2]``) is refused with a message
+    saying so, not transposed on a guess. Channels are averaged
     (any count), then the clip is resampled with ``torchaudio.functional.resample`` when
     ``sample_rate`` is not 16000. Raises :class:`AudioInputError` for empty, non-finite, too short
     (under one 25 fps video frame = 640 samples at 16 kHz) or silent audio, and for other shapes.
@@ -120,6 +126,13 @@ def prepare_waveform(waveform, sample_rate) -> torch.Tensor:
     if x.dim() != 2:
         raise AudioInputError(
             f"audio: expected a waveform [samples], [channels, samples] or [1, channels, samples], got shape {tuple(x.shape)}"
+        )
+    if x.shape[0] > CHANNELS_LAST_MIN_ROWS and x.shape[1] <= CHANNELS_LAST_MAX_COLS:
+        # refused rather than transposed on a guess: the array comes from a caller with the wrong
+        # layout, which would also be wrong wherever else it is used (muxing the audio track, ...)
+        raise AudioInputError(
+            f"audio: expected [channels, samples], got [samples, channels]? shape {tuple(x.shape)} would be "
+            f"{x.shape[0]} channels of {x.shape[1]} sample(s); transpose it (waveform.T) if it is channels-last"
         )
     if x.numel() == 0:
         raise AudioInputError(f"audio: the clip is empty (shape {tuple(x.shape)})")
@@ -176,15 +189,16 @@ def _to_rows(feats: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def wavlm_frames(wave16k: torch.Tensor, wavlm) -> torch.Tensor:
-    """WavLM array [F', 2, d] (F' = F rounded up to even) of a prepared mono 16 kHz clip."""
+def wavlm_frames(wave16k: torch.Tensor, wavlm, attention_chunk: int | None = None) -> torch.Tensor:
+    """WavLM array [F', 2, d] (F' = F rounded up to even) of a prepared mono 16 kHz clip.
+    ``attention_chunk``: see :class:`~keyface.audio.wavlm.WavLMEncoder` (None: whole clip)."""
     padded, frames = _pad_frames(wave16k, even=True)
-    return _to_rows(wavlm(padded[None]), frames)
+    return _to_rows(wavlm(padded[None], attention_chunk=attention_chunk), frames)
 
 
 @torch.no_grad()
-def beats_frames(wave16k: torch.Tensor, beats) -> torch.Tensor:
-    """BEATs array [F', 2, d] of a prepared mono 16 kHz clip.
+def beats_frames(wave16k: torch.Tensor, beats, attention_chunk: int | None = None) -> torch.Tensor:
+    """BEATs array [F', 2, d] of a prepared mono 16 kHz clip (``attention_chunk`` as for WavLM).
 
     Clips shorter than 6 frames (0.24 s) give the original no BEATs token at all (it fails there);
     their encoder input is extended with zeros to one 16-frame fbank patch row (2800 samples).
@@ -193,7 +207,7 @@ def beats_frames(wave16k: torch.Tensor, beats) -> torch.Tensor:
     padded, frames = _pad_frames(wave16k, even=True)
     if padded.shape[-1] < BEATS_MIN_SAMPLES:
         padded = F.pad(padded, (0, BEATS_MIN_SAMPLES - padded.shape[-1]))
-    return _to_rows(beats(padded[None]), frames)
+    return _to_rows(beats(padded[None], attention_chunk=attention_chunk), frames)
 
 
 @torch.no_grad()
@@ -221,25 +235,16 @@ def compute_features(waveform, sample_rate, wavlm, beats, wav2vec2, max_frames=N
     ``waveform``: [S], [C, S] or [1, C, S] at ``sample_rate`` (see :func:`prepare_waveform`).
     ``max_frames``: optional crop of the arrays (the original crops at 1125 = 45 s) before the
     common-length cut. ``attention_chunk``: WavLM and BEATs compute attention in blocks of that many
-    query rows for this call (memory ~ L x chunk instead of L^2; the same function, see the module
+    query rows (passed to each encoder call) (memory ~ L x chunk instead of L^2; the same function, see the module
     docstring); ``None`` attends over the whole clip at once, as the original. ``trim_to_duration``:
     cut to N = :func:`video_frame_count` rows (the default; see "Clip length" above) instead of the
     original's F = ceil(S / 640). Outputs are float32 on the CPU.
     """
     wave = prepare_waveform(waveform, sample_rate)
     n = video_frame_count(wave.shape[0]) if trim_to_duration else num_video_frames(wave.shape[0])
-    saved = [getattr(m, "attention_chunk", None) for m in (wavlm, beats)]
-    try:
-        if attention_chunk is not None:
-            for m in (wavlm, beats):
-                if hasattr(m, "attention_chunk"):
-                    m.attention_chunk = int(attention_chunk)
-        w = wavlm_frames(wave, wavlm).float().cpu()
-        b = beats_frames(wave, beats).float().cpu()
-    finally:
-        for m, c in zip((wavlm, beats), saved):
-            if hasattr(m, "attention_chunk"):
-                m.attention_chunk = c
+    # the chunk size goes into each call: the encoders hold no per-call state, so threads may share them
+    w = wavlm_frames(wave, wavlm, attention_chunk).float().cpu()
+    b = beats_frames(wave, beats, attention_chunk).float().cpu()
     v = wav2vec2_frames(wave, wav2vec2).float().cpu()
     key = [w, b]
     interp = [v, b]

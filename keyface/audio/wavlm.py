@@ -175,7 +175,7 @@ def convert_unilm_state_dict(sd: dict, model_keys, source="WavLM checkpoint") ->
 
 
 class WavLMEncoder(nn.Module):
-    """``forward(waveform [S] or [B, S], raw, 16 kHz) -> last_hidden_state [B, L, hidden]``.
+    """``forward(waveform [S] or [B, S], raw, 16 kHz, attention_chunk=None) -> last_hidden_state [B, L, hidden]``.
 
     ``normalize`` reproduces the unilm wrapper: a whole-sequence ``layer_norm`` of the input when the
     checkpoint's ``cfg.normalize`` is True (False for Base+).
@@ -184,27 +184,27 @@ class WavLMEncoder(nn.Module):
     relative-position bias, its gated copy and the attention weights for the whole sequence
     (heads x L x L each, L = 50 per second of audio). An int runs the same layers with the attention
     computed in blocks of that many query rows (bias rows built per block), so long clips need
-    memory proportional to L x chunk instead of L^2. Same function; rounding differs by ~1e-6.
+    memory proportional to L x chunk instead of L^2. Same function; rounding differs by ~1e-6. It is
+    an argument of each call, not module state, so threads may share a module.
     """
 
     def __init__(self, model, normalize: bool = False):
         super().__init__()
         self.model = model
         self.normalize = bool(normalize)
-        self.attention_chunk = None
 
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+    def forward(self, waveform: torch.Tensor, attention_chunk: int | None = None) -> torch.Tensor:
         device, dtype = module_device_dtype(self)
         x = as_batch(waveform).to(device=device, dtype=torch.float32)
         if self.normalize:
             x = F.layer_norm(x, x.shape)
         x = x.to(dtype)
-        if self.attention_chunk:
-            return self._forward_chunked(x, int(self.attention_chunk))
+        if attention_chunk:
+            return self._forward_chunked(x, int(attention_chunk))
         return self.model(x).last_hidden_state
 
     def _forward_chunked(self, x, chunk):
