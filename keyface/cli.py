@@ -2,7 +2,8 @@
 
 Renders a talking-face video without ComfyUI: image + audio + a models folder (see
 :mod:`keyface.model_files` for the file names) -> an mp4 with exactly N = round(seconds x 25)
-frames at 25 fps and the input audio as its AAC track. The output appears only when complete.
+frames at 25 fps and the input audio, cut or padded with silence to exactly N / 25 s, as its AAC
+track. The output appears only when complete.
 
 ``python -m keyface plan --frames N`` (or ``--audio FILE``) prints the clip plan (keyframes, batches,
 segments) without loading any model.
@@ -46,7 +47,17 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--unguided-last-step", action="store_true",
                    help="skip both stages' guidance at the last step (sigma 0.002): 4%% fewer UNet evaluations, "
                         "an approximation (see bench/README.md)")
-    r.add_argument("--segments-per-call", type=int, default=2, help="interpolation segments per UNet call")
+    r.add_argument("--segments-per-call", type=int, default=2,
+                   help="interpolation segments (14 frames each) per UNet call; halved automatically if a call runs "
+                        "out of memory. Same result; more is faster on a big GPU and needs more memory")
+    r.add_argument("--branches-per-call", type=int, choices=(1, 2, 3), default=3,
+                   help="keyframe guidance branches per UNet call; halved automatically on out-of-memory. Same result")
+    r.add_argument("--attention", choices=("auto", "math", "flash", "efficient", "cudnn"), default="auto",
+                   help="scaled-dot-product attention backend (auto: torch picks per call). Same result up to "
+                        "rounding; a backend this device cannot run is an error")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNets (opt-in): the first calls compile (minutes), then faster sampling; "
+                        "same result up to rounding")
     r.add_argument("--chunk-frames", type=int, default=16, help="frames per VAE decode call")
     r.add_argument("--identity-mode", choices=("crop", "pad"), default="crop",
                    help="square the identity image by centre crop or by padding")
@@ -130,13 +141,29 @@ def _emotion(args, num_frames):
     return per_frame_emotion(curve, num_frames, intensity=args.intensity)
 
 
+def _settings(args):
+    """RenderSettings from the command line (validated there)."""
+    from .diffusion import UNGUIDED_LAST_STEP_SIGMA
+    from .pipeline import RenderSettings
+
+    return RenderSettings(
+        seed=args.seed,
+        keyframe_steps=args.keyframe_steps or args.steps,
+        interpolation_steps=args.interpolation_steps or args.steps,
+        ref_ratio=args.ref_ratio, audio_ratio=args.audio_ratio, scale=args.scale,
+        autoguidance=not args.no_autoguidance, segments_per_call=args.segments_per_call,
+        branches_per_call=args.branches_per_call,
+        guidance_min_sigma=UNGUIDED_LAST_STEP_SIGMA if args.unguided_last_step else 0.0,
+        chunk_frames=args.chunk_frames, attention=args.attention, compile=args.compile,
+    )
+
+
 def cmd_render(args) -> int:
     import torch
 
     from . import model_files as mf
     from . import pipeline
     from .audio import compute_features, load_beats, load_wav2vec2, load_wavlm
-    from .diffusion import UNGUIDED_LAST_STEP_SIGMA
     from .planner import FPS, plan_clip
     from .video_io import read_audio_file, read_image
 
@@ -146,6 +173,7 @@ def cmd_render(args) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise ValueError(f"output folder does not exist: {out_dir}")
+    settings = _settings(args)  # bad values fail here, before any model loads
     found = _find_models(args.models)
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
@@ -178,14 +206,7 @@ def cmd_render(args) -> int:
     pipeline.render_to_file(
         kf_net, good, bad, vae, z_id, features, args.out,
         audio=waveform, sample_rate=sample_rate, crf=args.crf,
-        valence=valence, arousal=arousal, device=device, callback=progress,
-        seed=args.seed,
-        keyframe_steps=args.keyframe_steps or args.steps,
-        interpolation_steps=args.interpolation_steps or args.steps,
-        ref_ratio=args.ref_ratio, audio_ratio=args.audio_ratio, scale=args.scale,
-        autoguidance=not args.no_autoguidance, segments_per_call=args.segments_per_call,
-        guidance_min_sigma=UNGUIDED_LAST_STEP_SIGMA if args.unguided_last_step else 0.0,
-        chunk_frames=args.chunk_frames,
+        valence=valence, arousal=arousal, device=device, callback=progress, settings=settings,
     )
     progress.log(f"wrote {args.out}: {n} frames ({n / FPS:.2f} s) at {FPS} fps")
     return 0

@@ -7,9 +7,13 @@ and D is the x0 estimate in the scaled latent space.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .conditioning import keyframe_unconditional
+
+log = logging.getLogger(__name__)
 
 # AYSDiscretization base list (spec 5.2)
 AYS_BASE_SIGMAS = (700.0, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002)
@@ -97,6 +101,67 @@ def sample_euler(denoise, noise: torch.Tensor, sigmas: torch.Tensor, callback=No
 
 
 # --------------------------------------------------------------------------------------------------
+# Call sizes: as many guidance branches / segments per network call as memory allows
+# --------------------------------------------------------------------------------------------------
+
+
+def _release_cached_memory():
+    """Give the CUDA caching allocator's free blocks back before a smaller retry (no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class CallSizer:
+    """How many items (guidance branches or segments) go into one network call.
+
+    Starts at ``limit``. When a call raises ``torch.OutOfMemoryError`` (CUDA's is a subclass), that
+    call's items are retried in halves (rounded up), down to one item per call; out of memory with a
+    single item is re-raised. The size that worked is kept for every later call through the same
+    sizer, so one sizer per stage run means one failed call per halving, not one per step. The items
+    are independent of each other (separate videos), so the split changes the number of calls, not
+    what is computed (bit-identical up to the float rounding of different batch sizes).
+    """
+
+    def __init__(self, limit: int, what: str = "items"):
+        if isinstance(limit, bool) or int(limit) != limit or int(limit) < 1:
+            raise ValueError(f"{what} per call must be an integer >= 1, got {limit!r}")
+        self.limit = int(limit)
+        self.what = what
+        self._initial = self.limit
+        self._reported = False
+
+    def map(self, call, total: int) -> list:
+        """``[call(i0, i1), ...]`` over consecutive ranges covering items ``0..total``, each of at most
+        ``limit`` items, halving ``limit`` on out-of-memory as described above."""
+        out, i = [], 0
+        while i < total:
+            n = min(self.limit, total - i)
+            try:
+                out.append(call(i, i + n))
+            except torch.OutOfMemoryError:
+                if n == 1:
+                    raise
+            else:
+                i += n
+                self._report()
+                continue
+            # outside the except block: the exception (and the activations its traceback holds) is gone
+            self.limit = (n + 1) // 2
+            _release_cached_memory()
+        return out
+
+    def _report(self):
+        if self.limit < self._initial and not self._reported:
+            self._reported = True
+            log.warning("keyface: out of memory with %d %s per network call; continuing with %d per call",
+                        self._initial, self.what, self.limit)
+
+
+def _sizer(per_call, what: str) -> CallSizer:
+    return per_call if isinstance(per_call, CallSizer) else CallSizer(per_call, what)
+
+
+# --------------------------------------------------------------------------------------------------
 # Engine denoisers (wrapper input assembly lives on the networks, see keyface.engines)
 # --------------------------------------------------------------------------------------------------
 
@@ -111,14 +176,18 @@ def _unguided(sigma, guidance_min_sigma: float) -> bool:
 
 
 def keyframe_denoiser(network, cond, uc=None, ref_ratio: float = 2.0, audio_ratio: float = 5.0,
-                      guidance_min_sigma: float = 0.0):
+                      guidance_min_sigma: float = 0.0, branches_per_call=3):
     """AudioRefMultiCondGuider around the keyframe engine (spec 5.4).
 
-    One batched network call of 3 x rows: branches [u: uc concat, uc crossattn, c vector |
-    id: c concat, uc crossattn, c vector | full: c]. D = D_u + ref (D_id - D_u) + audio (D_full - D_id).
-    ``cond``/``uc`` as returned by :func:`keyface.conditioning.keyframe_conditioning` (B videos);
-    ``cond`` may also be that ``(c, uc)`` pair. ``uc=None``: the released unconditional branch,
+    Branches [u: uc concat, uc crossattn, c vector | id: c concat, uc crossattn, c vector | full: c],
+    all three in one batched network call of 3 x rows by default. D = D_u + ref (D_id - D_u) +
+    audio (D_full - D_id). ``cond``/``uc`` as returned by
+    :func:`keyface.conditioning.keyframe_conditioning` (B videos); ``cond`` may also be that
+    ``(c, uc)`` pair. ``uc=None``: the released unconditional branch,
     :func:`keyface.conditioning.keyframe_unconditional` of ``cond``.
+
+    ``branches_per_call``: 1..3 branches per network call, or a :class:`CallSizer` shared by several
+    denoisers; out of memory halves it (see :class:`CallSizer`). The result does not depend on it.
 
     ``guidance_min_sigma`` (default 0: exact, as released): at sigmas at or below it only the full
     branch is evaluated (D = D_full, one third of the cost). With AYS the last step is at 0.002,
@@ -131,48 +200,57 @@ def keyframe_denoiser(network, cond, uc=None, ref_ratio: float = 2.0, audio_rati
         uc = keyframe_unconditional(cond)
     if not isinstance(cond, dict) or not isinstance(uc, dict):
         raise TypeError("keyframe_denoiser: cond and uc must be the dicts of keyface.conditioning.keyframe_conditioning")
+    sizer = _sizer(branches_per_call, "keyframe guidance branches")
     concat = torch.cat([uc["concat"], cond["concat"], cond["concat"]], dim=0)
     crossattn = torch.cat([uc["crossattn"], uc["crossattn"], cond["crossattn"]], dim=0)
     vector = torch.cat([cond["vector"], cond["vector"], cond["vector"]], dim=0)
+    videos = cond["concat"].shape[0]
 
     def denoise(x, sigma):
         if _unguided(sigma, guidance_min_sigma):
             return network.denoise(x, sigma, concat=cond["concat"], crossattn=cond["crossattn"], vector=cond["vector"])
         rows = x.shape[0]
-        xx = torch.cat([x, x, x], dim=0)
-        d = network.denoise(xx, sigma, concat=concat, crossattn=crossattn, vector=vector)
-        d_u, d_id, d_full = d.split(rows, dim=0)
+        per_row = torch.as_tensor(sigma).dim() > 0
+
+        def branches(b0, b1):  # branches b0..b1-1: rows b0*rows.., videos b0*videos..
+            k = b1 - b0
+            return network.denoise(x.repeat(k, *([1] * (x.dim() - 1))), sigma.repeat(k) if per_row else sigma,
+                                   concat=concat[b0 * videos:b1 * videos], crossattn=crossattn[b0 * videos:b1 * videos],
+                                   vector=vector[b0 * rows:b1 * rows])
+
+        d_u, d_id, d_full = torch.cat(sizer.map(branches, 3), dim=0).split(rows, dim=0)
         return d_u + ref_ratio * (d_id - d_u) + audio_ratio * (d_full - d_id)
 
     return denoise
 
 
-def interpolation_denoiser(good, bad, cond: dict, scale: float = 2.0, segments_per_call: int = 2, autoguidance: bool = True,
+def interpolation_denoiser(good, bad, cond: dict, scale: float = 2.0, segments_per_call=2, autoguidance: bool = True,
                            guidance_min_sigma: float = 0.0):
     """KarrasGuider autoguidance around the two interpolation networks (spec 5.5).
 
     D = D_bad + scale (D_good - D_bad); both networks get the same (main engine's) conditioning.
     Segments are independent, so they are evaluated ``segments_per_call`` at a time (the released
-    code uses 2; the result does not depend on it beyond float rounding). ``autoguidance=False``
-    evaluates the good network only (D = D_good): half the cost, a different (unguided) result.
-    ``guidance_min_sigma``: as in :func:`keyframe_denoiser`, the good network alone at sigmas at or
-    below it (default 0: exact).
+    code uses 2; the result does not depend on it beyond float rounding). ``segments_per_call`` may
+    also be a :class:`CallSizer` shared by several denoisers; out of memory halves it.
+    ``autoguidance=False`` evaluates the good network only (D = D_good): half the cost, a different
+    (unguided) result. ``guidance_min_sigma``: as in :func:`keyframe_denoiser`, the good network
+    alone at sigmas at or below it (default 0: exact).
     """
-    if segments_per_call < 1:
-        raise ValueError(f"segments_per_call must be >= 1, got {segments_per_call}")
+    sizer = _sizer(segments_per_call, "interpolation segments")
     if autoguidance and bad is None:
         raise ValueError("interpolation_denoiser: autoguidance needs the bad network")
     concat, crossattn = cond["concat"], cond["crossattn"]
     n_seg = concat.shape[0]
 
     def run(net, x, sigma):
-        out = []
-        for s0 in range(0, n_seg, segments_per_call):
-            s1 = min(n_seg, s0 + segments_per_call)
+        per_row = torch.as_tensor(sigma).dim() > 0
+
+        def segments(s0, s1):
             rows = slice(s0 * FRAMES_PER_VIDEO, s1 * FRAMES_PER_VIDEO)
-            sig = sigma if torch.as_tensor(sigma).dim() == 0 else sigma[rows]
-            out.append(net.denoise(x[rows], sig, concat=concat[s0:s1], crossattn=crossattn[s0:s1]))
-        return torch.cat(out, dim=0)
+            return net.denoise(x[rows], sigma[rows] if per_row else sigma, concat=concat[s0:s1],
+                               crossattn=crossattn[s0:s1])
+
+        return torch.cat(sizer.map(segments, n_seg), dim=0)
 
     def denoise(x, sigma):
         if x.shape[0] != n_seg * FRAMES_PER_VIDEO:
@@ -188,6 +266,7 @@ def interpolation_denoiser(good, bad, cond: dict, scale: float = 2.0, segments_p
 
 __all__ = [
     "AYS_BASE_SIGMAS",
+    "CallSizer",
     "UNGUIDED_LAST_STEP_SIGMA",
     "ays_sigmas",
     "interpolation_denoiser",

@@ -31,6 +31,7 @@ unchanged (cancel), and :func:`render_to_file` then leaves no output file behind
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .conditioning import interpolation_conditioning, keyframe_conditioning
-from .diffusion import ays_sigmas, interpolation_denoiser, keyframe_denoiser, sample_euler
+from .diffusion import CallSizer, ays_sigmas, interpolation_denoiser, keyframe_denoiser, sample_euler
 from .planner import FPS, WINDOW, ClipPlan, plan_clip
 
 STAGE_KEYFRAMES = "keyframes"
@@ -262,7 +263,8 @@ def encode_identity(vae, image, device=None) -> torch.Tensor:
 @torch.no_grad()
 def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal, plan, *, seed: int = DEFAULT_SEED,
                      steps: int = 10, ref_ratio: float = 2.0, audio_ratio: float = 5.0, guidance_min_sigma: float = 0.0,
-                     device=None, dtype=None, callback: Callable | None = None) -> torch.Tensor:
+                     branches_per_call: int = 3, device=None, dtype=None,
+                     callback: Callable | None = None) -> torch.Tensor:
     """Sample every keyframe of the plan -> scaled latents [K, 4, h, w] (float32, CPU).
 
     ``identity_latent`` [1, 4, h, w] (scaled); ``keyframe_audio`` [N, 2, F] ([WavLM | BEATs] rows);
@@ -272,9 +274,15 @@ def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal,
     ``device``: where the batch is sampled (default: the network's device; only the current batch and
     the identity latent go there). ``dtype``: sampler state dtype (float32; half types are promoted,
     the network still computes in its own weight dtype). ``guidance_min_sigma``: see
-    :func:`keyface.diffusion.keyframe_denoiser` (0 = exact).
+    :func:`keyface.diffusion.keyframe_denoiser` (0 = exact). ``branches_per_call``: guidance branches
+    (1..3) per UNet call; halved on out-of-memory, and the smaller size kept for the rest of the stage
+    (:class:`keyface.diffusion.CallSizer`). It does not change the result.
     """
     plan = _plan_of(plan)
+    if not 1 <= int(branches_per_call) <= 3:
+        raise ValueError(f"branches_per_call must be 1, 2 or 3 (the keyframe guidance has 3 branches), "
+                         f"got {branches_per_call}")
+    sizer = CallSizer(int(branches_per_call), "keyframe guidance branches")
     z_id = _identity_latent(identity_latent)
     _check_rows("keyframe audio features", keyframe_audio, plan, dims=3)
     val = _emotion(valence, plan, "valence")
@@ -294,7 +302,7 @@ def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal,
         c, uc = keyframe_conditioning(z_id, val[rows_t][None].to(device), aro[rows_t][None].to(device), audio[None],
                                       network.audio_projection)
         denoise = keyframe_denoiser(network, c, uc, ref_ratio=ref_ratio, audio_ratio=audio_ratio,
-                                    guidance_min_sigma=guidance_min_sigma)
+                                    guidance_min_sigma=guidance_min_sigma, branches_per_call=sizer)
         noise = stage_noise(seed, STAGE_KEYFRAMES, b, (WINDOW, LATENT_CHANNELS, h, w), device, dtype)
 
         def step_cb(i, n, x, d, b=b):
@@ -322,7 +330,9 @@ def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan,
     ``keyframe_latents`` [K, 4, h, w] from :func:`sample_keyframes` (K = plan.num_keyframes);
     ``interpolation_audio`` [N, 2, F] ([wav2vec2 | BEATs] rows). Segment j pairs keyframes (j, j+1)
     and uses audio rows ``plan.segments[j].audio_rows``. ``segments_per_call`` segments share one
-    sampler run (and one UNet call per network per step). Segment j draws its noise from
+    sampler run and, memory permitting, one UNet call per network per step: a call that runs out of
+    memory is retried in halves and the smaller size is kept for the rest of the stage
+    (:class:`keyface.diffusion.CallSizer`); the result does not depend on it. Segment j draws its noise from
     ``stage_noise(seed, "interpolation", j)``, so ``segment_indices`` (a subset, e.g. to re-roll or
     resume) gives exactly those rows of the full result. ``device`` / ``dtype`` as in
     :func:`sample_keyframes`; only the current segment group goes to the device.
@@ -331,6 +341,7 @@ def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan,
     if int(segments_per_call) < 1:
         raise ValueError(f"segments_per_call must be >= 1, got {segments_per_call}")
     segments_per_call = int(segments_per_call)
+    sizer = CallSizer(segments_per_call, "interpolation segments")  # shared by every group: a halving sticks
     kf = torch.as_tensor(keyframe_latents)
     if kf.dim() != 4 or kf.shape[1] != LATENT_CHANNELS:
         raise ValueError(f"keyframe latents: expected [K, {LATENT_CHANNELS}, h, w], got {tuple(kf.shape)}")
@@ -371,7 +382,7 @@ def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan,
         rows = [r for s in segs for r in s.audio_rows]
         audio = _index_rows(interpolation_audio, rows).reshape(len(segs), WINDOW, *interpolation_audio.shape[1:])
         cond = interpolation_conditioning(pairs, audio.to(device=device, dtype=dtype), good.audio_projection)
-        denoise = interpolation_denoiser(good, bad, cond, scale=scale, segments_per_call=segments_per_call,
+        denoise = interpolation_denoiser(good, bad, cond, scale=scale, segments_per_call=sizer,
                                          autoguidance=autoguidance, guidance_min_sigma=guidance_min_sigma)
         noise = torch.cat([
             stage_noise(seed, STAGE_INTERPOLATION, s.index, (WINDOW, LATENT_CHANNELS, h, w), device, dtype)
@@ -449,19 +460,28 @@ def decode_segments(vae, segment_latents, num_frames, *, chunk_frames: int = DEF
 
 
 @torch.no_grad()
-def decode_keyframe_preview(vae, latents, *, chunk_frames: int = DEFAULT_CHUNK_FRAMES, device=None) -> torch.Tensor:
-    """Decode keyframe latents [K, 4, h, w] -> CPU float32 [K, H, W, 3] in 0..1 (for previews only)."""
+def decode_keyframe_preview(vae, latents, *, chunk_frames: int = DEFAULT_CHUNK_FRAMES, device=None,
+                            callback: Callable | None = None) -> torch.Tensor:
+    """Decode keyframe latents [K, 4, h, w] -> CPU float32 [K, H, W, 3] in 0..1 (for previews only).
+
+    ``chunk_frames`` keyframes per VAE call; ``callback(ProgressEvent("decode", ...))`` after every
+    chunk (an exception it raises, e.g. a cancel, stops the decode).
+    """
     lat = torch.as_tensor(latents)
     if lat.dim() == 3:
         lat = lat[None]
     if lat.dim() != 4 or lat.shape[1] != LATENT_CHANNELS:
         raise ValueError(f"keyframe latents: expected [K, {LATENT_CHANNELS}, h, w], got {tuple(lat.shape)}")
+    if int(chunk_frames) < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    chunk_frames = int(chunk_frames)
     device = _target_device(device, vae)
     dtype = _vae_dtype(vae)
-    out = [
-        _decode_rows(vae, lat[i:i + chunk_frames], device, dtype).permute(0, 2, 3, 1).float().cpu()
-        for i in range(0, lat.shape[0], max(1, int(chunk_frames)))
-    ]
+    starts = range(0, lat.shape[0], chunk_frames)
+    out = []
+    for c, i in enumerate(starts):
+        out.append(_decode_rows(vae, lat[i:i + chunk_frames], device, dtype).permute(0, 2, 3, 1).float().cpu())
+        _emit(callback, ProgressEvent(STAGE_DECODE, c + 1, len(starts), c, len(starts)))
     return torch.cat(out).contiguous()
 
 
@@ -470,9 +490,81 @@ def decode_keyframe_preview(vae, latents, *, chunk_frames: int = DEFAULT_CHUNK_F
 # --------------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------------
+# Speed settings: attention backend, torch.compile
+# --------------------------------------------------------------------------------------------------
+
+# RenderSettings.attention -> torch.nn.attention.SDPBackend member ("auto": torch picks per call)
+ATTENTION_BACKENDS = {
+    "auto": None,
+    "math": "MATH",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+}
+# what torch says when the chosen backend cannot run these inputs (CPU / CUDA wording)
+_NO_KERNEL = ("No viable backend for scaled_dot_product_attention", "No available kernel")
+
+
+def _check_attention(name) -> str:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def attention_backend(name: str = "auto"):
+    """Run the block's ``F.scaled_dot_product_attention`` calls (UNets and VAE) on one SDPA backend.
+
+    ``"auto"`` leaves the choice to torch. A backend that cannot run on this device / dtype / head
+    size raises ValueError naming the setting instead of torch's generic "no kernel" error.
+    """
+    member = ATTENTION_BACKENDS[_check_attention(name)]
+    if member is None:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel(getattr(SDPBackend, member)):
+            yield
+    except RuntimeError as err:
+        if not any(text in str(err) for text in _NO_KERNEL):
+            raise
+        raise ValueError(f"attention={name!r}: torch has no {name} attention kernel for these inputs on this "
+                         f"device (dtype, head size or GPU); use 'auto' or another backend ({err})") from err
+
+
+@contextlib.contextmanager
+def compiled_unets(networks, enabled: bool = True):
+    """Inside the block, each network's ``diffusion_model`` is ``torch.compile(body, dynamic=False)``;
+    the original bodies are put back afterwards, so the caller's modules are unchanged.
+
+    The first call of each call shape compiles (minutes on a CPU with a cold inductor cache); later
+    blocks reuse torch's cache of compiled code, which is keyed by the code, not by the wrapper.
+    """
+    swapped = []
+    try:
+        if enabled:
+            for net in dict.fromkeys(n for n in networks if n is not None):  # a network passed twice is compiled once
+                body = net.diffusion_model
+                net.diffusion_model = torch.compile(body, dynamic=False)
+                swapped.append((net, body))
+        yield
+    finally:
+        for net, body in swapped:
+            net.diffusion_model = body
+
+
 @dataclass
 class RenderSettings:
-    """Sampling settings of a render (defaults = the released inference settings, spec 7)."""
+    """Sampling settings of a render (defaults = the released inference settings, spec 7).
+
+    Speed settings that do not change the result beyond float rounding: ``segments_per_call``,
+    ``branches_per_call`` (both halved automatically on out-of-memory), ``chunk_frames``,
+    ``attention`` (SDPA backend, see :data:`ATTENTION_BACKENDS`) and ``compile`` (opt-in
+    ``torch.compile`` of the UNets). Their measured cost and effect: bench/README.md.
+    """
 
     seed: int = DEFAULT_SEED
     keyframe_steps: int = 10
@@ -482,10 +574,25 @@ class RenderSettings:
     scale: float = 2.0
     autoguidance: bool = True
     segments_per_call: int = 2
+    branches_per_call: int = 3
     chunk_frames: int = DEFAULT_CHUNK_FRAMES
     # > 0: skip both stages' guidance at sigmas at or below it (the last AYS step is at 0.002). Saves 26.9
     # of 660.7 UNet frame-evaluations per output second; an approximation (bench/README.md), off by default.
     guidance_min_sigma: float = 0.0
+    attention: str = "auto"
+    compile: bool = False
+
+    def __post_init__(self):
+        # checked here so that a bad value fails before any sampling, not after the keyframes
+        _check_attention(self.attention)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
+        for name, low, high in (("segments_per_call", 1, None), ("branches_per_call", 1, 3), ("chunk_frames", 1, None),
+                                ("keyframe_steps", 10, None), ("interpolation_steps", 10, None)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < low or (high is not None and value > high):
+                span = f"{low}..{high}" if high is not None else f">= {low}"
+                raise ValueError(f"{name} must be an integer {span}, got {value!r}")
 
 
 def _features_parts(features):
@@ -502,6 +609,39 @@ def _features_parts(features):
     return kf, it
 
 
+def _render_settings(settings: RenderSettings | None, overrides: dict) -> RenderSettings:
+    s = settings or RenderSettings()
+    if overrides:
+        unknown = [k for k in overrides if not hasattr(s, k)]
+        if unknown:
+            raise TypeError(f"unknown render settings: {unknown}")
+        s = RenderSettings(**{**s.__dict__, **overrides})
+    return s
+
+
+def sample_clip(keyframe_network, interpolation_network, bad_network, identity_latent, features, *, valence=None,
+                arousal=None, settings: RenderSettings | None = None, device=None, dtype=None,
+                callback: Callable | None = None, **overrides) -> tuple[torch.Tensor, torch.Tensor, ClipPlan]:
+    """Stages 1 and 2 for one clip -> (keyframe latents [K, 4, h, w], segment latents [S, 14, 4, h, w],
+    plan), on the CPU; arguments as in :func:`iter_render`. The attention backend and torch.compile
+    of the settings apply to both stages."""
+    s = _render_settings(settings, overrides)
+    kf_audio, it_audio = _features_parts(features)
+    plan = plan_clip(int(kf_audio.shape[0]))
+    z_id = check_identity_latent(identity_latent, interpolation_network)
+    with attention_backend(s.attention), compiled_unets(
+            (keyframe_network, interpolation_network, bad_network), enabled=s.compile):
+        kf = sample_keyframes(keyframe_network, z_id, kf_audio, valence, arousal, plan, seed=s.seed,
+                              steps=s.keyframe_steps, ref_ratio=s.ref_ratio, audio_ratio=s.audio_ratio,
+                              guidance_min_sigma=s.guidance_min_sigma, branches_per_call=s.branches_per_call,
+                              device=device, dtype=dtype, callback=callback)
+        seg = interpolate_segments(interpolation_network, bad_network, kf, it_audio, plan, seed=s.seed,
+                                   steps=s.interpolation_steps, scale=s.scale, segments_per_call=s.segments_per_call,
+                                   autoguidance=s.autoguidance, guidance_min_sigma=s.guidance_min_sigma,
+                                   device=device, dtype=dtype, callback=callback)
+    return kf, seg, plan
+
+
 def iter_render(keyframe_network, interpolation_network, bad_network, vae, identity_latent, features, *,
                 valence=None, arousal=None, settings: RenderSettings | None = None, device=None, dtype=None,
                 callback: Callable | None = None, **overrides) -> Iterator[torch.Tensor]:
@@ -509,26 +649,22 @@ def iter_render(keyframe_network, interpolation_network, bad_network, vae, ident
 
     ``features``: AudioFeatures (``.keyframe``, ``.interpolation`` [N, 2, F]); ``valence`` /
     ``arousal`` [N] or None (neutral). Settings come from ``settings`` and keyword overrides
-    (``seed=``, ``segments_per_call=``, ...; see :class:`RenderSettings`).
+    (``seed=``, ``segments_per_call=``, ...; see :class:`RenderSettings`). The attention backend
+    and torch.compile apply only while this generator runs its own code, not across its yields.
     """
-    s = settings or RenderSettings()
-    if overrides:
-        unknown = [k for k in overrides if not hasattr(s, k)]
-        if unknown:
-            raise TypeError(f"unknown render settings: {unknown}")
-        s = RenderSettings(**{**s.__dict__, **overrides})
-    kf_audio, it_audio = _features_parts(features)
-    plan = plan_clip(int(kf_audio.shape[0]))
-    z_id = check_identity_latent(identity_latent, interpolation_network)
-    kf = sample_keyframes(keyframe_network, z_id, kf_audio, valence, arousal, plan, seed=s.seed,
-                          steps=s.keyframe_steps, ref_ratio=s.ref_ratio, audio_ratio=s.audio_ratio,
-                          guidance_min_sigma=s.guidance_min_sigma, device=device, dtype=dtype, callback=callback)
-    seg = interpolate_segments(interpolation_network, bad_network, kf, it_audio, plan, seed=s.seed,
-                               steps=s.interpolation_steps, scale=s.scale, segments_per_call=s.segments_per_call,
-                               autoguidance=s.autoguidance, guidance_min_sigma=s.guidance_min_sigma,
-                               device=device, dtype=dtype, callback=callback)
+    s = _render_settings(settings, overrides)
+    kf, seg, plan = sample_clip(keyframe_network, interpolation_network, bad_network, identity_latent, features,
+                                valence=valence, arousal=arousal, settings=s, device=device, dtype=dtype,
+                                callback=callback)
     del kf
-    yield from decode_segments(vae, seg, plan, chunk_frames=s.chunk_frames, device=device, callback=callback)
+    chunks = decode_segments(vae, seg, plan, chunk_frames=s.chunk_frames, device=device, callback=callback)
+    while True:
+        # the backend is set per chunk: a context held across a yield would leak into the caller's code
+        with attention_backend(s.attention):
+            chunk = next(chunks, None)
+        if chunk is None:
+            return
+        yield chunk
 
 
 def render(keyframe_network, interpolation_network, bad_network, vae, identity_latent, features,
@@ -553,11 +689,13 @@ def render_to_file(keyframe_network, interpolation_network, bad_network, vae, id
                    audio=None, sample_rate=None, fps: int = FPS, crf: int = 18, **kwargs) -> str:
     """Render one clip straight into an mp4 (H.264 + AAC of ``audio`` [C, S] at ``sample_rate``).
 
-    Chunks are encoded as they are decoded; the file appears (atomically) only when every frame was
-    written; on an error or a cancel (exception from the callback) no file is left behind.
+    The clip has N frames (the features' rows); the audio track is ``audio`` cut, or padded with
+    silence, to exactly N / 25 s (:func:`keyface.video_io.fit_audio_to_frames`). Chunks are encoded
+    as they are decoded; the file appears (atomically) only when every frame was written; on an
+    error or a cancel (exception from the callback) no file is left behind.
     Returns the path. Other keyword arguments go to :func:`iter_render`.
     """
-    from .video_io import MediaError, Mp4Writer
+    from .video_io import MediaError, Mp4Writer, fit_audio_to_frames
 
     kf_audio, _ = _features_parts(features)
     n = int(kf_audio.shape[0])
@@ -567,6 +705,8 @@ def render_to_file(keyframe_network, interpolation_network, bad_network, vae, id
         raise MediaError(f"output folder does not exist: {folder}")
     if audio is not None and (sample_rate is None or int(sample_rate) <= 0):
         raise MediaError(f"audio needs a positive sample_rate, got {sample_rate!r}")
+    if audio is not None:
+        audio = fit_audio_to_frames(audio, int(sample_rate), n)
     writer = None
     try:
         for chunk in iter_render(keyframe_network, interpolation_network, bad_network, vae, identity_latent,
@@ -586,8 +726,11 @@ def render_to_file(keyframe_network, interpolation_network, bad_network, vae, id
 
 
 __all__ = [
+    "ATTENTION_BACKENDS",
     "ProgressEvent",
     "RenderSettings",
+    "attention_backend",
+    "compiled_unets",
     "check_identity_latent",
     "decode_keyframe_preview",
     "decode_segments",
@@ -599,6 +742,7 @@ __all__ = [
     "prepare_identity",
     "render",
     "render_to_file",
+    "sample_clip",
     "sample_keyframes",
     "stage_noise",
     "stage_seed",

@@ -167,3 +167,15 @@ def video_frame_count(num_samples: int, sample_rate: int = 16000) -> int:
     ceil(S / 640) frames at 16 kHz instead, up to one frame longer than the audio (spec 1.3, 1.7).
     """
     return (2 * int(num_samples) * FPS + int(sample_rate)) // (2 * int(sample_rate))
+
+
+def audio_samples_for_frames(num_frames: int, sample_rate: int) -> int:
+    """round(N x sample_rate / 25), half up: the audio samples of exactly N video frames.
+
+    An output file's audio track is the input cut, or padded with silence, to this length, so audio
+    and video both last N / 25 s.
+    """
+    n, sr = int(num_frames), int(sample_rate)
+    if n < 0 or sr <= 0:
+        raise ValueError(f"audio_samples_for_frames: need num_frames >= 0 and sample_rate > 0, got {n}, {sr}")
+    return (2 * n * sr + FPS) // (2 * FPS)

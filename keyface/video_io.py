@@ -14,10 +14,11 @@ Frames are quantised like the original (``x * 255`` then truncation to uint8, sp
 from __future__ import annotations
 
 import os
-import tempfile
 from fractions import Fraction
 
 import numpy as np
+
+from ._files import create_temp_beside
 
 AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
 
@@ -49,6 +50,27 @@ def frames_to_uint8(frames) -> np.ndarray:
     return np.ascontiguousarray(a.astype(np.uint8))
 
 
+def fit_audio_to_frames(audio, sample_rate: int, num_frames: int) -> np.ndarray:
+    """The waveform ``[C, S]`` (or ``[S]``) cut, or padded with silence at the end, to exactly
+    ``num_frames`` video frames at 25 fps: ``audio_samples_for_frames(num_frames, sample_rate)``
+    samples at its own rate. Returns float32 ``[C, S']``; the input is not modified.
+
+    The team rule for output files: audio and video both last N / 25 s, so players that stop at
+    the longer track neither cut the last frame nor show a frozen one.
+    """
+    from .planner import audio_samples_for_frames
+
+    a = _to_numpy(audio).astype(np.float32, copy=False)
+    if a.ndim == 1:
+        a = a[None]
+    if a.ndim != 2:
+        raise MediaError(f"audio waveform: expected [channels, samples], got shape {a.shape}")
+    target = audio_samples_for_frames(num_frames, sample_rate)
+    if a.shape[1] >= target:
+        return a[:, :target]
+    return np.pad(a, ((0, 0), (0, target - a.shape[1])))
+
+
 class Mp4Writer:
     """Streaming mp4 writer (H.264 yuv420p video + optional AAC audio), atomic on close.
 
@@ -71,8 +93,7 @@ class Mp4Writer:
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):
             raise MediaError(f"output folder does not exist: {folder}")
-        fd, self._tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(self.path) + ".", suffix=".part")
-        os.close(fd)
+        self._tmp = create_temp_beside(self.path, ".part")  # mode 0o666 & ~umask, as a normally created file
         try:
             options = {}
             if audio is not None and sample_rate:

@@ -62,17 +62,31 @@ def test_render_end_to_end(models_dir, tmp_path, monkeypatch, capsys):
         return real_prepare(image, size, mode)
 
     monkeypatch.setattr(P, "prepare_identity", spy)
+    real_render_to_file = P.render_to_file
+
+    def spy_render(*args, **kwargs):
+        seen["settings"] = kwargs["settings"]
+        return real_render_to_file(*args, **kwargs)
+
+    monkeypatch.setattr(P, "render_to_file", spy_render)
     out = tmp_path / "out.mp4"
     rc = cli.main(["render", "--image", str(FACE), "--audio", str(WAV), "--models", str(models_dir),
                    "--out", str(out), "--device", "cpu", "--seed", "5", "--emotion", "happy",
-                   "--segments-per-call", "3", "--chunk-frames", "20", "--threads", "1"])
+                   "--segments-per-call", "3", "--branches-per-call", "2", "--attention", "math",
+                   "--chunk-frames", "20", "--threads", "1"])
     assert rc == 0, capsys.readouterr().err
+    s = seen.pop("settings")
+    assert (s.seed, s.segments_per_call, s.branches_per_call, s.attention, s.compile, s.chunk_frames) == \
+        (5, 3, 2, "math", False, 20)
     assert seen == {"shape": (600, 512, 3), "size": (32, 32), "mode": "crop"}
     info = probe_mp4(out)
     n = round(49520 / 16000 * 25)
     assert info["frames"] == n == 77  # round(3.095 s x 25); the original would render ceil(49520 / 640) = 78
     assert (info["width"], info["height"], info["fps"]) == (32, 32, 25.0)
-    assert info["audio_seconds"] == 49520 / 16000  # the input's duration, to the sample
+    # the audio track lasts exactly N / 25 s (the input, 3.095 s, is cut to 3.08 s); the requirement is
+    # "within one AAC frame", the writer's edit list makes it exact
+    assert info["audio_seconds"] == pytest.approx(n / 25, abs=1024 / 16000)
+    assert info["audio_seconds"] == n / 25 == info["video_seconds"]
     assert info["audio_rate"] == 16000 and info["audio_channels"] == 1
     assert [p for p in os.listdir(tmp_path)] == ["out.mp4"]
     err = capsys.readouterr().err
@@ -108,3 +122,28 @@ def test_plan_command_subprocess():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("77 frames (3.08 s)")
+
+
+def test_speed_flags_defaults_and_errors(tmp_path, capsys):
+    parser = cli._build_parser()
+    args = parser.parse_args(["render", "--image", "i", "--audio", "a", "--models", "m", "--out", "o.mp4"])
+    # the command line's defaults are the library's (one set of defaults)
+    assert cli._settings(args) == P.RenderSettings()
+    for name in P.ATTENTION_BACKENDS:  # every library backend is accepted
+        assert parser.parse_args(["render", "--image", "i", "--audio", "a", "--models", "m", "--out", "o.mp4",
+                                  "--attention", name]).attention == name
+    compiled = parser.parse_args(["render", "--image", "i", "--audio", "a", "--models", "m", "--out", "o.mp4",
+                                  "--compile", "--attention", "flash"])
+    assert cli._settings(compiled).compile is True and cli._settings(compiled).attention == "flash"
+
+    with pytest.raises(SystemExit) as err:  # an unknown backend: argparse names the choices
+        cli.main(["render", "--image", "i", "--audio", "a", "--models", "m", "--out", "o.mp4", "--attention", "fast"])
+    assert err.value.code == 2
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+    # a bad value fails before the models folder is even looked at
+    base = ["render", "--image", str(FACE), "--audio", str(WAV), "--models", str(tmp_path / "nope"),
+            "--out", str(tmp_path / "x.mp4")]
+    assert cli.main(base + ["--segments-per-call", "0"]) == 2
+    assert "segments_per_call must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert cli.main(base + ["--steps", "5"]) == 2
+    assert "keyframe_steps must be an integer >= 10, got 5" in capsys.readouterr().err

@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
+from keyface import diffusion
 from keyface.diffusion import (
     AYS_BASE_SIGMAS,
+    CallSizer,
     ays_sigmas,
     interpolation_denoiser,
     keyframe_denoiser,
@@ -231,3 +233,79 @@ def test_guidance_min_sigma_skips_guidance_only_at_or_below_it():
     out = guided(xi, torch.tensor(0.002))
     assert len(good.rows) == 2 and len(bad.rows) == 1  # the bad network is skipped at the last step
     torch.testing.assert_close(out, good.denoise(xi, 0.002, icond["concat"], icond["crossattn"]))
+
+
+# ---- out-of-memory back-off: split the call, same result ---------------------------------------------
+
+
+class _OomAbove(_FakeNet):
+    """_FakeNet that runs out of memory (torch.OutOfMemoryError, as CUDA raises it) above ``max_rows``."""
+
+    def __init__(self, k, max_rows):
+        super().__init__(k)
+        self.max_rows, self.failed = max_rows, []
+
+    def denoise(self, x, sigma, **kw):
+        if x.shape[0] > self.max_rows:
+            self.failed.append(x.shape[0])
+            raise torch.OutOfMemoryError(f"fake: {x.shape[0]} rows > {self.max_rows}")
+        return super().denoise(x, sigma, **kw)
+
+
+def test_interpolation_out_of_memory_halves_the_call_and_keeps_the_size(monkeypatch, caplog):
+    torch.manual_seed(3)
+    s = 5
+    cond = {"concat": torch.randn(s, 8, 3, 3), "crossattn": torch.randn(s, 14, 6)}
+    x = torch.randn(s * 14, 4, 3, 3)
+    sigmas = [torch.tensor(4.248), torch.tensor(0.981)]
+    ref_good, ref_bad = _FakeNet(1.0), _FakeNet(0.3)
+    ref = interpolation_denoiser(ref_good, ref_bad, cond, segments_per_call=4)
+    expect = [ref(x, sig) for sig in sigmas]
+    assert ref_good.calls == [56, 14, 56, 14]
+
+    released = []
+    monkeypatch.setattr(diffusion, "_release_cached_memory", lambda: released.append(1))
+    good, bad = _OomAbove(1.0, 28), _OomAbove(0.3, 28)  # 2 segments fit, 4 do not
+    sizer = CallSizer(4, "interpolation segments")
+    with caplog.at_level("WARNING", logger="keyface.diffusion"):
+        den = interpolation_denoiser(good, bad, cond, segments_per_call=sizer)
+        got = [den(x, sig) for sig in sigmas]
+    for g, e in zip(got, expect):
+        assert torch.equal(g, e)  # row-independent network: the split changes nothing
+    # one failed call of 4 segments, then 2 + 2 + 1 per network and step; the size sticks
+    assert good.failed == [56] and bad.failed == []
+    assert good.calls == [28, 28, 14] * 2 and bad.calls == [28, 28, 14] * 2
+    assert sizer.limit == 2 and released == [1]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "4 interpolation segments" in msgs[0] and "continuing with 2" in msgs[0]
+
+
+def test_keyframe_out_of_memory_splits_branches_then_gives_up():
+    torch.manual_seed(4)
+    c = {"concat": torch.randn(1, 4, 3, 3), "crossattn": torch.randn(1, 14, 6), "vector": torch.randn(14, 512)}
+    x = torch.randn(14, 4, 3, 3)
+    sigma = torch.tensor(7.977)
+    expect = keyframe_denoiser(_FakeNet(1.0), c)(x, sigma)
+    net = _OomAbove(1.0, 14)  # one branch fits
+    den = keyframe_denoiser(net, c)
+    assert torch.equal(den(x, sigma), expect)
+    assert net.failed == [42, 28] and net.calls == [14, 14, 14]  # 3 -> 2 -> 1 branch per call
+    assert torch.equal(den(x, sigma), expect)
+    assert net.failed == [42, 28] and net.calls == [14] * 6  # the working size is kept
+    # a single branch that does not fit: the error reaches the caller
+    with pytest.raises(torch.OutOfMemoryError):
+        keyframe_denoiser(_OomAbove(1.0, 13), c)(x, sigma)
+    with pytest.raises(ValueError, match="per call must be an integer >= 1"):
+        keyframe_denoiser(net, c, branches_per_call=0)
+
+
+def test_call_sizer_other_errors_pass_through():
+    sizer = CallSizer(4, "things")
+
+    def boom(i0, i1):
+        raise RuntimeError("not memory")
+
+    with pytest.raises(RuntimeError, match="not memory"):
+        sizer.map(boom, 8)
+    assert sizer.limit == 4
+    assert CallSizer(3).map(lambda i0, i1: (i0, i1), 7) == [(0, 3), (3, 6), (6, 7)]

@@ -50,6 +50,6 @@ def test_pack_import_is_light(record_property):
     record_property("pack_import_seconds", round(info["seconds"], 4))
     record_property("pack_import_torch", bool(torch_mods))
     print(f"\npack import: {info['seconds'] * 1000:.1f} ms, {len(mods)} new modules, torch imported: {bool(torch_mods)}")
-    assert info["seconds"] < 5.0
+    assert info["seconds"] < 0.5  # the target (measured: ~10 ms)
     assert "KeyFaceSampleKeyframes" in info["nodes"] and "KeyFaceEmotion" in info["nodes"]
     assert info["web"] == "./js"

@@ -280,7 +280,10 @@ def test_render_to_file_and_cancel(models, identity, tmp_path):
                      sample_rate=16000, seed=2, chunk_frames=6)
     info = probe_mp4(path)
     assert info["frames"] == n and (info["width"], info["height"]) == (8 * HW, 8 * HW)
-    assert info["audio_seconds"] == pytest.approx((n * 640 - 100) / 16000, abs=1e-6)
+    # the audio is 100 samples short of N / 25 s: padded with silence to exactly the video's length
+    # (within one AAC frame is the requirement; the writer's edit list makes it exact)
+    assert info["audio_seconds"] == pytest.approx(n / 25, abs=1024 / 16000)
+    assert info["audio_seconds"] == n / 25 == info["video_seconds"]
 
     # cancel in the middle of the decode (after some frames were encoded), and during sampling
     for when in (("decode", 2), ("interpolation", 3), ("keyframes", 1)):
@@ -325,3 +328,162 @@ def test_validation_errors(models, identity):
         P.render(models.kf, models.good, models.bad, models.vae, identity, (c.keyframe, c.interpolation[:29]))
     assert P.model_resolution(models.good) == (8 * HW, 8 * HW)
     assert STEP == 13
+
+
+# ---- output audio length: exactly N / 25 s ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate,channels,seconds", [(44100, 2, 1.3), (22222, 1, 0.5)])
+def test_render_to_file_audio_is_cut_or_padded_to_the_video(models, identity, tmp_path, rate, channels, seconds):
+    n = 20  # 0.8 s: 1.3 s of audio is cut, 0.5 s padded; 22222 Hz is not an AAC rate (written at 48 kHz)
+    audio = 0.1 * torch.randn(channels, int(rate * seconds))
+    path = tmp_path / "clip.mp4"
+    P.render_to_file(models.kf, models.good, models.bad, models.vae, identity, clip_inputs(n), path, audio=audio,
+                     sample_rate=rate, seed=2, segments_per_call=3)
+    info = probe_mp4(path)
+    aac_rate = rate if rate == 44100 else 48000
+    assert info["frames"] == n and info["audio_rate"] == aac_rate and info["audio_channels"] == channels
+    assert info["audio_seconds"] == pytest.approx(n / 25, abs=1024 / aac_rate)
+
+
+def test_fit_audio_to_frames():
+    from keyface.planner import audio_samples_for_frames
+    from keyface.video_io import MediaError, fit_audio_to_frames
+
+    assert audio_samples_for_frames(77, 16000) == 49280 and audio_samples_for_frames(1, 22222) == 889  # 888.88
+    assert audio_samples_for_frames(3, 44100) == 5292 and audio_samples_for_frames(0, 8000) == 0
+    wav = torch.arange(1.0, 1001.0).reshape(1, -1) / 2000
+    cut = fit_audio_to_frames(wav, 16000, 1)  # 640 samples
+    assert cut.shape == (1, 640) and cut.dtype.name == "float32" and (cut == wav[:, :640].numpy()).all()
+    padded = fit_audio_to_frames(wav[0], 16000, 2)  # [S] input -> [1, 1280], silence after the input
+    assert padded.shape == (1, 1280) and (padded[:, :1000] == wav.numpy()).all() and not padded[:, 1000:].any()
+    assert wav.shape == (1, 1000)  # input untouched
+    with pytest.raises(MediaError, match="channels, samples"):
+        fit_audio_to_frames(torch.zeros(1, 2, 3), 16000, 1)
+    with pytest.raises(ValueError, match="sample_rate > 0"):
+        audio_samples_for_frames(3, 0)
+
+
+# ---- speed settings: call sizes under out-of-memory, attention backend, torch.compile ------------------
+
+
+class _OomAbove:
+    """Wraps a real network: torch.OutOfMemoryError for calls above ``max_rows`` rows, counts the rest."""
+
+    def __init__(self, net, max_rows):
+        self.net, self.max_rows, self.calls, self.failed = net, max_rows, [], []
+
+    def __getattr__(self, name):  # learned_mask, audio_projection, parameters(), ...
+        return getattr(self.net, name)
+
+    def denoise(self, x, sigma, **kw):
+        if x.shape[0] > self.max_rows:
+            self.failed.append(x.shape[0])
+            raise torch.OutOfMemoryError(f"test: {x.shape[0]} rows > {self.max_rows}")
+        self.calls.append(x.shape[0])
+        return self.net.denoise(x, sigma, **kw)
+
+
+def test_out_of_memory_back_off_same_result(models, identity, caplog):
+    n = 60  # 5 keyframes in one batch, 5 segments
+    c = clip_inputs(n)
+    plan = plan_clip(n)
+    kf_net = _OomAbove(models.kf, 14)  # one guidance branch (14 rows) per call fits, two do not
+    with caplog.at_level("WARNING", logger="keyface.diffusion"):
+        kf = P.sample_keyframes(kf_net, identity, c.keyframe, None, None, plan, seed=3)
+    assert kf_net.failed == [42, 28] and kf_net.calls == [14] * 33  # 11 steps x 3 branches, 2 failures in all
+    # bit-identical to one branch per call without any failure (the same calls), close to 3 per call
+    one = P.sample_keyframes(models.kf, identity, c.keyframe, None, None, plan, seed=3, branches_per_call=1)
+    assert torch.equal(kf, one)
+    torch.testing.assert_close(kf, P.sample_keyframes(models.kf, identity, c.keyframe, None, None, plan, seed=3),
+                               rtol=0, atol=1e-5)
+
+    good, bad = _OomAbove(models.good, 28), _OomAbove(models.bad, 28)  # 2 segments fit, 4 do not
+    with caplog.at_level("WARNING", logger="keyface.diffusion"):
+        seg = P.interpolate_segments(good, bad, kf, c.interpolation, plan, seed=3, segments_per_call=4)
+    # groups of 4 + 1 segments; the good network's first call fails, then 2 + 2 (+ 1) per step and network
+    assert good.failed == [56] and bad.failed == []
+    assert good.calls == bad.calls == [28, 28] * 11 + [14] * 11
+    assert torch.equal(seg, P.interpolate_segments(models.good, models.bad, kf, c.interpolation, plan, seed=3,
+                                                   segments_per_call=2))
+    msgs = [r.getMessage() for r in caplog.records]  # once per stage, with the size that worked
+    assert len(msgs) == 2
+    assert "3 keyframe guidance branches" in msgs[0] and "continuing with 1" in msgs[0]
+    assert "4 interpolation segments" in msgs[1] and "continuing with 2" in msgs[1]
+
+    with pytest.raises(torch.OutOfMemoryError):  # not even one segment fits: the error reaches the caller
+        P.interpolate_segments(_OomAbove(models.good, 13), models.bad, kf, c.interpolation, plan, seed=3)
+
+
+def test_attention_backend_applies_to_the_render_only(models, identity):
+    n = 16
+    c = clip_inputs(n)
+    seen = []  # (flash enabled, math enabled) at every UNet / decoder call
+
+    def record(*_):
+        seen.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+
+    hooks = [m.register_forward_pre_hook(record) for m in (models.kf.diffusion_model, models.good.diffusion_model,
+                                                          models.vae.decoder)]
+    try:
+        between = []
+        chunks = P.iter_render(models.kf, models.good, models.bad, models.vae, identity, c, seed=1, chunk_frames=8,
+                               attention="math")
+        out = []
+        for chunk in chunks:
+            between.append(torch.backends.cuda.flash_sdp_enabled())  # the caller's code between chunks
+            out.append(chunk)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen and set(seen) == {(False, True)}
+    assert between == [True, True] and torch.backends.cuda.flash_sdp_enabled()
+    default = P.render(models.kf, models.good, models.bad, models.vae, identity, c, seed=1)
+    torch.testing.assert_close(torch.cat(out), default, rtol=0, atol=1e-5)
+
+    with pytest.raises(ValueError, match="attention must be one of auto, math, flash, efficient, cudnn, got 'fast'"):
+        P.render(models.kf, models.good, models.bad, models.vae, identity, c, attention="fast")
+    if not torch.cuda.is_available():  # no memory-efficient SDPA kernel on the CPU
+        with pytest.raises(ValueError, match="attention='efficient': torch has no efficient attention kernel"):
+            P.render(models.kf, models.good, models.bad, models.vae, identity, c, attention="efficient")
+
+
+def test_compile_swaps_the_unet_bodies_for_the_render_only(models, identity, monkeypatch):
+    """The plumbing of RenderSettings.compile (a real inductor compile takes minutes on a CPU: bench knobs)."""
+    compiled = []
+
+    class Counted(nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body, self.calls = body, 0
+
+        def forward(self, *a, **k):
+            self.calls += 1
+            return self.body(*a, **k)
+
+    def fake_compile(body, dynamic=None):
+        assert dynamic is False
+        compiled.append(Counted(body))
+        return compiled[-1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    bodies = [m.diffusion_model for m in (models.kf, models.good, models.bad)]
+    c = clip_inputs(16)
+    out = P.render(models.kf, models.good, models.bad, models.vae, identity, c, seed=1, compile=True)
+    assert [w.body for w in compiled] == bodies and all(w.calls > 0 for w in compiled)
+    assert [m.diffusion_model for m in (models.kf, models.good, models.bad)] == bodies  # put back
+    torch.testing.assert_close(out, P.render(models.kf, models.good, models.bad, models.vae, identity, c, seed=1),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("segments_per_call", 0, "segments_per_call must be an integer >= 1, got 0"),
+    ("branches_per_call", 4, "branches_per_call must be an integer 1..3, got 4"),
+    ("chunk_frames", 1.5, "chunk_frames must be an integer >= 1"),
+    ("interpolation_steps", 9, "interpolation_steps must be an integer >= 10"),
+    ("compile", "yes", "compile must be True or False"),
+    ("attention", "xformers", "attention must be one of"),
+])
+def test_render_settings_validation(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        P.RenderSettings(**{field: value})
