@@ -30,6 +30,9 @@ class AudioProjection(nn.Module):
         ops = resolve(operations)
         self.feature_dim = feature_dim
         self.linear = ops.Linear(feature_dim, context_dim, bias=True, dtype=dtype, device=device)
+        #: dtype the features are projected in; None -> the weights' dtype. Hosts that store weights in
+        #: a dtype the device cannot compute in (ComfyUI manual cast: fp8, bf16 on a CPU) set it.
+        self.compute_dtype = None
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         if audio.dim() != 4 or audio.shape[-1] != self.feature_dim:
@@ -61,10 +64,12 @@ def _unscale(latent: torch.Tensor, scale_factor: float) -> torch.Tensor:
 
 
 def _audio_tokens(projection: AudioProjection, audio: torch.Tensor) -> torch.Tensor:
-    """Audio tokens, projected on the projection's device and dtype (features go in unmoved when
-    the projection is on ``meta``)."""
+    """Audio tokens, projected on the projection's device in its compute dtype (features go in
+    unmoved when the projection is on ``meta``)."""
     p = projection.linear.weight
-    return projection(audio.to(device=p.device, dtype=p.dtype) if p.device.type != "meta" else audio)
+    if p.device.type == "meta":
+        return projection(audio)
+    return projection(audio.to(device=p.device, dtype=projection.compute_dtype or p.dtype))
 
 
 def keyframe_unconditional(c: dict) -> dict:

@@ -168,21 +168,34 @@ def unet_policy(num_params: int):
     return load_device, offload_device, weight_dtype, (manual or weight_dtype), ops
 
 
-def text_encoder_policy():
-    """(load_device, offload_device, dtype) for the audio encoders (ComfyUI's text-encoder policy).
+def use_compute_dtype(network, weight_dtype, compute_dtype):
+    """Make a KeyFace network compute in ``compute_dtype`` when ComfyUI's manual cast applies
+    (weights stored in a dtype the device does not compute in: fp8, or bf16/fp16 on a CPU).
 
-    On a CPU load device ComfyUI's policy answers float16, which is slow and lossy on CPUs for
-    these convolutional front ends; float32 is used there instead.
+    The engine would otherwise cast its inputs to the weight dtype (``--fp8_e4m3fn-unet`` fails,
+    ``--bf16-unet`` on a CPU computes in bf16 where ComfyUI picks fp32). The audio projection gets
+    the same compute dtype: its manual-cast Linear casts its weights to the features' dtype.
+    """
+    if compute_dtype == weight_dtype:
+        return network
+    network.compute_dtype = compute_dtype
+    if getattr(network, "audio_projection", None) is not None:
+        network.audio_projection.compute_dtype = compute_dtype
+    return network
+
+
+def audio_encoder_policy():
+    """(load_device, offload_device, dtype) for the audio encoders: ComfyUI's text-encoder devices,
+    weights always float32.
+
+    float32 rather than ComfyUI's text-encoder dtype (fp16 on most GPUs): the three encoders are
+    ~95M parameters each (~1.1 GB together), the original computed its features in fp32, and the
+    CLI loads them in fp32, so the node and the CLI give the same features for the same clip.
     """
     import torch
 
     m = mm()
-    load_device = m.text_encoder_device()
-    offload_device = m.text_encoder_offload_device()
-    dtype = m.text_encoder_dtype(load_device)
-    if getattr(load_device, "type", str(load_device)) == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        dtype = torch.float32
-    return load_device, offload_device, dtype
+    return m.text_encoder_device(), m.text_encoder_offload_device(), torch.float32
 
 
 def vae_policy():
@@ -206,9 +219,49 @@ def patcher(model, load_device, offload_device):
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
-def load(patchers, memory_required=0):
-    """Ask ComfyUI to put these models on their load device (evicting others as needed)."""
-    mm().load_models_gpu(list(patchers), memory_required=memory_required)
+def load(patchers, memory_required=0, force_full_load=False):
+    """Ask ComfyUI to put these models on their load device, evicting others (or loading these
+    partially) so that ``memory_required`` bytes of working memory stay free for the stage.
+    ``force_full_load``: never leave layers behind (for modules without comfy.ops layers)."""
+    mm().load_models_gpu(list(patchers), memory_required=int(memory_required), force_full_load=force_full_load)
+
+
+# Working-memory estimates handed to load_models_gpu. They are estimates, not measurements: they
+# model the activations of one network call on ComfyUI's own estimates for the same networks, so
+# KeyFace stages make the memory manager free about as much as a native SVD workflow would.
+#
+# UNet: ComfyUI's BaseModel.memory_required (comfy/model_base.py), fused-attention case (our UNet
+# attends through scaled_dot_product_attention), with SVD_img2vid's memory_usage_factor 2.0:
+# 0.01 MiB x factor x dtype size per latent pixel of every row (batch item) of one call.
+UNET_BYTES_PER_LATENT_PIXEL = round(0.01 * 2.0 * 2**20)  # x dtype size
+# SVD VAE decoder: ComfyUI's estimate for its KL decoder (comfy/sd.py VAE memory_used_decode):
+# ~2178 x dtype size bytes per output pixel of every decoded frame.
+DECODE_BYTES_PER_PIXEL = 2178  # x dtype size
+
+
+def unet_memory(rows, latent_hw, dtype) -> int:
+    """Estimated working memory (bytes) of one UNet call on ``rows`` latents of ``latent_hw``."""
+    h, w = latent_hw
+    return int(rows) * h * w * dtype.itemsize * UNET_BYTES_PER_LATENT_PIXEL
+
+
+def decode_memory(rows, latent_hw, dtype) -> int:
+    """Estimated working memory (bytes) of one VAE decoder call on ``rows`` latents of ``latent_hw``."""
+    h, w = latent_hw
+    return int(rows) * (8 * h) * (8 * w) * dtype.itemsize * DECODE_BYTES_PER_PIXEL
+
+
+# keyface.pipeline.ATTENTION_BACKENDS (kept here as names: INPUT_TYPES must not import torch)
+ATTENTION_CHOICES = ("auto", "math", "flash", "efficient", "cudnn")
+
+
+def attention_input():
+    return (list(ATTENTION_CHOICES), {
+        "default": "auto",
+        "tooltip": "Attention kernel (torch scaled_dot_product_attention backend) for this stage's network calls. "
+                   "auto: torch picks per call. A backend this device cannot run is reported as an error. "
+                   "Changes speed, not the result beyond float rounding.",
+    })
 
 
 def check_interrupt():
@@ -245,6 +298,24 @@ class Progress:
         self.bar.update_absolute(min(int(event.step), int(event.total)), int(event.total))
 
 
+# ------------------------------------------------------------------------------------- notices
+NOTICE_EVENT = "keyface.notice"  # shown as a toast by js/keyface_notices.js
+
+
+def notify(message, severity="warn"):
+    """Log ``message`` and show it in the ComfyUI frontend of the client that queued the prompt
+    (a websocket event; nothing is sent when no server runs, e.g. in scripts and unit tests)."""
+    log.warning("KeyFace: %s", message)
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None:
+        server.send_sync(NOTICE_EVENT, {"severity": severity, "summary": "KeyFace", "detail": message},
+                         getattr(server, "client_id", None))
+
+
 # ------------------------------------------------------------------------- identity image, audio
 def first_image(image, input_name="image"):
     """The first portrait of an IMAGE batch (warns when the batch has more than one)."""
@@ -252,7 +323,7 @@ def first_image(image, input_name="image"):
         raise ValueError(f"{input_name}: expected an IMAGE [batch, height, width, 3], got "
                          f"{tuple(getattr(image, 'shape', ())) or type(image).__name__}")
     if image.shape[0] > 1:
-        log.warning("KeyFace: %s holds %d images; using the first one as the identity", input_name, image.shape[0])
+        notify(f"{input_name} holds {image.shape[0]} images; using the first one as the identity portrait")
     return image[:1, :, :, :3]
 
 
@@ -264,7 +335,7 @@ def first_clip(audio, input_name="audio"):
         raise ValueError(f"{input_name}: expected a ComfyUI AUDIO dict with 'waveform' and 'sample_rate'") from e
     if wf.ndim == 3:
         if wf.shape[0] > 1:
-            log.warning("KeyFace: %s holds a batch of %d clips; using the first", input_name, wf.shape[0])
+            notify(f"{input_name} holds a batch of {wf.shape[0]} clips; using the first")
         wf = wf[0]
     elif wf.ndim == 1:
         wf = wf[None]

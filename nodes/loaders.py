@@ -116,13 +116,19 @@ class KeyFaceAudioEncoderLoader:
         }}
 
     def load(self, wavlm_name, beats_name, wav2vec2_name):
+        import functools
+
+        import comfy.ops
         from ..keyface.audio import load_beats, load_wav2vec2, load_wavlm
 
-        load_device, offload_device, dtype = C.text_encoder_policy()
+        load_device, offload_device, dtype = C.audio_encoder_policy()
         names = {"wavlm": wavlm_name, "beats": beats_name, "wav2vec2": wav2vec2_name}
         # every name is resolved before the first (slow) load, so a missing file fails at once
         paths = {kind: C.resolve(kind, name, f"{kind}_name") for kind, name in names.items()}
-        loaders = {"wavlm": load_wavlm, "beats": load_beats, "wav2vec2": load_wav2vec2}
+        # BEATs is our own module and takes ComfyUI's layers; WavLM and wav2vec2 are transformers
+        # models with torch layers, which KeyFace Encode Audio therefore always loads fully.
+        loaders = {"wavlm": load_wavlm, "wav2vec2": load_wav2vec2,
+                   "beats": functools.partial(load_beats, operations=comfy.ops.disable_weight_init)}
         # the library loaders return eval-mode, grad-free modules already cast and placed
         models = {kind: loaders[kind](path, dtype=dtype, device=offload_device) for kind, path in paths.items()}
         patchers = [C.patcher(m, load_device, offload_device) for m in models.values()]
@@ -150,6 +156,8 @@ class KeyFaceKeyframeModelLoader:
         cfg = model_files.read_sidecar(path)
         load_device, offload_device, weight_dtype, compute_dtype, ops = C.unet_policy(C.file_params(path))
         net = engines.load_keyframe_network(path, config=cfg, dtype=weight_dtype, device=offload_device, operations=ops)
+        C.use_compute_dtype(net, weight_dtype, compute_dtype)
+        C.log.info("KeyFace: keyframe model weights %s, compute %s", weight_dtype, compute_dtype)
         res = model_files.resolution_of(cfg)
         return (KeyFaceKeyframeModel(net, C.patcher(net, load_device, offload_device), compute_dtype, res, model_name),)
 
@@ -179,6 +187,10 @@ class KeyFaceInterpolationModelLoader:
         load_device, offload_device, weight_dtype, compute_dtype, ops = C.unet_policy(n)
         good, bad = engines.load_interpolation_networks(
             path, bad_path, config=cfg, dtype=weight_dtype, device=offload_device, operations=ops)
+        for net in (good, bad):
+            if net is not None:
+                C.use_compute_dtype(net, weight_dtype, compute_dtype)
+        C.log.info("KeyFace: interpolation models weights %s, compute %s", weight_dtype, compute_dtype)
         patchers = [C.patcher(good, load_device, offload_device)]
         if bad is not None:
             patchers.append(C.patcher(bad, load_device, offload_device))

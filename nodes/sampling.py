@@ -5,17 +5,20 @@ Data passed between nodes:
 * ``KEYFACE_AUDIO_FEATURES``: ``keyface.audio.AudioFeatures`` (``.keyframe`` / ``.interpolation``
   ``[N, 2, 1536]``, ``.num_frames`` N = clip length in video frames at 25 fps).
 * ``KEYFACE_KEYFRAMES``: :class:`KeyFaceKeyframes` (keyframe latents ``[K, 4, h, w]`` on the CPU,
-  the clip plan, the identity latent and the seed). Decoded to pixels only by *KeyFace Preview
-  Keyframes* (V1 nodes have no lazy outputs; a node that is not connected to an output does not run,
-  so the preview costs nothing unless it is wired to e.g. Preview Image).
+  the clip plan, the identity latent and the seed). KeyFace Sample Keyframes decodes them for its
+  ``preview`` output only when its ``preview`` input is on.
 * ``LATENT`` out of *KeyFace Interpolate*: ``{"samples": [S*14, 4, h, w]}`` - every interpolation
-  segment's 14 frames in order, SD-scaled (0.18215) latents that the SVD VAE decodes - plus
+  segment's 14 frames in order, as *raw* SVD VAE latents like every ComfyUI LATENT (the samplers
+  work on latents x 0.18215; the node divides by it, and KeyFace Decode / Save Video multiply it
+  back), so native VAE Decode / VAE Encode agree on what the samples mean - plus
   ``keyface_num_frames`` (N) and ``keyface_segment_frames`` (14). Consecutive segments share their
   boundary keyframe, so a native VAE Decode shows those frames twice; *KeyFace Decode* merges
   them (pixel mean) and trims to exactly N frames.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from . import _common as C
 
@@ -25,7 +28,7 @@ PREVIEW_OFF_SIZE = 64  # the placeholder preview when it is off (nothing decoded
 
 
 class KeyFaceKeyframes:
-    """KEYFACE_KEYFRAMES: what Sample Keyframes hands to Interpolate (and to Preview Keyframes)."""
+    """KEYFACE_KEYFRAMES: what Sample Keyframes hands to Interpolate."""
 
     def __init__(self, latents, plan, identity_latent, seed, resolution):
         self.latents, self.plan, self.identity_latent = latents, plan, identity_latent
@@ -45,20 +48,52 @@ def _pipeline():
     return pipeline
 
 
-def clip_audio(waveform, sample_rate):
-    """The clip the video was made for, as a single-item AUDIO batch at its own rate and length.
+def latent_scale():
+    """The SVD VAE's latent scale factor (0.18215): sampler latents = raw VAE latents x this."""
+    from ..keyface.vae import SCALE_FACTOR
 
-    The video has round(seconds x 25) frames, i.e. it ends within half a frame of this audio; the
-    audio is passed on whole (not cut to the frames) so the mp4 carries the input's full duration.
-    """
-    return {"waveform": waveform.reshape(1, *waveform.shape[-2:]).contiguous(), "sample_rate": int(sample_rate)}
+    return SCALE_FACTOR
+
+
+def clip_audio(waveform, sample_rate, num_frames):
+    """The audio of exactly ``num_frames`` video frames, as a single-item AUDIO batch at its own
+    rate: the clip cut, or padded with silence, to round(N x sample_rate / 25) samples (the rule
+    every KeyFace output follows, ``keyface.video_io.fit_audio_to_frames``)."""
+    import torch
+    from ..keyface.video_io import fit_audio_to_frames
+
+    fitted = torch.from_numpy(fit_audio_to_frames(waveform, sample_rate, num_frames))
+    return {"waveform": fitted[None].contiguous(), "sample_rate": int(sample_rate)}
+
+
+@contextlib.contextmanager
+def encoder_progress(encoders):
+    """One ComfyUI progress step and an interrupt check per audio encoder (forward hooks: the
+    library's ``compute_features`` runs all three encoders in one call)."""
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(len(encoders))
+    done = []
+
+    def finished(*_):
+        done.append(1)
+        bar.update_absolute(len(done), len(encoders))
+        C.check_interrupt()
+
+    handles = [m.register_forward_pre_hook(lambda *_: C.check_interrupt()) for m in encoders]
+    handles += [m.register_forward_hook(finished) for m in encoders]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ------------------------------------------------------------------------------------ encode audio
 class KeyFaceEncodeAudio:
     DESCRIPTION = ("Computes KeyFace's per-video-frame audio features (WavLM+BEATs for keyframes, wav2vec2+BEATs "
                    "for interpolation) and the clip length in frames, round(seconds x 25). Also returns the clip "
-                   "itself (first item of a batch) and the fps, for Create Video.")
+                   "(first item of a batch) cut or padded to exactly that many frames, and the fps, for Create Video.")
     CATEGORY = C.CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = ("KEYFACE_AUDIO_FEATURES", "INT", "AUDIO", "FLOAT")
@@ -66,7 +101,7 @@ class KeyFaceEncodeAudio:
     OUTPUT_TOOLTIPS = (
         "Audio features for Sample Keyframes and Interpolate.",
         "Number of video frames the clip will have: round(seconds x 25), within half a frame of the audio.",
-        "The clip the video is made for, whole (feed it to Create Video with fps).",
+        "The clip cut, or padded with silence, to exactly frame_count / 25 s (feed it to Create Video with fps).",
         "Frames per second of the KeyFace video (25).",
     )
 
@@ -83,12 +118,15 @@ class KeyFaceEncodeAudio:
 
         waveform, sr = C.first_clip(audio)
         enc = audio_encoders
-        C.load(enc.patchers)
+        # fully: WavLM and wav2vec2 have torch layers, which a partial (lowvram) load would leave
+        # on the CPU. One call, so loading one cannot partially unload another.
+        C.load(enc.patchers, force_full_load=True)
         C.check_interrupt()
-        with torch.inference_mode():  # the encoders move the clip to their own device and dtype
+        with torch.inference_mode(), encoder_progress([enc.wavlm, enc.beats, enc.wav2vec2]):
+            # the encoders move the clip to their own device and dtype
             feats = compute_features(waveform, sr, enc.wavlm, enc.beats, enc.wav2vec2)
         n = int(feats.num_frames)  # the features are float32 on the CPU (intermediate device)
-        return (feats, n, clip_audio(waveform, sr), C.FPS)
+        return (feats, n, clip_audio(waveform, sr, n), C.FPS)
 
 
 # --------------------------------------------------------------------------------- sample keyframes
@@ -128,11 +166,12 @@ class KeyFaceSampleKeyframes:
             },
             "optional": {
                 "emotion": ("KEYFACE_EMOTION", {"tooltip": "From KeyFace Emotion; not connected = neutral (valence 0, arousal 0)."}),
+                "attention": C.attention_input(),
             },
         }
 
     def sample(self, keyframe_model, vae, image, audio_features, seed, steps, ref_guidance, audio_guidance, fit,
-               preview=False, emotion=None):
+               preview=False, emotion=None, attention="auto"):
         import torch
         from ..keyface import emotion as kemotion, planner
 
@@ -141,8 +180,10 @@ class KeyFaceSampleKeyframes:
         identity = encode_identity(vae, image, keyframe_model.resolution, fit)
         valence, arousal = kemotion.per_frame_emotion(emotion, n, fps=C.FPS)
         progress = C.Progress()
-        C.load([keyframe_model.patcher])
-        with torch.inference_mode():
+        # one call = 3 guidance branches x 14 frames at the latent size
+        lat_hw = tuple(identity.shape[-2:])
+        C.load([keyframe_model.patcher], C.unet_memory(3 * planner.WINDOW, lat_hw, keyframe_model.dtype))
+        with torch.inference_mode(), _pipeline().attention_backend(attention):
             latents = _pipeline().sample_keyframes(
                 keyframe_model.network, identity.to(keyframe_model.device), audio_features.keyframe, valence, arousal,
                 plan, seed=int(seed), steps=int(steps), ref_ratio=float(ref_guidance), audio_ratio=float(audio_guidance),
@@ -169,14 +210,17 @@ def encode_identity(vae, image, resolution, fit, input_name="image"):
         return pipeline.encode_identity(vae.vae, pixels, device=vae.device).float().cpu()
 
 
-def decode_keyframes(keyframes, vae):
-    """IMAGE [K, H, W, 3] of the keyframes (one VAE decode each), on the intermediate device."""
+def decode_keyframes(keyframes, vae, chunk_frames=16):
+    """IMAGE [K, H, W, 3] of the keyframes (one VAE decode each, ``chunk_frames`` per call), on the
+    intermediate device; a progress step and an interrupt check per chunk."""
     import torch
 
-    C.load([vae.patcher])
+    lat_hw = tuple(keyframes.latents.shape[-2:])
+    C.load([vae.patcher], C.decode_memory(min(chunk_frames, keyframes.latents.shape[0]), lat_hw, vae.dtype))
     C.check_interrupt()
     with torch.inference_mode():
-        images = _pipeline().decode_keyframe_preview(vae.vae, keyframes.latents, device=vae.device)
+        images = _pipeline().decode_keyframe_preview(vae.vae, keyframes.latents, chunk_frames=chunk_frames,
+                                                     device=vae.device, callback=C.Progress())
     return images.to(C.mm().intermediate_device())
 
 
@@ -206,11 +250,13 @@ class KeyFaceInterpolate:
             "autoguidance": ("BOOLEAN", {"default": True,
                                          "tooltip": "Off: the interpolation network alone (half the cost, lower quality)."}),
             "segments_per_call": ("INT", {"default": 2, "min": 1, "max": 64,
-                                          "tooltip": "Segments (14 frames each) per network call: more is faster on a big GPU and needs more memory. Does not change the result."}),
+                                          "tooltip": "Segments (14 frames each) per network call: more is faster on a big GPU and needs more memory (a call that runs out of memory is retried in halves). Does not change the result."}),
+        }, "optional": {
+            "attention": C.attention_input(),
         }}
 
     def interpolate(self, interpolation_model, keyframes, audio_features, seed, steps, guidance, autoguidance,
-                    segments_per_call):
+                    segments_per_call, attention="auto"):
         import torch
 
         n_feat, n_kf = int(audio_features.num_frames), int(keyframes.num_frames)
@@ -228,21 +274,25 @@ class KeyFaceInterpolate:
         if autoguidance and model.bad is None:
             raise ValueError("interpolation_model: autoguidance is on but no autoguidance (bad) model was loaded")
         progress = C.Progress()
-        C.load(model.patchers if autoguidance else model.patchers[:1])
-        with torch.inference_mode():
+        # one call = segments_per_call x 14 frames; the good and bad networks run one after the
+        # other (their weights are counted by load_models_gpu itself)
+        memory = C.unet_memory(int(segments_per_call) * SEGMENT_FRAMES, lat_hw, model.dtype)
+        C.load(model.patchers if autoguidance else model.patchers[:1], memory)
+        with torch.inference_mode(), _pipeline().attention_backend(attention):
             seg = _pipeline().interpolate_segments(
                 model.good, model.bad if autoguidance else None, keyframes.latents.to(model.device),
                 audio_features.interpolation, keyframes.plan, seed=int(seed), steps=int(steps), scale=float(guidance),
                 segments_per_call=int(segments_per_call), autoguidance=bool(autoguidance), device=model.device,
                 dtype=model.dtype, callback=progress)
-        seg = seg.float().cpu()
+        seg = seg.float().cpu() / latent_scale()  # raw VAE latents, as every ComfyUI LATENT
         s, t = seg.shape[:2]
         return ({"samples": seg.reshape(s * t, *seg.shape[2:]), "keyface_num_frames": n_kf,
                  "keyface_segment_frames": int(t)},)
 
 
 def segments_from_latent(latent, input_name="latent"):
-    """([S, 14, 4, h, w], N) from a KeyFace Interpolate LATENT; ValueError naming the input otherwise."""
+    """([S, 14, 4, h, w] sampler-scaled latents, N) from a KeyFace Interpolate LATENT (raw VAE
+    latents); ValueError naming the input otherwise."""
     if not isinstance(latent, dict) or "samples" not in latent:
         raise ValueError(f"{input_name}: expected a LATENT dict")
     if "keyface_num_frames" not in latent:
@@ -252,15 +302,18 @@ def segments_from_latent(latent, input_name="latent"):
     t = int(latent.get("keyface_segment_frames", SEGMENT_FRAMES))
     if x.ndim != 4 or x.shape[0] % t:
         raise ValueError(f"{input_name}: samples {tuple(x.shape)} are not whole {t}-frame segments")
-    return x.reshape(x.shape[0] // t, t, *x.shape[1:]), int(latent["keyface_num_frames"])
+    return x.reshape(x.shape[0] // t, t, *x.shape[1:]) * latent_scale(), int(latent["keyface_num_frames"])
 
 
 def decode_chunks(vae, segments, num_frames, chunk_frames, progress):
     """Iterator of decoded frame chunks [n, H, W, 3] (0..1, on the intermediate device) of
     ``segments_from_latent``'s ([S, 14, 4, h, w], N)."""
     import torch
+    from ..keyface.planner import STEP
 
-    C.load([vae.patcher])
+    # a call decodes chunk_frames frames plus a second copy of each shared keyframe among them
+    rows = int(chunk_frames) + int(chunk_frames) // STEP + 1
+    C.load([vae.patcher], C.decode_memory(rows, tuple(segments.shape[-2:]), vae.dtype))
     out_device = C.mm().intermediate_device()
     with torch.inference_mode():
         for chunk in _pipeline().decode_segments(vae.vae, segments, num_frames, chunk_frames=int(chunk_frames),

@@ -18,7 +18,7 @@ log = logging.getLogger("keyface")
 
 class KeyFaceSaveVideo:
     DESCRIPTION = ("Decodes KeyFace latents in fixed chunks and streams them into an H.264/AAC mp4 in the output "
-                   "folder (flat memory for long clips). The audio is cut to the video length.")
+                   "folder (flat memory for long clips). The audio is cut, or padded with silence, to the video length (N / 25 s).")
     CATEGORY = C.CATEGORY
     FUNCTION = "save"
     OUTPUT_NODE = True
@@ -40,12 +40,12 @@ class KeyFaceSaveVideo:
 
     def save(self, vae, latent, audio, filename_prefix, chunk_frames, crf):
         import folder_paths
-        from ..keyface.video_io import Mp4Writer
+        from ..keyface.video_io import Mp4Writer, fit_audio_to_frames
 
         seg, n = segments_from_latent(latent)
         size = int(seg.shape[-1]) * 8, int(seg.shape[-2]) * 8
         waveform, sr = C.first_clip(audio)
-        waveform = waveform[:, : int(round(n * sr / C.FPS))]
+        waveform = fit_audio_to_frames(waveform, sr, n)  # exactly n / 25 s: cut, or padded with silence
         out_dir = folder_paths.get_output_directory()
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir, size[0], size[1])
         file = f"{name}_{counter:05}_.mp4"

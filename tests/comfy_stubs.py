@@ -2,8 +2,10 @@
 
 They implement just enough behaviour for the node adapters to run on the CPU: a folder registry
 (with ComfyUI's merge semantics), a ModelPatcher that keeps the model where it is and records
-loads, a ProgressBar that records updates, dtype policy functions that answer float32 / no cast,
-``comfy.ops`` namespaces built from torch layers, and an interrupt flag tests can set.
+loads (and the working memory asked for), a ProgressBar that records updates, dtype policy
+functions that answer float32 / no cast, ``comfy.ops`` namespaces built from torch layers
+(``manual_cast`` ones cast weights to the input dtype), a ``server.PromptServer`` that records the
+messages sent, and an interrupt flag tests can set.
 
 Nothing here imports torch at install time (``comfy.ops`` builds its namespaces on first use), so
 the pack-import test can check that importing the pack does not pull in heavy modules.
@@ -21,6 +23,8 @@ _INSTALLED = False
 STATE = types.SimpleNamespace(
     progress=[],        # (node_id or None, value, total) per ProgressBar update
     loaded=[],          # list of lists of ModelPatcher passed to load_models_gpu
+    load_calls=[],      # dict(models, memory_required, force_full_load) per load_models_gpu call
+    messages=[],        # (event, data, sid) per PromptServer.instance.send_sync
     interrupt=False,    # set True to make throw_exception_if_processing_interrupted raise
     interrupt_after=None,  # int: raise on the n-th check from now (counts down)
     checks=0,           # how many interrupt checks ran
@@ -30,6 +34,8 @@ STATE = types.SimpleNamespace(
 def reset():
     STATE.progress.clear()
     STATE.loaded.clear()
+    STATE.load_calls.clear()
+    STATE.messages.clear()
     STATE.interrupt = False
     STATE.interrupt_after = None
     STATE.checks = 0
@@ -131,6 +137,8 @@ def _make_model_management():
     def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                         force_full_load=False):
         STATE.loaded.append(list(models))
+        STATE.load_calls.append({"models": list(models), "memory_required": memory_required,
+                                 "force_full_load": force_full_load})
         for p in models:
             p.model.to(p.load_device)
 
@@ -194,21 +202,79 @@ def _make_utils():
 
 
 # ------------------------------------------------------------------------------------- comfy.ops
+def _manual_cast_layers():
+    """Torch layers that cast their weight and bias to the input's dtype and device in forward,
+    as ComfyUI's ``manual_cast`` layers do (weights stored in one dtype, computed in another)."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    def cast(self, x):
+        w = None if self.weight is None else self.weight.to(device=x.device, dtype=x.dtype)
+        b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
+        return w, b
+
+    class Linear(nn.Linear):
+        def forward(self, x):
+            return F.linear(x, *cast(self, x))
+
+    def conv(base):
+        class Conv(base):
+            def forward(self, x):
+                return self._conv_forward(x, *cast(self, x))
+        Conv.__name__ = base.__name__
+        return Conv
+
+    class GroupNorm(nn.GroupNorm):
+        def forward(self, x):
+            return F.group_norm(x, self.num_groups, *cast(self, x), self.eps)
+
+    class LayerNorm(nn.LayerNorm):
+        def forward(self, x):
+            return F.layer_norm(x, self.normalized_shape, *cast(self, x), self.eps)
+
+    return types.SimpleNamespace(Linear=Linear, Conv1d=conv(nn.Conv1d), Conv2d=conv(nn.Conv2d),
+                                 Conv3d=conv(nn.Conv3d), GroupNorm=GroupNorm, LayerNorm=LayerNorm)
+
+
 def _make_ops():
     m = types.ModuleType("comfy.ops")
     m.__stub__ = True
     names = ("Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm")
 
     def __getattr__(attr):
-        if attr in ("disable_weight_init", "manual_cast"):
+        if attr == "disable_weight_init":
             from torch import nn
 
-            ns = types.SimpleNamespace(**{n: getattr(nn, n) for n in names})
-            setattr(m, attr, ns)
-            return ns
-        raise AttributeError(attr)
+            # torch layers marked like ComfyUI's (the model patcher looks for comfy_cast_weights)
+            ns = types.SimpleNamespace(**{n: type(n, (getattr(nn, n),), {"comfy_cast_weights": False})
+                                          for n in names})
+        elif attr == "manual_cast":
+            ns = _manual_cast_layers()
+        else:
+            raise AttributeError(attr)
+        setattr(m, attr, ns)
+        return ns
 
     m.__getattr__ = __getattr__
+    return m
+
+
+# ---------------------------------------------------------------------------------------- server
+def _make_server():
+    m = types.ModuleType("server")
+    m.__stub__ = True
+
+    class PromptServer:
+        instance = None
+
+        def __init__(self):
+            self.client_id = "stub-client"
+
+        def send_sync(self, event, data, sid=None):
+            STATE.messages.append((event, data, sid))
+
+    PromptServer.instance = PromptServer()
+    m.PromptServer = PromptServer
     return m
 
 
@@ -227,6 +293,7 @@ def install():
         "comfy.model_patcher": _make_model_patcher(),
         "comfy.utils": _make_utils(),
         "comfy.ops": _make_ops(),
+        "server": _make_server(),
     }
     for name, mod in mods.items():
         sys.modules.setdefault(name, mod)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_server import ROOT, SPEECH, SPEECH_ODD, comfy_server  # noqa: F401  (session fixture)
+from comfy_server import ROOT, SPEECH, SPEECH_ODD, comfy_server, start_server  # noqa: F401  (session fixture)
 from workflow_to_api import convert
 
 pytestmark = pytest.mark.e2e
@@ -154,9 +154,11 @@ def test_talking_head_workflow(comfy_server, two_runs, record_property):
     assert info["frames"] == n_expected, info
     assert info["fps"] == FPS
     assert info["audio_seconds"] is not None
-    # The input's duration, to within half a video frame: the native SaveVideo cuts the audio at the last
-    # video frame, and N = round(seconds x 25) ends within half a frame of the audio (3.080 s for 3.095 s).
-    assert abs(info["audio_seconds"] - seconds) <= 0.5 / FPS + 1e-6, (info, seconds)
+    # KeyFace Encode Audio's AUDIO is the clip cut or padded to exactly N / 25 s, so the track lasts
+    # N / 25 s (to within one AAC frame of 1024 samples), and N = round(seconds x 25) is within half
+    # a frame of the input (3.080 s for 3.095 s).
+    assert abs(info["audio_seconds"] - n_expected / FPS) <= 1024 / info["audio_rate"] + 1e-6, (info, n_expected)
+    assert abs(seconds - n_expected / FPS) <= 0.5 / FPS + 1e-9, (seconds, n_expected)
     with av.open(str(videos[0])) as c:
         assert c.streams.video[0].codec_context.name == "h264"
 
@@ -269,3 +271,114 @@ def test_features_of_another_clip_rejected(comfy_server, two_runs):
     err = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"][0]
     assert err["node_id"] == interp and err["exception_type"] == "ValueError", err
     assert err["exception_message"].startswith("audio_features:") and "frames" in err["exception_message"], err
+
+
+@pytest.fixture(scope="module")
+def fp8_server(comfy_server, tmp_path_factory):
+    """A second ComfyUI started with --fp8_e4m3fn-unet (weights stored in fp8, computed in fp32 on the
+    CPU through comfy.ops.manual_cast), on the first server's smoke models."""
+    server = start_server(base=tmp_path_factory.mktemp("comfyui_fp8"), models_dir=comfy_server.models_dir,
+                          extra_args=["--fp8_e4m3fn-unet"])
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_fp8_unet_workflow(fp8_server):
+    """Manual cast: the UNets keep fp8 weights and compute in ComfyUI's compute dtype (fp32 here)."""
+    from keyface.video_io import probe_mp4
+
+    server = fp8_server
+    prompt = convert(_load("keyface_talking_head.json"), server.object_info())
+    prompt[_node_id(prompt, "LoadAudio")]["inputs"]["audio"] = SPEECH_ODD
+    prompt[_node_id(prompt, "SaveVideo")]["inputs"]["filename_prefix"] = "e2e/fp8/video"
+    t0 = time.monotonic()
+    entry = server.wait(server.submit(prompt), timeout=300)
+    wall = time.monotonic() - t0
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:4000]
+    log = server.log_text()
+    for model in ("keyframe model", "interpolation models"):
+        assert f"KeyFace: {model} weights torch.float8_e4m3fn, compute torch.float32" in log, log[-3000:]
+    videos = [p for p in _outputs(server, entry, "images") if p.suffix == ".mp4"]
+    seconds, _ = _speech_seconds()
+    assert len(videos) == 1 and probe_mp4(videos[0])["frames"] == round(seconds * FPS)
+    print(f"\nKeyFace e2e fp8 workflow: {wall:.1f} s (server start {server.startup_seconds:.1f} s)")
+
+
+def _long_speech(server, seconds):
+    """A WAV of the speech fixture repeated to at least ``seconds`` in the server's input folder."""
+    import wave
+
+    name = f"speech_long_{seconds}s.wav"
+    with wave.open(str(ROOT / "tests" / "fixtures" / "media" / SPEECH_ODD), "rb") as src:
+        params, pcm = src.getparams(), src.readframes(src.getnframes())
+        repeats = math.ceil(seconds * src.getframerate() / src.getnframes())
+    with wave.open(str(Path(server.input_dir) / name), "wb") as dst:
+        dst.setparams(params)
+        dst.writeframes(pcm * repeats)
+    return name
+
+
+def test_cancel_during_save_video_leaves_no_file(comfy_server):
+    """POST /interrupt while KeyFace Save Video streams a clip: the prompt ends interrupted in /history
+    and no mp4 (nor a partial file) is left in the output folder."""
+    server = comfy_server
+    prompt = convert(_load("keyface_talking_head.json"), server.object_info())
+    for cls in ("SaveVideo", "CreateVideo", "KeyFaceDecode", "PreviewImage"):
+        del prompt[_node_id(prompt, cls)]
+    prompt[_node_id(prompt, "LoadAudio")]["inputs"]["audio"] = _long_speech(server, 12)
+    prompt[_node_id(prompt, "KeyFaceSampleKeyframes")]["inputs"]["preview"] = False
+    interp = _node_id(prompt, "KeyFaceInterpolate")
+    prompt[interp]["inputs"]["autoguidance"] = False  # half the cost: the test is about the save
+    save = "950"
+    prompt[save] = {"class_type": "KeyFaceSaveVideo", "inputs": {
+        "vae": [_node_id(prompt, "KeyFaceVAELoader"), 0], "latent": [interp, 0],
+        "audio": [_node_id(prompt, "KeyFaceEncodeAudio"), 2], "filename_prefix": "e2e/cancel/KeyFace",
+        "chunk_frames": 1, "crf": 23}}
+    client_id = uuid.uuid4().hex
+    ws = WsListener(server.url, client_id)
+    try:
+        t0 = time.monotonic()
+        pid = server.submit(prompt, client_id)
+        while not any(m["data"].get("node") == save for m in ws.of_type("progress")):
+            assert time.monotonic() - t0 < 120, "KeyFace Save Video never reported progress"
+            time.sleep(0.05)
+        t_save = time.monotonic() - t0
+        assert server.post("/interrupt", {"prompt_id": pid}).status_code == 200
+        entry = server.wait(pid, timeout=60)
+        wall = time.monotonic() - t0
+    finally:
+        ws.close()
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    kinds = {m[0]: m[1] for m in entry["status"]["messages"]}
+    assert "execution_interrupted" in kinds and kinds["execution_interrupted"]["node_id"] == save, kinds
+    assert "execution_error" not in kinds, kinds["execution_error"]
+    folder = Path(server.output_dir) / "e2e" / "cancel"
+    assert folder.is_dir()  # the save had started: KeyFace Save Video makes the folder first
+    left = [p for p in folder.rglob("*") if p.is_file()]
+    assert left == [], left
+    print(f"\nKeyFace e2e cancel: save started after {t_save:.1f} s, interrupted prompt ended after {wall:.1f} s")
+
+
+def test_image_batch_notice_reaches_the_client(comfy_server):
+    """Several portraits where one is expected: the first is used, and the queuing client gets a
+    ``keyface.notice`` websocket event (js/keyface_notices.js shows it as a toast)."""
+    server = comfy_server
+    prompt = convert(_load("keyface_talking_head.json"), server.object_info())
+    for cls in ("SaveVideo", "CreateVideo", "KeyFaceDecode", "KeyFaceInterpolate"):
+        del prompt[_node_id(prompt, cls)]
+    sample = _node_id(prompt, "KeyFaceSampleKeyframes")
+    prompt["960"] = {"class_type": "RepeatImageBatch",
+                     "inputs": {"image": [_node_id(prompt, "LoadImage"), 0], "amount": 2}}
+    prompt[sample]["inputs"].update(image=["960", 0], preview=True)
+    client_id = uuid.uuid4().hex
+    ws = WsListener(server.url, client_id)
+    try:
+        entry = server.wait(server.submit(prompt, client_id), timeout=120)
+        time.sleep(0.3)
+    finally:
+        ws.close()
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:4000]
+    notices = [m["data"] for m in ws.of_type("keyface.notice")]
+    assert len(notices) == 1 and "2 images" in notices[0]["detail"] and "first" in notices[0]["detail"], notices

@@ -190,6 +190,13 @@ def test_missing_model_names_the_input(N, smoke_dir):
         N["KeyFaceKeyframeModelLoader"]().load("nope.pt")
 
 
+def test_interpolation_checkpoint_in_keyframe_loader(N, smoke_dir):
+    with pytest.raises(ValueError) as e:
+        N["KeyFaceKeyframeModelLoader"]().load("interpolation.pt")
+    assert type(e.value).__name__ == "CheckpointError"
+    assert "interpolation" in str(e.value) and "keyframe model was expected" in str(e.value)
+
+
 def test_keyframe_checkpoint_in_interpolation_loader(N, smoke_dir):
     with pytest.raises(ValueError) as e:
         N["KeyFaceInterpolationModelLoader"]().load("keyframe.pt", "interpolation_bad.pt")
@@ -211,11 +218,44 @@ def test_encode_audio_clip_length(N, models):
     feats, n, audio, fps = N["KeyFaceEncodeAudio"]().encode(models["enc"], clip)
     assert fps == 25.0
     assert n == feats.num_frames == feats.keyframe.shape[0] == feats.interpolation.shape[0] == 26
-    # the whole clip is passed on at its own rate, so the mp4 carries the input's duration
-    assert audio["sample_rate"] == 44100 and audio["waveform"].dim() == 3
-    assert audio["waveform"][0].equal(clip["waveform"][0].float())
+    # the AUDIO output lasts exactly N / 25 s at its own rate: 26 frames = 45864 samples, the 45423
+    # of the clip followed by silence
+    wf, src = audio["waveform"], clip["waveform"][0].float()
+    assert audio["sample_rate"] == 44100 and wf.shape == (1, 1, 45864)
+    assert wf[0, :, :src.shape[-1]].equal(src) and not wf[0, :, src.shape[-1]:].any()
     short = _audio(1.01, sr=44100)  # 25.25 frames: round gives 25 where ceil(640-sample frames) gives 26
-    assert N["KeyFaceEncodeAudio"]().encode(models["enc"], short)[1] == 25
+    _, n, audio, _ = N["KeyFaceEncodeAudio"]().encode(models["enc"], short)
+    assert n == 25 and audio["waveform"][0].equal(short["waveform"][0, :, :44100])  # cut to 1.000 s
+
+
+def test_encode_audio_progress_per_encoder_and_cancel(N, models):
+    import comfy.model_management
+
+    N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(1.0))
+    assert [p[1:] for p in comfy_stubs.STATE.progress] == [(1, 3), (2, 3), (3, 3)]
+    comfy_stubs.reset()
+    comfy_stubs.STATE.interrupt_after = 3  # raised between encoders (checks: before, wavlm in, wavlm out)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(1.0))
+    assert len(comfy_stubs.STATE.progress) == 1
+    for m in (models["enc"].wavlm, models["enc"].beats, models["enc"].wav2vec2):  # the hooks are gone
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_audio_encoders_fp32_comfy_ops_full_load(N, models, monkeypatch):
+    import comfy.model_management
+
+    # ComfyUI's text-encoder dtype would be fp16 on most GPUs; the encoders stay fp32 (node = CLI)
+    monkeypatch.setattr(comfy.model_management, "text_encoder_dtype", lambda device=None: torch.float16)
+    enc, = N["KeyFaceAudioEncoderLoader"]().load(
+        "WavLM-Base+.pt", "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt", "wav2vec2-base-960h")
+    for m in (enc.wavlm, enc.beats, enc.wav2vec2):
+        assert {p.dtype for p in m.parameters()} == {torch.float32}
+    # BEATs is built from comfy.ops layers (partial offload works); the transformers models are not
+    assert any(hasattr(m, "comfy_cast_weights") for m in enc.beats.modules())
+    N["KeyFaceEncodeAudio"]().encode(enc, _audio(1.0))
+    call, = comfy_stubs.STATE.load_calls
+    assert call["force_full_load"] and len(call["models"]) == 3
 
 
 def test_first_of_batch_warning(N, models, clip, caplog):
@@ -223,6 +263,10 @@ def test_first_of_batch_warning(N, models, clip, caplog):
     with caplog.at_level(logging.WARNING, logger="keyface"):
         two, _ = node.sample(models["kf"], models["vae"], _image(batch=3), clip["feats"], 5, 10, 2.0, 5.0, "crop")
     assert any("3 images" in r.getMessage() and "first" in r.getMessage() for r in caplog.records)
+    # ... and the user is told in the UI: a websocket event to the queuing client (js/keyface_notices.js)
+    (event, data, sid), = comfy_stubs.STATE.messages
+    assert event == "keyface.notice" and sid == "stub-client" and data["severity"] == "warn"
+    assert data["detail"].startswith("image holds 3 images") and "first" in data["detail"]
     # the first image alone gives the same keyframes
     assert (two.latents == clip["kfs"].latents).all()
 
@@ -316,3 +360,145 @@ def test_encode_audio_rejects_unusable_audio(N, models, make, message):
     with pytest.raises(ValueError, match=message) as err:
         N["KeyFaceEncodeAudio"]().encode(models["enc"], make())
     assert str(err.value).startswith("audio")
+
+
+# ------------------------------------------------------------------------ dtypes and manual cast
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_manual_cast_computes_in_comfy_compute_dtype(N, smoke_dir, clip, monkeypatch, weight_dtype):
+    """--bf16-unet / --fp8_e4m3fn-unet on a CPU: ComfyUI stores the weights in that dtype and picks
+    float32 compute (manual cast); every network must then run in float32."""
+    import comfy.model_management
+
+    monkeypatch.setattr(comfy.model_management, "unet_dtype", lambda **kw: weight_dtype)
+    monkeypatch.setattr(comfy.model_management, "unet_manual_cast", lambda *a, **kw: torch.float32)
+    kf, = N["KeyFaceKeyframeModelLoader"]().load("keyframe.pt")
+    it, = N["KeyFaceInterpolationModelLoader"]().load("interpolation.pt", "interpolation_bad.pt")
+    nets = [kf.network, it.good, it.bad]
+    seen = []
+    hooks = [n.diffusion_model.register_forward_pre_hook(lambda m, args, kw: seen.append(args[0].dtype),
+                                                         with_kwargs=True) for n in nets]
+    try:
+        for n in nets:
+            assert n.compute_dtype == torch.float32
+            assert next(n.diffusion_model.parameters()).dtype == weight_dtype  # stored as ComfyUI chose
+            if n is not it.bad:  # the bad network's projection is unused (autoguidance shares the good one's tokens)
+                assert n.audio_projection.linear.weight.dtype == weight_dtype
+                assert n.audio_projection.compute_dtype == torch.float32
+        kfs, _ = N["KeyFaceSampleKeyframes"]().sample(kf, clip_vae(N, smoke_dir), _image(), clip["feats"], 5, 10,
+                                                      2.0, 5.0, "crop")
+        lat, = N["KeyFaceInterpolate"]().interpolate(it, kfs, clip["feats"], 5, 10, 2.0, True, 2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen and set(seen) == {torch.float32}
+    assert torch.isfinite(lat["samples"]).all()
+
+
+def clip_vae(N, smoke_dir):
+    return N["KeyFaceVAELoader"]().load("svd_vae.safetensors")[0]
+
+
+# -------------------------------------------------------------------------------- working memory
+def test_memory_required_scales_with_stage_shapes(N, models, clip):
+    common = importlib.import_module(PACK + ".nodes._common")
+    calls = comfy_stubs.STATE.load_calls
+
+    def memory_of(patcher_owner):
+        return [c["memory_required"] for c in calls if patcher_owner in c["models"]]
+
+    # keyframes: one call = 3 guidance branches x 14 frames of 8x8 latents (the smoke model's 64 px)
+    N["KeyFaceSampleKeyframes"]().sample(models["kf"], models["vae"], _image(), clip["feats"], 5, 10, 2.0, 5.0, "crop")
+    assert memory_of(models["kf"].patcher) == [common.unet_memory(42, (8, 8), torch.float32)]
+    assert common.unet_memory(42, (8, 8), torch.float32) == 2 * common.unet_memory(42, (8, 8), torch.float16)
+    assert common.unet_memory(42, (64, 64), torch.float32) == 64 * common.unet_memory(42, (8, 8), torch.float32)
+
+    # interpolation: grows with segments_per_call (14 frames each)
+    mem = {}
+    for spc in (1, 2):
+        calls.clear()
+        N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, spc)
+        mem[spc], = memory_of(models["it"].patchers[0])
+    assert mem[1] == common.unet_memory(14, (8, 8), torch.float32) > 0 and mem[2] == 2 * mem[1]
+
+    # decode: grows with the chunk (+ the shared keyframes decoded twice), at the output size
+    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, False, 2)
+    dec = {}
+    for chunk in (4, 16):
+        calls.clear()
+        N["KeyFaceDecode"]().decode(models["vae"], lat, chunk)
+        dec[chunk], = memory_of(models["vae"].patcher)
+    assert dec[4] == common.decode_memory(4 + 0 + 1, (8, 8), torch.float32)
+    assert dec[16] == common.decode_memory(16 + 1 + 1, (8, 8), torch.float32) > dec[4]
+    assert common.decode_memory(1, (64, 64), torch.float32) == 64 * common.decode_memory(1, (8, 8), torch.float32)
+
+
+# ---------------------------------------------------------------------------- LATENT convention
+def test_latent_holds_raw_vae_latents(N, models, clip):
+    """ComfyUI LATENTs are raw VAE latents (its VAE encode/decode apply no scale factor): Interpolate
+    divides the sampler's latents by 0.18215 and Decode multiplies them back."""
+    pipeline = importlib.import_module(PACK + ".keyface.pipeline")
+    scale = importlib.import_module(PACK + ".keyface.vae").SCALE_FACTOR
+    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 2)
+    it = models["it"]
+    sampled = pipeline.interpolate_segments(it.good, it.bad, clip["kfs"].latents, clip["feats"].interpolation,
+                                            clip["kfs"].plan, seed=5, steps=10, scale=2.0, segments_per_call=2)
+    assert torch.allclose(lat["samples"] * scale, sampled.reshape(-1, *sampled.shape[2:]), atol=1e-6)
+
+    imgs, = N["KeyFaceDecode"]().decode(models["vae"], lat, 16)
+    segs = (lat["samples"] * scale).reshape(-1, 14, *lat["samples"].shape[1:])
+    ref = torch.cat(list(pipeline.decode_segments(models["vae"].vae, segs, clip["n"], chunk_frames=16)))
+    assert torch.allclose(imgs, ref, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- preview progress, cancel
+def test_keyframe_preview_progress_and_cancel(pack, models, clip):
+    import comfy.model_management
+
+    sampling = importlib.import_module(PACK + ".nodes.sampling")
+    k = clip["kfs"].latents.shape[0]
+    images = sampling.decode_keyframes(clip["kfs"], models["vae"], chunk_frames=1)
+    assert images.shape[0] == k and [p[1:] for p in comfy_stubs.STATE.progress] == [(i, k) for i in range(1, k + 1)]
+    comfy_stubs.reset()
+    comfy_stubs.STATE.interrupt_after = 2  # the check after the first chunk (before it is reported)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        sampling.decode_keyframes(clip["kfs"], models["vae"], chunk_frames=1)
+    assert comfy_stubs.STATE.checks == 2 and not comfy_stubs.STATE.progress  # no chunk decoded after it
+
+
+def test_save_video_audio_is_exactly_the_video_length(N, models, clip, tmp_path):
+    """Audio shorter than the video is padded with silence (longer is cut): both last N / 25 s."""
+    import folder_paths
+
+    from keyface.video_io import probe_mp4
+
+    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, False, 2)
+    folder_paths.output_directory = str(tmp_path)
+    n, sr = clip["n"], 16000
+    for seconds in (0.9, 1.3):
+        out = N["KeyFaceSaveVideo"]().save(models["vae"], lat, _audio(seconds, sr=sr), f"kf/len{seconds}", 16, 23)
+        info = probe_mp4(out["result"][0])
+        assert info["frames"] == n
+        assert abs(info["audio_seconds"] - n / 25) <= 1024 / sr, (seconds, info)
+
+
+# ------------------------------------------------------------------------------- attention backend
+def test_attention_input_reaches_the_samplers(pack, N, models, clip):
+    """The samplers' optional 'attention' input lists exactly the library's backends and is applied:
+    'math' gives the 'auto' result up to rounding, and a backend the CPU lacks is an error naming it."""
+    import torch
+
+    pipeline = importlib.import_module(PACK + ".keyface.pipeline")
+    common = importlib.import_module(PACK + ".nodes._common")
+    assert list(common.ATTENTION_CHOICES) == list(pipeline.ATTENTION_BACKENDS)
+    for name in ("KeyFaceSampleKeyframes", "KeyFaceInterpolate"):
+        assert N[name].INPUT_TYPES()["optional"]["attention"][0] == list(pipeline.ATTENTION_BACKENDS)
+    args = (models["kf"], models["vae"], _image(), clip["feats"], 5, 10, 2.0, 5.0, "crop")
+    math_kfs, _ = N["KeyFaceSampleKeyframes"]().sample(*args, attention="math")
+    assert torch.allclose(math_kfs.latents, clip["kfs"].latents, atol=1e-4)
+    lat_auto, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 2)
+    lat_math, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 2,
+                                                      attention="math")
+    assert torch.allclose(lat_auto["samples"], lat_math["samples"], atol=1e-4)
+    if not torch.cuda.is_available():  # the memory-efficient kernel is CUDA-only
+        with pytest.raises(ValueError, match="attention='efficient'"):
+            N["KeyFaceSampleKeyframes"]().sample(*args, attention="efficient")
