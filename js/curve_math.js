@@ -213,15 +213,45 @@ function round(x, digits) {
   return Object.is(r, -0) ? 0 : r;
 }
 
-// Canonical JSON text of a curve (key order fixed, t rounded to ms, values to 1e-4).
+export const TIME_STEP = 0.001; // serialized times are whole milliseconds
+
+// Times of one series rounded to whole ms and kept strictly increasing: points closer than 1 ms (only
+// typed text can hold them) would round onto the same ms, which both parsers refuse as a duplicate, so
+// such a point moves to 1 ms after its predecessor.
+function serializedTimes(list) {
+  let prev = -Infinity;
+  return list.map(([t]) => {
+    let r = round(t, 3);
+    if (r <= prev) r = round(prev + TIME_STEP, 3);
+    prev = r;
+    return r;
+  });
+}
+
+// Canonical JSON text of a curve (key order fixed, t in whole ms, strictly increasing, values to 1e-4).
+// The text always parses (here and in keyface/emotion.py) to the same number of points.
 export function serializeCurve(curve) {
-  const pts = (list) => list.map(([t, v]) => [round(t, 3), round(v, 4)]);
+  const pts = (list) => {
+    const ts = serializedTimes(list);
+    return list.map(([, v], i) => [ts[i], round(v, 4)]);
+  };
   return JSON.stringify({
     version: CURVE_VERSION,
     valence: pts(curve.valence),
     arousal: pts(curve.arousal),
     interpolation: curve.interpolation,
   });
+}
+
+// Values at video frames as the sampler gets them (keyface.emotion.per_frame_emotion(curve, n, fps,
+// intensity)[frames]): frame i at t = i / fps, `intensity` applied, then clamped.
+// Returns {valence, arousal}, one value per entry of `frames` (float64).
+export function sampleFrames(curve, frames, fps = 25, intensity = 1.0) {
+  if (!(fps > 0)) throw new CurveError(`fps must be > 0, got ${fps}`);
+  for (const i of frames) {
+    if (!Number.isInteger(i) || i < 0) throw new CurveError(`frame indices must be integers >= 0, got ${i}`);
+  }
+  return sampleCurve(curve, frames.map((i) => i / fps), intensity);
 }
 
 // ---- editing helpers (pure; return new arrays) -------------------------------------------------
@@ -245,10 +275,15 @@ export function upsertPoint(points, t, v, tol = 1e-3) {
 
 // Move point i to (t, v), keeping times strictly increasing with at least `gap` seconds between
 // neighbours, t >= 0 and v in [-1, 1]. Returns the new points array.
+// Neighbours closer than the gap allows (typed text) shrink the gap, so the point still lands strictly
+// between them (or between 0 and the second point) instead of onto a neighbour.
 export function movePoint(points, i, t, v, gap = 0.01) {
   const out = points.map((p) => [p[0], p[1]]);
-  const lo = i > 0 ? out[i - 1][0] + gap : 0;
-  const hi = i < out.length - 1 ? out[i + 1][0] - gap : Infinity;
+  const prev = i > 0 ? out[i - 1][0] : null;
+  const next = i < out.length - 1 ? out[i + 1][0] : null;
+  if (next !== null) gap = Math.min(gap, prev !== null ? (next - prev) / 2 : next);
+  const lo = prev !== null ? prev + gap : 0;
+  const hi = next !== null ? next - gap : Infinity;
   out[i] = [Math.min(Math.max(t, lo), hi), clamp(v)];
   return out;
 }

@@ -10,6 +10,10 @@
 // (bottom strip) or on empty space to move the playhead. Keys while the editor has focus: Delete or
 // Backspace removes the selected point, Ctrl+Z undoes, arrows nudge the point (Shift: finer), Escape
 // deselects. The preset menu drops a named emotion (both curves) at the playhead.
+//
+// The status line shows the clip duration ("audio" when it comes from the connected audio, "duration
+// hint" when from that widget), the playhead and the values the sampler gets at the playhead's frame
+// (intensity applied); an invalid curve text shows its error there, in red.
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -21,6 +25,7 @@ import {
   movePoint,
   parseCurve,
   removePoint,
+  sampleFrames,
   samplePoints,
   serializeCurve,
   upsertPoint,
@@ -37,6 +42,7 @@ const HIT_RADIUS = 8;
 const MIN_GAP = 0.01; // seconds between neighbouring points
 const UNDO_LIMIT = 100;
 const EDITOR_MIN_HEIGHT = 200;
+const FPS = 25; // the sampler's frame rate: the status shows the values of the playhead's frame
 
 function injectStyle() {
   if (document.getElementById("keyface-emotion-style")) return;
@@ -84,6 +90,7 @@ class EmotionEditor {
     this.emotionWidget = node.widgets.find((w) => w.name === "emotion");
     this.scheduleWidget = node.widgets.find((w) => w.name === "schedule");
     this.durationWidget = node.widgets.find((w) => w.name === "duration_hint");
+    this.intensityWidget = node.widgets.find((w) => w.name === "intensity");
     this.curve = constantCurve("neutral");
     this.lastText = null;
     this.error = null;
@@ -92,14 +99,24 @@ class EmotionEditor {
     this.hover = null;
     this.active = "valence";
     this.playhead = 0;
-    this.executedDuration = null;
-    this.audioDuration = null;
+    this.executedDuration = null; // seconds of the connected audio, reported by the last run
+    this.audioDuration = null; // seconds of the LoadAudio file, read from its metadata
     this.audioKey = undefined;
     this.drag = null; // {kind: "point"|"playhead", series, index, moved, axisEnd}
     this.message = null;
     this.writing = false;
     this.buildDom();
     this.syncFromWidget(true);
+  }
+
+  // Every selection change refreshes the toolbar (the delete button follows the selection).
+  get selected() {
+    return this._selected;
+  }
+
+  set selected(sel) {
+    this._selected = sel;
+    this.refreshToolbar();
   }
 
   // ---------------------------------------------------------------------------------------- DOM
@@ -228,7 +245,14 @@ class EmotionEditor {
   writeWidget() {
     const text = serializeCurve(this.curve);
     this.lastText = text;
-    this.error = null;
+    // Hold exactly what the text says (serializing rounds and may space points 1 ms apart), and show
+    // an error instead of silently writing text the node would refuse.
+    try {
+      this.curve = parseCurve(text);
+      this.error = null;
+    } catch (e) {
+      this.error = e instanceof CurveError ? e.message : String(e);
+    }
     if (this.curveWidget) {
       this.writing = true;
       try {
@@ -350,13 +374,19 @@ class EmotionEditor {
   }
 
   // ------------------------------------------------------------------------------------- geometry
+  // {seconds, source} of the clip: the connected audio (after a run, or read from the LoadAudio file),
+  // else the duration_hint widget; null when neither is known.
   knownDuration() {
-    // the connected audio (after a run, or read from the LoadAudio file), else the duration_hint
+    if (this.executedDuration > 0) return { seconds: this.executedDuration, source: "audio" };
+    if (this.audioDuration > 0) return { seconds: this.audioDuration, source: "audio" };
     const hint = Number(this.durationWidget?.value);
-    if (this.executedDuration && this.executedDuration > 0) return this.executedDuration;
-    if (this.audioDuration && this.audioDuration > 0) return this.audioDuration;
-    if (hint > 0) return hint;
+    if (hint > 0) return { seconds: hint, source: "duration hint" };
     return null;
+  }
+
+  intensity() {
+    const g = Number(this.intensityWidget?.value);
+    return Number.isFinite(g) ? Math.min(Math.max(g, 0), 2) : 1;
   }
 
   // When `audio` comes straight from a LoadAudio-like node, read the file's duration from its metadata
@@ -397,7 +427,7 @@ class EmotionEditor {
   axisEnd() {
     if (this.drag?.axisEnd) return this.drag.axisEnd;
     const last = lastTime(this.curve);
-    const d = this.knownDuration();
+    const d = this.knownDuration()?.seconds;
     if (d) return Math.max(d, last + 0.25 * (last > d ? 1 : 0), this.playhead);
     return Math.max(4, Math.ceil(last * 1.2 + 0.5), Math.ceil(this.playhead));
   }
@@ -622,8 +652,8 @@ class EmotionEditor {
     ctx.fillStyle = "#1b1b1f";
     ctx.fillRect(0, 0, w, h);
 
-    // known audio duration: shade what lies after it
-    const d = this.knownDuration();
+    // known clip duration: shade what lies after it
+    const d = this.knownDuration()?.seconds;
     if (d && d < T) {
       ctx.fillStyle = "rgba(255,255,255,0.05)";
       ctx.fillRect(L.tx(d), y0, x1 - L.tx(d), y1 - y0);
@@ -742,8 +772,16 @@ class EmotionEditor {
   updateStatus() {
     const parts = [];
     const d = this.knownDuration();
-    parts.push(d ? `audio ${fmt(d)} s` : "duration unknown");
+    parts.push(d ? `${d.source} ${fmt(d.seconds)} s` : "duration unknown");
     parts.push(`playhead ${fmt(this.playhead)} s`);
+    if ((this.emotionWidget?.value ?? CUSTOM) === CUSTOM) {
+      // what the sampler gets at the playhead's frame (intensity applied)
+      const frame = Math.round(this.playhead * FPS);
+      const g = this.intensity();
+      const at = sampleFrames(this.curve, [frame], FPS, g);
+      const scaled = g === 1 ? "" : ` (x${fmt(g)})`;
+      parts.push(`frame ${frame}${scaled}: v ${fmt(at.valence[0])} a ${fmt(at.arousal[0])}`);
+    }
     if (this.selected) {
       const [t, v] = this.curve[this.selected.series][this.selected.index] ?? [0, 0];
       parts.push(`${this.selected.series} #${this.selected.index + 1}: ${fmt(t)} s, ${fmt(v, 3)}`);
@@ -758,7 +796,8 @@ class EmotionEditor {
   onExecuted(message) {
     const info = message?.keyface_emotion?.[0];
     if (!info) return;
-    if (typeof info.duration === "number" && info.duration > 0) this.executedDuration = info.duration;
+    // only the audio's length: a duration_hint is read live from its widget
+    if (info.duration_source === "audio" && info.duration > 0) this.executedDuration = info.duration;
     if (info.warnings?.length) this.message = info.warnings.join("; ");
     this.draw();
   }
@@ -795,7 +834,7 @@ function attachEditor(node) {
     cw.inputEl?.addEventListener("input", () => editor.syncFromWidget());
     cw.inputEl?.classList.add("keyface-emotion-curve-text");
   }
-  for (const w of [editor.emotionWidget, editor.scheduleWidget, editor.durationWidget]) {
+  for (const w of [editor.emotionWidget, editor.scheduleWidget, editor.durationWidget, editor.intensityWidget]) {
     if (w) chain(w, "callback", () => editor.draw());
   }
   chain(node, "onConfigure", () => editor.syncFromWidget(true));

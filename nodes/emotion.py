@@ -129,8 +129,9 @@ class KeyFaceEmotion:
 
     def build(self, emotion, curve, intensity, schedule="", duration_hint=0.0, audio=None):
         duration = _audio_duration(audio) if audio is not None else None
+        source = "audio" if duration is not None else None
         if duration is None and duration_hint and duration_hint > 0:
-            duration = float(duration_hint)
+            duration, source = float(duration_hint), "duration_hint"
         c = build_curve(emotion, curve, intensity, schedule, duration=duration)
         end = duration if duration is not None else max(c.duration, 1.0)
         n = min(int(round(end * PREVIEW_FPS)) + 1, _MAX_PREVIEW_SAMPLES)
@@ -141,6 +142,7 @@ class KeyFaceEmotion:
             "curve": c.to_json(),
             "intensity": c.intensity,
             "duration": duration,
+            "duration_source": source,  # "audio" | "duration_hint" | None: the editor labels it
             "fps": fps,
             "valence": [round(x, 5) for x in v],
             "arousal": [round(x, 5) for x in a],

@@ -3,6 +3,10 @@
 Every case of tests/fixtures/curves/cases.json is parsed and sampled by both; samples must agree to
 1e-6, both must report the same number of clamp warnings, and both must refuse every invalid case
 with a message containing the case's ``error`` text. The named-emotion tables must be identical.
+The ``per_frame`` cases go through the sampler's path: ``keyface.emotion.per_frame_emotion`` (frame i
+at t = i / 25, intensity != 1) against ``curveMath.sampleFrames``, at every frame and at the keyframe
+frames 13 k of ``keyface.planner.plan_clip``. The editor's serializer must always write text that
+Python accepts (also for typed curves with points closer than its 1 ms rounding).
 """
 
 import json
@@ -13,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from keyface import emotion as kfe
+from keyface.planner import plan_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES_PATH = ROOT / "tests" / "fixtures" / "curves" / "cases.json"
@@ -24,7 +29,7 @@ RUNNER = r"""
 import { readFileSync } from "node:fs";
 import * as cm from "./curve_math.mjs";
 const cases = JSON.parse(readFileSync(process.argv[2], "utf8"));
-const out = { valid: {}, invalid: {}, named: cm.NAMED_EMOTIONS, order: Object.keys(cm.NAMED_EMOTIONS) };
+const out = { valid: {}, invalid: {}, per_frame: {}, named: cm.NAMED_EMOTIONS, order: Object.keys(cm.NAMED_EMOTIONS) };
 for (const c of cases.valid) {
   try {
     const curve = cm.parseCurve(c.text);
@@ -36,6 +41,12 @@ for (const c of cases.valid) {
   } catch (e) {
     out.valid[c.name] = { error: String(e && e.message) };
   }
+}
+for (const c of cases.per_frame) {
+  const curve = cm.parseCurve(c.text);
+  const all = Array.from({ length: c.num_frames }, (_, i) => i);
+  out.per_frame[c.name] = { frames: cm.sampleFrames(curve, all, c.fps, c.intensity),
+                            keyframes: cm.sampleFrames(curve, c.keyframe_frames, c.fps, c.intensity) };
 }
 for (const c of cases.invalid) {
   try { cm.parseCurve(c.text); out.invalid[c.name] = null; }
@@ -83,6 +94,38 @@ def test_valid_case_matches(case, js_results):
             assert abs(t0 - t1) <= 5e-4 and abs(v0 - v1) <= 5e-5
 
 
+def _max_diff(xs, ys):
+    assert len(xs) == len(ys)
+    return max(abs(float(x) - float(y)) for x, y in zip(xs, ys))
+
+
+@pytest.mark.parametrize("case", CASES["per_frame"], ids=[c["name"] for c in CASES["per_frame"]])
+def test_per_frame_sampling_matches_at_frames_and_keyframes(case, js_results):
+    """What the sampler conditions on (per_frame_emotion rows) equals the editor's sampleFrames."""
+    js = js_results["per_frame"][case["name"]]
+    n, fps, g = case["num_frames"], case["fps"], case["intensity"]
+    assert g != 1.0, "per-frame cases must exercise the intensity scaling"
+    plan = plan_clip(n)
+    assert list(plan.keyframe_frames) == case["keyframe_frames"], "case file out of date with the planner"
+    curve = kfe.parse_curve(case["text"])
+    v, a = kfe.per_frame_emotion(curve, n, fps=fps, intensity=g)
+    assert _max_diff(v.tolist(), js["frames"]["valence"]) <= 1e-6
+    assert _max_diff(a.tolist(), js["frames"]["arousal"]) <= 1e-6
+    # keyframe times t = 13 k / fps, including a last keyframe past the clip end
+    last = max(case["keyframe_frames"]) + 1
+    vk, ak = kfe.per_frame_emotion(curve, last, fps=fps, intensity=g)
+    kf = case["keyframe_frames"]
+    assert _max_diff(vk[kf].tolist(), js["keyframes"]["valence"]) <= 1e-6
+    assert _max_diff(ak[kf].tolist(), js["keyframes"]["arousal"]) <= 1e-6
+    # the rows the pipeline conditions keyframes on (clamped to N-1)
+    rows = list(plan.keyframe_rows)
+    assert _max_diff(v[rows].tolist(), [js["frames"]["valence"][r] for r in rows]) <= 1e-6
+    # the case is not trivial: intensity changed the values and the curve varies over the keyframes
+    v1, _ = kfe.per_frame_emotion(curve, n, fps=fps, intensity=1.0)
+    assert (v - v1).abs().max().item() > 0.01
+    assert max(js["keyframes"]["valence"]) - min(js["keyframes"]["valence"]) > 0.1
+
+
 @pytest.mark.parametrize("case", CASES["invalid"], ids=[c["name"] for c in CASES["invalid"]])
 def test_invalid_case_refused_by_both(case, js_results):
     js = js_results["invalid"][case["name"]]
@@ -105,6 +148,30 @@ r.moveFirst = cm.movePoint([[0.5, 0], [1, 0.5]], 0, -1, 0.25, 0.01);
 r.remove = cm.removePoint([[0, 0], [1, 0.5]], 0);
 try { cm.removePoint([[0, 0]], 0); r.removeLast = "accepted"; } catch (e) { r.removeLast = e.name; }
 r.serialized = cm.serializeCurve({ valence: [[0.12345, -0.000001], [1, 0.123456]], arousal: [[0, 1]], interpolation: "linear" });
+// typed points closer than the 1 ms rounding: the text must keep them apart
+r.subMs = cm.serializeCurve({ valence: [[1.0001, 0], [1.0004, 0.5]], arousal: [[0, 0], [0.0002, 0.1], [0.0004, 0.2], [0.0011, 0.3]], interpolation: "monotone" });
+// moving a point between neighbours closer than the gap, or the first point before a close second one
+r.moveTight = cm.movePoint([[1, 0], [1.005, 0], [1.01, 0]], 1, 0.5, 0.2, 0.01);
+r.moveFirstTight = cm.movePoint([[0, 0], [0.004, 0]], 0, 0.5, 0.1, 0.01);
+r.frames = cm.sampleFrames({ valence: [[0, 0], [1, 1]], arousal: [[0, 1]], interpolation: "linear" }, [0, 13, 25, 30], 25, 0.5);
+for (const [name, args] of [["badFrame", [[-1]]], ["fracFrame", [[1.5]]], ["badFps", [[0], 0]]]) {
+  try { cm.sampleFrames({ valence: [[0, 0]], arousal: [[0, 0]], interpolation: "linear" }, ...args); r[name] = "accepted"; }
+  catch (e) { r[name] = e.name; }
+}
+// random curves with points 0..2 ms apart and random drags: every serialized text must parse
+let seed = 12345;
+const rnd = () => ((seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648);
+r.fuzz = [];
+for (let k = 0; k < 200; k++) {
+  const series = () => {
+    let t = rnd() * 0.002;
+    return Array.from({ length: 2 + Math.floor(rnd() * 6) }, () => [(t += 1e-6 + rnd() * 0.002), rnd() * 2 - 1]);
+  };
+  const curve = { valence: series(), arousal: series(), interpolation: k % 2 ? "linear" : "monotone" };
+  const i = Math.floor(rnd() * curve.valence.length);
+  curve.valence = cm.movePoint(curve.valence, i, rnd() * 0.02 - 0.005, rnd() * 2 - 1, 0.01);
+  r.fuzz.push([curve.valence.length, curve.arousal.length, cm.serializeCurve(curve)]);
+}
 process.stdout.write(JSON.stringify(r));
 """
 
@@ -129,3 +196,16 @@ def test_js_edit_helpers(tmp_path):
     assert json.loads(text) == {"version": 1, "valence": [[0.123, 0], [1, 0.1235]], "arousal": [[0, 1]],
                                 "interpolation": "linear"}
     kfe.parse_curve(text)  # what the editor writes, Python reads
+    # sub-ms typed points: rounding to 1 ms would give [[1, 0], [1, 0.5]] (a duplicate time)
+    sub = json.loads(r["subMs"])
+    assert sub["valence"] == [[1, 0], [1.001, 0.5]]
+    assert [t for t, _ in sub["arousal"]] == [0, 0.001, 0.002, 0.003]
+    kfe.parse_curve(r["subMs"])
+    assert r["moveTight"] == [[1, 0], [1.005, 0.2], [1.01, 0]]
+    assert r["moveFirstTight"] == [[0, 0.1], [0.004, 0]]
+    assert r["frames"]["valence"] == pytest.approx([0, 0.26, 0.5, 0.5]) and r["frames"]["arousal"] == [0.5] * 4
+    assert r["badFrame"] == r["fracFrame"] == r["badFps"] == "CurveError"
+    for n_v, n_a, text in r["fuzz"]:
+        c = kfe.parse_curve(text)
+        assert (len(c.valence), len(c.arousal)) == (n_v, n_a)
+        assert all(t >= 0 for t, _ in c.valence)

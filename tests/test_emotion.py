@@ -226,7 +226,7 @@ def test_node_custom_curve_output_and_ui(node_module):
     (curve,) = out["result"]
     assert curve.valence == ((0.0, 0.0), (1.0, 0.85), (2.5, -0.85))
     ui = out["ui"]["keyface_emotion"][0]
-    assert ui["source"] == "custom curve" and ui["duration"] is None
+    assert ui["source"] == "custom curve" and ui["duration"] is None and ui["duration_source"] is None
     assert json.loads(ui["curve"])["valence"][1] == [1.0, 0.85]
     assert len(ui["valence"]) == len(ui["arousal"]) == int(2.5 * 25) + 1
     # the sampler's view of it
@@ -240,6 +240,11 @@ def test_node_audio_sets_duration_and_untimed_schedule(node_module):
     out = node.build("happy", "", 1.0, schedule="happy, sad", audio=audio)
     ui = out["ui"]["keyface_emotion"][0]
     assert ui["duration"] == pytest.approx(3.0) and len(ui["valence"]) == 76
+    assert ui["duration_source"] == "audio"  # the editor labels it "audio", not "duration hint"
+    ui = node.build("happy", "", 1.0, duration_hint=4.0, audio=audio)["ui"]["keyface_emotion"][0]
+    assert ui["duration"] == pytest.approx(3.0) and ui["duration_source"] == "audio"  # the audio wins
+    ui = node.build("happy", "", 1.0, duration_hint=4.0)["ui"]["keyface_emotion"][0]
+    assert ui["duration"] == 4.0 and ui["duration_source"] == "duration_hint"
     (curve,) = out["result"]
     assert [t for t, _ in curve.valence] == [0.0, 3.0]
     out = node.build("calm", "not used", 0.5)
