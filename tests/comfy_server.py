@@ -14,7 +14,9 @@ comfy_server``). It
 The object it yields has ``.url``, ``.output_dir``, ``.input_dir``, ``.models_dir``, ``.log_path``,
 ``.base`` and helpers (``get``, ``post``, ``submit``, ``wait``, ``log_text``). Environment:
 ``KEYFACE_COMFYUI`` (default ``.comfyui``), ``KEYFACE_E2E_THREADS`` (torch threads in the server,
-default 1: on small shared CPUs oversubscribed threads are many times slower).
+default 1: on small shared CPUs oversubscribed threads are many times slower), ``CI=true`` (set by
+CI services and by .ci/run: a missing ComfyUI fails the tests that need it instead of skipping them;
+``skip_or_fail`` gives other test modules the same rule).
 """
 
 from __future__ import annotations
@@ -54,11 +56,14 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, base: Path, port: int, models_dir: Path, python: str = sys.executable, threads: int = 1,
-                 extra_args=()):
+                 extra_args=(), cpu: bool = True, extra_folders=None):
         self.base = Path(base)
+        self.cpu = cpu  # tests pin the CPU; the demo (scripts/run.sh) lets ComfyUI pick the GPU for real weights
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.models_dir = Path(models_dir)
+        # {ComfyUI folder name: path} added to the yaml next to keyface (run.sh: audio_encoders, vae)
+        self.extra_folders = {k: Path(v) for k, v in (extra_folders or {}).items()}
         self.input_dir = self.base / "input"
         self.output_dir = self.base / "output"
         self.log_path = self.base / "comfyui.log"
@@ -82,13 +87,14 @@ class ComfyServer:
         self.yaml_path.write_text(
             "keyface_test:\n"
             f"    custom_nodes: {self.base / 'pack_parent'}\n"
-            f"    keyface: {self.models_dir}\n",
+            f"    keyface: {self.models_dir}\n"
+            + "".join(f"    {name}: {path}\n" for name, path in self.extra_folders.items()),
             encoding="utf-8",
         )
 
     def command(self):
         return [
-            self.python, str(comfyui_dir() / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            self.python, str(comfyui_dir() / "main.py"), *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
             "--base-directory", str(self.base),
             "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
             "--temp-directory", str(self.base / "temp"), "--user-directory", str(self.base / "user"),
@@ -204,11 +210,22 @@ def start_server(base=None, models_dir=None, port=None, seed=0, threads=None, ex
     return server.start()
 
 
+def skip_or_fail(reason: str):
+    """Skip a test whose dependency is missing, except in CI (``CI=true``, exported by .ci/run), where
+    every test must really run: there a missing dependency is a failure."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: .ci/run must install it)", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
-    pytest.importorskip("requests")
+    try:
+        import requests  # noqa: F401
+    except ImportError:
+        skip_or_fail("the requests package is not installed")
     if not (comfyui_dir() / "main.py").is_file():
-        pytest.skip(f"no ComfyUI at {comfyui_dir()} (run: bash scripts/setup_env.sh)")
+        skip_or_fail(f"no ComfyUI at {comfyui_dir()} (run: bash scripts/setup_env.sh)")
     base = tmp_path_factory.mktemp("comfyui")
     server = start_server(base=base)
     try:
