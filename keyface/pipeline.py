@@ -686,9 +686,10 @@ def render(keyframe_network, interpolation_network, bad_network, vae, identity_l
 
 
 def render_to_file(keyframe_network, interpolation_network, bad_network, vae, identity_latent, features, path, *,
-                   audio=None, sample_rate=None, fps: int = FPS, crf: int = 18, **kwargs) -> str:
+                   audio=None, sample_rate=None, crf: int = 18, **kwargs) -> str:
     """Render one clip straight into an mp4 (H.264 + AAC of ``audio`` [C, S] at ``sample_rate``).
 
+    Always 25 fps: the features have one row per 40 ms frame, so another rate would desync the lips.
     The clip has N frames (the features' rows); the audio track is ``audio`` cut, or padded with
     silence, to exactly N / 25 s (:func:`keyface.video_io.fit_audio_to_frames`). Chunks are encoded
     as they are decoded; the file appears (atomically) only when every frame was written; on an
@@ -712,7 +713,7 @@ def render_to_file(keyframe_network, interpolation_network, bad_network, vae, id
         for chunk in iter_render(keyframe_network, interpolation_network, bad_network, vae, identity_latent,
                                  features, **kwargs):
             if writer is None:  # the frame size is the decoder's, known from the first chunk
-                writer = Mp4Writer(path, chunk.shape[2], chunk.shape[1], fps=fps, audio=audio,
+                writer = Mp4Writer(path, chunk.shape[2], chunk.shape[1], fps=FPS, audio=audio,
                                    sample_rate=sample_rate, num_frames=n, crf=crf)
             writer.write(chunk)
         if writer is None:
