@@ -34,7 +34,6 @@ latent are random inputs of the right shapes); spec 8.2 puts them at ~0 of the c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -602,12 +601,140 @@ def random_inputs(num_frames, good, kf, seed=1):
 
 
 # ==================================================================================================
-# Run mode (one subprocess per measurement)
+# Run mode (one fresh subprocess per row)
 # ==================================================================================================
 
 
+class RssSampler:
+    """Samples this process's resident set (``/proc/self/statm``) every ``interval`` seconds in a thread
+    while the block runs; ``peak_mb`` is the largest value seen (None where /proc is missing).
+
+    Complements the kernel's own peak (VmHWM, reset before the render), which cannot miss a short
+    spike but exists only on Linux; the sampled peak can miss spikes shorter than ``interval``.
+    """
+
+    def __init__(self, interval: float = 0.002):
+        import threading
+
+        self.interval = interval
+        self.peak_mb = None
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        try:
+            fd = os.open("/proc/self/statm", os.O_RDONLY)
+        except OSError:
+            return
+        peak = 0
+        try:
+            while True:
+                peak = max(peak, int(os.pread(fd, 128, 0).split()[1]))
+                self.samples += 1
+                if self._stop.wait(self.interval):
+                    peak = max(peak, int(os.pread(fd, 128, 0).split()[1]))
+                    break
+        finally:
+            os.close(fd)
+            self.peak_mb = peak * page / 2**20
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        return False
+
+
+def _release_free_heap():
+    """Hand glibc's free heap pages back to the OS (malloc_trim), so every row starts its render
+    from the same state: what the render needs is then newly mapped and counted, whatever earlier
+    code (model load, warm-up) left free in the heap. False where there is no glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def _ru_maxrss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _node_saver(folder: str, tmp: str):
+    """KeyFace Save Video (nodes/video.py, the node that writes the mp4 itself) run the way ComfyUI
+    runs it, under the ComfyUI stand-ins of ``tests/comfy_stubs.py`` (no ComfyUI needed): the pack
+    is imported as a package, the VAE comes from the KeyFace VAE loader node. Returns
+    ``save(latent, audio) -> path``."""
+    import importlib.util
+
+    tests = REPO_ROOT / "tests"
+    if not (tests / "comfy_stubs.py").is_file():
+        raise RuntimeError("the node rows need the repository's tests/comfy_stubs.py (a source checkout)")
+    sys.path.insert(0, str(tests))
+    try:
+        import comfy_stubs
+    finally:
+        sys.path.remove(str(tests))
+    comfy_stubs.install()
+    name = "keyface_pack_bench"
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(REPO_ROOT)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[name] = pack
+    spec.loader.exec_module(pack)
+    import folder_paths
+
+    folder_paths.add_model_folder_path("keyface", folder)
+    folder_paths.output_directory = tmp
+    vae, = pack.NODE_CLASS_MAPPINGS["KeyFaceVAELoader"]().load("svd_vae.safetensors")
+    node = pack.NODE_CLASS_MAPPINGS["KeyFaceSaveVideo"]()
+
+    def save(latent, audio):
+        return node.save(vae, latent, audio, "bench/keyface", 16, 18)["result"][0]
+
+    return save
+
+
+def _row_inputs(output, num, good, kf, seed=2):
+    """The inputs of one render (created before the measurement: they are not the render's memory).
+    frames / file: features, identity latent (and audio); node: KeyFace Interpolate's LATENT, with
+    random segment latents (the node only decodes and encodes), and a ComfyUI AUDIO."""
+    import torch
+
+    from .planner import WINDOW, plan_clip
+
+    audio = 0.1 * torch.randn(1, num * 640, generator=torch.Generator().manual_seed(seed))
+    if output != "node":
+        features, z_id = random_inputs(num, good, kf)
+        return {"features": features, "z_id": z_id, "audio": audio}
+    from .pipeline import model_latent_size
+
+    h, w = model_latent_size(good)
+    segs = plan_clip(num).num_segments
+    samples = torch.randn(segs * WINDOW, 4, h, w, generator=torch.Generator().manual_seed(seed))
+    return {"latent": {"samples": samples, "keyface_num_frames": num, "keyface_segment_frames": WINDOW},
+            "audio": {"waveform": audio[None], "sample_rate": 16000}}
+
+
 def _worker(spec: dict) -> dict:
-    """One measured render in this (fresh) process; see run mode."""
+    """One measured row in this fresh process: load, warm up on 28 frames, then measure one render.
+
+    Memory: the growth of the resident set DURING the measured render, over its value right before
+    it (after gc and malloc_trim), by two methods: the peak sampled every 2 ms, and the kernel's
+    peak VmHWM reset right before the render. ``ru_maxrss`` (lifetime peak, cannot be reset) is
+    reported as well; it is about this render only when it grew during it.
+    """
+    import gc
+
     import torch
 
     from . import pipeline as P
@@ -620,40 +747,50 @@ def _worker(spec: dict) -> dict:
         kf, good, bad, vae = load_tiny_models(spec["folder"], dtype=dtype, device=device)
     else:
         kf, good, bad, vae = build_full_size_models(dtype, device)
+    save_node = _node_saver(spec["folder"], spec["tmp"]) if spec["output"] == "node" else None
     t_load = time.perf_counter() - t_load
     n = int(spec["num_frames"])
+    path = os.path.join(spec["tmp"], f"bench_{n}.mp4")
 
-    def render(num):
-        features, z_id = random_inputs(num, good, kf)
+    def render(x):
+        """Returns (frames held by the caller or None, output bytes)."""
+        if spec["output"] == "node":
+            out = save_node(x["latent"], x["audio"])
+            size = os.path.getsize(out)
+            os.remove(out)
+            return None, size
         if spec["output"] == "file":
-            path = os.path.join(spec["tmp"], f"bench_{num}.mp4")
-            audio = 0.1 * torch.randn(1, num * 640, generator=torch.Generator().manual_seed(2))
-            P.render_to_file(kf, good, bad, vae, z_id, features, path, audio=audio, sample_rate=16000,
+            P.render_to_file(kf, good, bad, vae, x["z_id"], x["features"], path, audio=x["audio"], sample_rate=16000,
                              device=device)
             size = os.path.getsize(path)
             os.remove(path)
             return None, size
-        frames = P.render(kf, good, bad, vae, z_id, features, device=device)
+        frames = P.render(kf, good, bad, vae, x["z_id"], x["features"], device=device)
         return frames, frames.numel() * frames.element_size()
 
-    # warm-up (one-time allocations, kernel selection), then reset the peaks
-    render(28)
+    render(_row_inputs(spec["output"], 28, good, kf))  # warm-up: one-time allocations, kernel selection
+    inputs = _row_inputs(spec["output"], n, good, kf)
     counter = Counter()
     _watch_models(counter, kf, good, bad, vae)
-    import gc
-
     gc.collect()
+    trimmed = _release_free_heap()
     rss0 = rss_mb()
+    ru0 = _ru_maxrss_mb()
     reset_ok = reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         cuda0 = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    frames, out_bytes = render(n)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    with RssSampler() as sampler:
+        frames, out_bytes = render(inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    hwm = peak_rss_mb() if reset_ok else None
+    ru1 = _ru_maxrss_mb()
+    held = out_bytes / 2**20 if frames is not None else 0.0  # what the caller holds after the render
+    growth = sampler.peak_mb - rss0 if sampler.peak_mb is not None else None
     res = {
         **spec,
         "seconds": n / FPS,
@@ -661,14 +798,25 @@ def _worker(spec: dict) -> dict:
         "wall_s": wall,
         "wall_per_output_s": wall / (n / FPS),
         "rss_before_mb": rss0,
-        "peak_rss_mb": peak_rss_mb(),
-        "peak_rss_growth_mb": peak_rss_mb() - rss0,
-        "peak_reset": reset_ok,
-        "output_bytes_mb": out_bytes / 2**20,
+        "malloc_trim": trimmed,
+        "rss_peak_sampled_mb": sampler.peak_mb,
+        "rss_samples": sampler.samples,
+        "rss_growth_sampled_mb": growth,
+        "vmhwm_reset": reset_ok,
+        "vmhwm_peak_mb": hwm,
+        "rss_growth_vmhwm_mb": hwm - rss0 if hwm is not None else None,
+        "ru_maxrss_before_mb": ru0,
+        "ru_maxrss_after_mb": ru1,
+        "ru_maxrss_growth_mb": ru1 - rss0 if ru1 > ru0 else None,  # None: the render set no new lifetime peak
+        "output_held_mb": held,
+        "output_file_mb": out_bytes / 2**20 if frames is None else None,
         "unet_frame_evals": counter.unet_total("rows"),
         "decoder_frames": counter.decoder["rows"],
         "loadavg_1": os.getloadavg()[0],
     }
+    best = res["rss_growth_vmhwm_mb"] if res["rss_growth_vmhwm_mb"] is not None else growth
+    res["rss_growth_mb"] = best
+    res["rss_growth_minus_output_mb"] = best - held if best is not None else None
     if device.type == "cuda":
         res["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
         res["cuda_allocated_before_mb"] = cuda0 / 2**20
@@ -677,8 +825,17 @@ def _worker(spec: dict) -> dict:
     return res
 
 
-def _spawn_worker(spec, timeout=3600) -> dict:
-    env = dict(os.environ)
+# glibc adapts its mmap threshold to the sizes freed so far, so whether a large buffer is mmapped (and
+# returned to the OS when freed) or carved from the heap depends on the process's history: measured
+# render-to-render spread of the RSS growth was 8..68 MB with it, 0.2 MB with a fixed threshold.
+# The fixed threshold makes every buffer over 64 KiB a fresh mmap (page faults on each use): a 5 s
+# render measured 1.59 s per output second with it, 0.70 without. So each run row is rendered
+# twice, in two fresh workers: memory with the fixed threshold, wall time with the default allocator.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _spawn_worker(spec, timeout=3600, fixed_mmap_threshold=True) -> dict:
+    env = {**os.environ, **(WORKER_ENV if fixed_mmap_threshold else {})}
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     out = subprocess.run([sys.executable, "-m", "keyface.bench", "--worker", json.dumps(spec)],
                          capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO_ROOT))
@@ -687,7 +844,10 @@ def _spawn_worker(spec, timeout=3600) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_run(seconds_list, out_dir, threads=1, outputs=("frames", "file"), smoke_dir=None) -> dict:
+RUN_OUTPUTS = ("frames", "file", "node")
+
+
+def run_run(seconds_list, out_dir, threads=1, outputs=RUN_OUTPUTS, smoke_dir=None) -> dict:
     import torch
 
     from .smoke import write_smoke_models
@@ -701,21 +861,36 @@ def run_run(seconds_list, out_dir, threads=1, outputs=("frames", "file"), smoke_
         configs = [("cpu", "tiny", "fp32")]
         if torch.cuda.is_available():
             configs += [("cuda", "full", "bf16"), ("cuda", "full", "fp16")]
+        print("\n" + RUN_HEADER, flush=True)
         for device, models, dt in configs:
             for sec in seconds_list:
                 for output in outputs:
+                    if output == "node" and models != "tiny":
+                        continue  # the node rows measure host memory of the streaming path, not speed
                     spec = {"device": device, "models": models, "dtype": dt, "num_frames": _clip_frames(sec),
                             "output": output, "threads": threads, "folder": folder, "tmp": tmp}
-                    r = _spawn_worker(spec)
+                    r = _spawn_worker(spec)  # memory row
+                    timed = _spawn_worker(spec, fixed_mmap_threshold=False)
+                    if "error" in timed:
+                        r.setdefault("error", timed["error"])
+                    elif "error" not in r:
+                        r["wall_s_fixed_mmap_threshold"] = r["wall_s"]
+                        r["wall_s"], r["wall_per_output_s"] = timed["wall_s"], timed["wall_per_output_s"]
                     r.pop("folder", None)
                     r.pop("tmp", None)
                     results.append(r)
                     print(format_run_row(r), flush=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     result = {"mode": "run", "machine": machine_info(), "gpu_note": _gpu_note(), "results": results,
-              "what": ("wall time and peak memory of one render per row (fresh subprocess, warm-up render of 28 frames "
-                       "first, then VmHWM reset); features and identity latent are random inputs; CPU rows use the "
-                       "keyface.smoke tiny random models (latent 8x8, 64x64 px)"),
+              "what": ("two renders per row, each in a fresh subprocess with the same setup (models loaded, a 28-frame "
+                       "warm-up render, inputs created, gc + malloc_trim): wall time from a worker with the default "
+                       "allocator, memory from one with MALLOC_MMAP_THRESHOLD_=65536 (its own wall time is kept as "
+                       "wall_s_fixed_mmap_threshold); memory = growth of the resident set during "
+                       "the render over its value right before it: kernel peak VmHWM (reset before the render) and a "
+                       "2 ms sampled peak; 'frames' = pipeline.render (the caller then holds the output tensor), "
+                       "'file' = pipeline.render_to_file, 'node' = KeyFace Save Video under the ComfyUI stand-ins "
+                       "(decode + mp4 only, random latents); CPU rows use the keyface.smoke tiny random models "
+                       "(latent 8x8, 64x64 px)"),
               "bench_seconds": time.perf_counter() - t_start}
     _write(out_dir, f"run_{dev}.json", result)
     print(format_run(result))
@@ -730,21 +905,31 @@ def _gpu_note() -> str:
     return "no CUDA device here: only the CPU rows were measured (the CUDA bf16/fp16 full-size code path did not run)"
 
 
+RUN_HEADER = (f"{'dev':5s}{'model':6s}{'dtype':6s}{'clip':>6s}  {'output':7s}{'wall s':>8s}{'s/out s':>8s}"
+              f"{'RSS0':>7s}{'growth':>8s}{'sampled':>8s}{'held':>7s}{'g-held':>8s}{'file MB':>8s}{'UNet fe':>8s}"
+              f"{'dec':>6s}{'load':>6s}")
+
+
+def _mb(v, width=8, fmt=".1f"):
+    return f"{'-':>{width}s}" if v is None else f"{v:>{width}{fmt}}"
+
+
 def format_run_row(r) -> str:
     if "error" in r:
         return f"{r['device']} {r['models']} {r['dtype']} N={r['num_frames']} {r['output']}: ERROR {r['error'][-300:]}"
-    s = (f"{r['device']:5s}{r['models']:6s}{r['dtype']:6s}{r['seconds']:6.0f}s  {r['output']:7s}"
-         f"{r['wall_s']:9.1f}{r['wall_per_output_s']:9.2f}{r['peak_rss_mb']:10.0f}{r['peak_rss_growth_mb']:9.1f}"
-         f"{r['output_bytes_mb']:9.1f}{r['unet_frame_evals']:9d}{r['decoder_frames']:7d}{r['loadavg_1']:6.1f}")
+    s = (f"{r['device']:5s}{r['models']:6s}{r['dtype']:6s}{r['seconds']:5.0f}s  {r['output']:7s}"
+         f"{r['wall_s']:8.1f}{r['wall_per_output_s']:8.2f}{r['rss_before_mb']:7.0f}{_mb(r['rss_growth_mb'])}"
+         f"{_mb(r['rss_growth_sampled_mb'])}{r['output_held_mb']:7.1f}{_mb(r['rss_growth_minus_output_mb'])}"
+         f"{_mb(r['output_file_mb'])}{r['unet_frame_evals']:8d}{r['decoder_frames']:6d}{r['loadavg_1']:6.1f}")
     if "cuda_peak_allocated_mb" in r:
         s += f"  cuda peak {r['cuda_peak_allocated_mb']:.0f} MB (+{r['cuda_peak_growth_mb']:.0f})"
     return s
 
 
 def format_run(result) -> str:
-    hdr = (f"{'dev':5s}{'model':6s}{'dtype':6s}{'clip':>7s}  {'output':7s}{'wall s':>9s}{'s/out s':>9s}"
-           f"{'peakRSS':>10s}{'growth':>9s}{'out MB':>9s}{'UNet fe':>9s}{'dec':>7s}{'load':>6s}")
-    lines = ["", "RUN MODE (" + result["gpu_note"] + ")", hdr]
+    lines = ["", "RUN MODE (" + result["gpu_note"] + ")",
+             "growth = peak RSS during the render - RSS right before it (kernel VmHWM; 'sampled': 2 ms samples); "
+             "held = output tensor the caller keeps; g-held = growth - held", RUN_HEADER]
     lines += [format_run_row(r) for r in result["results"]]
     return "\n".join(lines)
 
@@ -754,27 +939,23 @@ def format_run(result) -> str:
 # ==================================================================================================
 
 
-def _stages(kf, good, bad, vae, z_id, features, plan, **s):
-    """The stages of pipeline.iter_render, run one by one so the latents can be compared."""
+def _stages(kf, good, bad, vae, z_id, features, settings):
+    """:func:`keyface.pipeline.sample_clip` then the decode, as :func:`keyface.pipeline.iter_render`
+    runs them (same settings path), keeping the latents so that they can be compared."""
     import torch
 
     from . import pipeline as P
 
-    unguided = s.get("guidance_min_sigma", 0.0)
-    kfl = P.sample_keyframes(kf, z_id, features[0], None, None, plan, seed=P.DEFAULT_SEED,
-                             steps=s.get("steps", 10), guidance_min_sigma=unguided)
-    seg = P.interpolate_segments(good, bad, kfl, features[1], plan, seed=P.DEFAULT_SEED, steps=s.get("steps", 10),
-                                 segments_per_call=s.get("segments_per_call", 2),
-                                 autoguidance=s.get("autoguidance", True), guidance_min_sigma=unguided)
-    frames = torch.cat(list(P.decode_segments(vae, seg, plan)))
+    kfl, seg, plan = P.sample_clip(kf, good, bad, z_id, features, settings=settings)
+    with P.attention_backend(settings.attention):
+        frames = torch.cat(list(P.decode_segments(vae, seg, plan, chunk_frames=settings.chunk_frames)))
     return kfl, seg, frames
 
 
 def run_knobs(seconds, out_dir, folder=None, threads=1, compile_unet=False) -> dict:
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from .planner import plan_clip
+    from .pipeline import RenderSettings
     from .smoke import write_smoke_models
     from .video_io import frames_to_uint8
 
@@ -786,57 +967,53 @@ def run_knobs(seconds, out_dir, folder=None, threads=1, compile_unet=False) -> d
         folder = tmp.name
         write_smoke_models(folder)
     n = _clip_frames(seconds)
-    plan = plan_clip(n)
     base_models = load_tiny_models(folder)
     features, z_id = random_inputs(n, base_models[1], base_models[0])
 
+    # (label, RenderSettings overrides, UNet weight dtype): every knob goes through RenderSettings, the
+    # path users take (python API, CLI), except the weight dtype, which is chosen when the models load
     variants = [
-        ("default (10 steps = 11 evals, autoguidance, fp32, SDPA default, 2 seg/call)", {}, {}),
-        ("segments_per_call=1", {"segments_per_call": 1}, {}),
-        ("segments_per_call=4", {"segments_per_call": 4}, {}),
-        ("steps=12 (AYS, 12 evals)", {"steps": 12}, {}),
-        ("steps=16 (AYS, 16 evals)", {"steps": 16}, {}),
-        ("autoguidance off (interpolation)", {"autoguidance": False}, {}),
-        ("APPROX guidance_min_sigma=0.0025 (unguided last step)", {"guidance_min_sigma": LAST_STEP_SIGMA}, {}),
-        ("weights bf16", {}, {"dtype": torch.bfloat16}),
-        ("weights fp16", {}, {"dtype": torch.float16}),
-        ("SDPA math backend", {}, {"sdpa": [SDPBackend.MATH]}),
-        ("default again (timing noise check)", {}, {}),
+        ("default (10 steps = 11 evals, autoguidance, fp32, SDPA auto, 2 seg/call)", {}, None),
+        ("segments_per_call=1", {"segments_per_call": 1}, None),
+        ("segments_per_call=4", {"segments_per_call": 4}, None),
+        ("segments_per_call=4 again (timing noise check)", {"segments_per_call": 4}, None),
+        ("branches_per_call=1 (keyframe guidance)", {"branches_per_call": 1}, None),
+        ("steps=12 (AYS, 12 evals)", {"keyframe_steps": 12, "interpolation_steps": 12}, None),
+        ("steps=16 (AYS, 16 evals)", {"keyframe_steps": 16, "interpolation_steps": 16}, None),
+        ("autoguidance off (interpolation)", {"autoguidance": False}, None),
+        ("APPROX guidance_min_sigma=0.0025 (unguided last step)", {"guidance_min_sigma": LAST_STEP_SIGMA}, None),
+        ("weights bf16", {}, torch.bfloat16),
+        ("weights fp16", {}, torch.float16),
+        ("attention=math (SDPA math backend)", {"attention": "math"}, None),
+        ("attention=flash (SDPA flash backend)", {"attention": "flash"}, None),
+        ("default again (timing noise check)", {}, None),
     ]
     if compile_unet:
-        variants.append(("torch.compile(UNet) [2nd run; compile separately]", {}, {"compile": True}))
+        variants.append(("compile=True (torch.compile UNets) [2nd run; compile separately]", {"compile": True}, None))
     rows, ref = [], None
-    for label, settings, extra in variants:
-        row = {"knob": label, "settings": settings, "extra": {k: str(v) for k, v in extra.items()}}
+    for label, overrides, weight_dtype in variants:
+        row = {"knob": label, "settings": overrides, "weight_dtype": str(weight_dtype or torch.float32)}
         try:
-            models = base_models
-            if "dtype" in extra:
-                models = load_tiny_models(folder, dtype=extra["dtype"])
-            if extra.get("compile"):
-                models = load_tiny_models(folder)
-                for m in models[:3]:
-                    m.diffusion_model = torch.compile(m.diffusion_model, dynamic=False)
+            settings = RenderSettings(**overrides)
+            models = base_models if weight_dtype is None else load_tiny_models(folder, dtype=weight_dtype)
             counter = Counter()
             _watch_models(counter, *models)
-            ctx = contextlib.ExitStack()
-            if "sdpa" in extra:
-                ctx.enter_context(sdpa_kernel(extra["sdpa"]))
-            with ctx, torch.inference_mode():
-                if extra.get("compile"):
+            with torch.inference_mode():
+                if settings.compile:  # the first run compiles; the timed second run reuses torch's cache
                     t0 = time.perf_counter()
-                    _stages(*models, z_id, features, plan, **settings)
+                    _stages(*models, z_id, features, settings)
                     first = time.perf_counter() - t0
                     counter.remove()
                     counter = Counter()
                     _watch_models(counter, *models)
                 t0 = time.perf_counter()
-                kfl, seg, frames = _stages(*models, z_id, features, plan, **settings)
+                kfl, seg, frames = _stages(*models, z_id, features, settings)
                 wall = time.perf_counter() - t0
             counter.remove()
             row.update(wall_s=wall, wall_per_output_s=wall / (n / FPS), unet_frame_evals=counter.unet_total("rows"),
                        unet_calls=counter.unet_total("calls"), unet_frame_evals_per_s=counter.unet_total("rows") / (n / FPS),
                        finite=bool(torch.isfinite(seg).all()))
-            if extra.get("compile"):
+            if settings.compile:
                 row["first_run_s"] = first
                 row["compile_s_estimate"] = first - wall
             u8 = torch.from_numpy(frames_to_uint8(frames)).int()
@@ -989,7 +1166,9 @@ def main(argv=None) -> int:
     p.add_argument("--knob-seconds", type=float, default=5.0, help="clip length of the knobs table")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads for run/knobs (1: the tiny models are faster without thread contention)")
-    p.add_argument("--outputs", nargs="+", default=["frames", "file"], choices=["frames", "file"])
+    p.add_argument("--outputs", nargs="+", default=list(RUN_OUTPUTS), choices=RUN_OUTPUTS,
+                   help="run: frames = pipeline.render, file = pipeline.render_to_file, node = KeyFace Save Video "
+                        "under the ComfyUI stand-ins (decode + mp4 only)")
     p.add_argument("--compile", action="store_true", help="knobs: also torch.compile the UNets (slow to compile)")
     p.add_argument("--no-flops", action="store_true", help="count: skip the meta-device FLOP count")
     p.add_argument("--smoke-dir", help="reuse a keyface.smoke models folder (written if missing)")

@@ -83,3 +83,67 @@ def test_per_call_sizes_do_not_grow_with_clip_length(models):
     long = bench.count_clip(300, models=models)["measured"]
     assert short["unet_max_rows_per_call"] == long["unet_max_rows_per_call"]
     assert long["decoder_max_frames_per_call"] <= 2 * 16 and long["output_chunk_max_frames"] <= 16
+
+
+# ---- run and knobs modes (tiny models) --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory):
+    from keyface.smoke import write_smoke_models
+
+    d = tmp_path_factory.mktemp("smoke")
+    write_smoke_models(d)
+    return str(d)
+
+
+def test_rss_sampler_sees_a_block_allocation():
+    import numpy as np
+
+    before = bench.rss_mb()
+    with bench.RssSampler(interval=0.001) as s:
+        a = np.ones(48 * 2**20 // 8)  # 48 MiB, touched
+        del a
+    assert s.samples >= 2
+    assert s.peak_mb - before >= 40  # the short-lived buffer is in the peak, not in the RSS after
+
+
+def test_run_rows_measure_growth_during_the_render(smoke_dir, tmp_path):
+    """One fresh worker per row: frames (pipeline.render), node (KeyFace Save Video under the stand-ins)."""
+    rows = {}
+    for output in ("frames", "node"):
+        spec = {"device": "cpu", "models": "tiny", "dtype": "fp32", "num_frames": 13, "output": output,
+                "threads": 1, "folder": smoke_dir, "tmp": str(tmp_path)}
+        rows[output] = r = bench._spawn_worker(spec, timeout=300)
+        assert "error" not in r, r.get("error")
+        assert r["rss_growth_mb"] is not None and r["rss_growth_mb"] > 0
+        assert r["rss_growth_minus_output_mb"] == pytest.approx(r["rss_growth_mb"] - r["output_held_mb"])
+    assert rows["frames"]["output_held_mb"] == pytest.approx(13 * 64 * 64 * 3 * 4 / 2**20)
+    assert rows["frames"]["unet_frame_evals"] == bench.closed_form(13)["unet_frame_evals"]
+    assert rows["node"]["output_held_mb"] == 0 and rows["node"]["output_file_mb"] > 0
+    assert rows["node"]["unet_frame_evals"] == 0 and rows["node"]["decoder_frames"] == 0  # decode + mp4 only
+    assert list(tmp_path.rglob("*.mp4")) == []  # the rows delete what they wrote
+    assert "g-held" in bench.format_run({"gpu_note": "", "results": list(rows.values())})
+
+
+def test_run_rows_time_and_measure_memory_in_separate_workers(smoke_dir):
+    """Wall time comes from a default-allocator worker, memory from a fixed-mmap-threshold one."""
+    result = bench.run_run([0.52], out_dir="", outputs=("frames",), smoke_dir=smoke_dir)
+    row, = result["results"]
+    assert "error" not in row, row.get("error")
+    assert row["wall_s"] > 0 and row["wall_s_fixed_mmap_threshold"] > 0
+    assert row["wall_s"] != row["wall_s_fixed_mmap_threshold"]  # two renders, not one number copied
+    assert row["wall_per_output_s"] == pytest.approx(row["wall_s"] / (13 / 25))
+
+
+def test_knobs_use_the_render_settings_path(smoke_dir):
+    import torch
+
+    from keyface import pipeline as P
+
+    kf, good, bad, vae = models = bench.load_tiny_models(smoke_dir)
+    features, z_id = bench.random_inputs(20, good, kf)
+    settings = P.RenderSettings(attention="math", segments_per_call=1)
+    with torch.inference_mode():
+        _, _, frames = bench._stages(*models, z_id, features, settings)
+        assert torch.equal(frames, P.render(kf, good, bad, vae, z_id, features, settings=settings))
