@@ -543,7 +543,7 @@ def rss_mb() -> float:
 
 
 def _write(out_dir, name, obj):
-    if out_dir is None:
+    if not out_dir:  # None or '' (the CLI's "--out-dir ''"): print only
         return
     p = Path(out_dir)
     p.mkdir(parents=True, exist_ok=True)

@@ -126,9 +126,11 @@ def test_run_rows_measure_growth_during_the_render(smoke_dir, tmp_path):
     assert "g-held" in bench.format_run({"gpu_note": "", "results": list(rows.values())})
 
 
-def test_run_rows_time_and_measure_memory_in_separate_workers(smoke_dir):
+def test_run_rows_time_and_measure_memory_in_separate_workers(smoke_dir, tmp_path, monkeypatch):
     """Wall time comes from a default-allocator worker, memory from a fixed-mmap-threshold one."""
+    monkeypatch.chdir(tmp_path)
     result = bench.run_run([0.52], out_dir="", outputs=("frames",), smoke_dir=smoke_dir)
+    assert list(tmp_path.iterdir()) == []  # out_dir '' writes no JSON (not even into the current folder)
     row, = result["results"]
     assert "error" not in row, row.get("error")
     assert row["wall_s"] > 0 and row["wall_s_fixed_mmap_threshold"] > 0
