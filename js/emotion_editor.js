@@ -227,9 +227,8 @@ class EmotionEditor {
   }
 
   // ----------------------------------------------------------------------------- widget <-> curve
-  syncFromWidget(force = false) {
-    const text = this.curveWidget?.value ?? "";
-    if (!force && text === this.lastText) return;
+  // Hold exactly what ``text`` says; on a parse error keep the last curve and show the error.
+  adoptText(text) {
     this.lastText = text;
     try {
       this.curve = parseCurve(text);
@@ -237,6 +236,12 @@ class EmotionEditor {
     } catch (e) {
       this.error = e instanceof CurveError ? e.message : String(e);
     }
+  }
+
+  syncFromWidget(force = false) {
+    const text = this.curveWidget?.value ?? "";
+    if (!force && text === this.lastText) return;
+    this.adoptText(text);
     this.clampSelection();
     this.refreshToolbar();
     this.draw();
@@ -244,15 +249,9 @@ class EmotionEditor {
 
   writeWidget() {
     const text = serializeCurve(this.curve);
-    this.lastText = text;
-    // Hold exactly what the text says (serializing rounds and may space points 1 ms apart), and show
-    // an error instead of silently writing text the node would refuse.
-    try {
-      this.curve = parseCurve(text);
-      this.error = null;
-    } catch (e) {
-      this.error = e instanceof CurveError ? e.message : String(e);
-    }
+    // Re-read it: serializing rounds and may space points 1 ms apart, and text the node would
+    // refuse must show as an error, not be written silently.
+    this.adoptText(text);
     if (this.curveWidget) {
       this.writing = true;
       try {

@@ -350,6 +350,15 @@ def _check_suffix(path: Path):
     return suffix
 
 
+def _model_file(path) -> tuple[Path, str]:
+    """(path, suffix) of an existing model file of a supported kind; CheckpointError otherwise."""
+    path = Path(path)
+    suffix = _check_suffix(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file not found: {path}")
+    return path, suffix
+
+
 def read_state_dict(path) -> dict:
     """Read a model file into ``dict[str, Tensor]`` (CPU), whatever its container.
 
@@ -357,10 +366,7 @@ def read_state_dict(path) -> dict:
     (``{"state_dict": ...}``); a plain ``.bin``/``.pt``/``.pth`` dict of tensors. The DeepSpeed /
     Lightning ``_forward_module.`` key prefix is removed.
     """
-    path = Path(path)
-    suffix = _check_suffix(path)
-    if not path.is_file():
-        raise CheckpointError(f"model file not found: {path}")
+    path, suffix = _model_file(path)
     if suffix == ".safetensors":
         sd, metadata = _read_safetensors(path)
         if AUDIO_CFG_METADATA_KEY in metadata:
@@ -374,10 +380,7 @@ def read_audio_checkpoint(path) -> dict:
 
     Accepts the original pickles and their safetensors conversions (cfg stored as JSON metadata).
     """
-    path = Path(path)
-    suffix = _check_suffix(path)
-    if not path.is_file():
-        raise CheckpointError(f"model file not found: {path}")
+    path, suffix = _model_file(path)
     if suffix == ".safetensors":
         sd, metadata = _read_safetensors(path)
         if AUDIO_CFG_METADATA_KEY not in metadata:
