@@ -22,6 +22,7 @@ import io
 import json
 import os
 import pickle
+import types
 import typing
 import warnings
 import zipfile
@@ -170,10 +171,11 @@ def _resolve_allowed(module: str, name: str):
         return getattr(builtins, name)
     if (module, name) in _SAFE_TORCH:
         return getattr(importlib.import_module(module), name)
-    if module == "torch" and name.endswith("Storage") and hasattr(torch, name):
-        return getattr(torch, name)  # legacy typed storages (torch.FloatStorage ...)
     if module == "torch":
-        obj = getattr(torch, name, None)
+        # torch.__dict__, not getattr: torch's module __getattr__ imports submodules (_inductor ...)
+        obj = torch.__dict__.get(name)
+        if name.endswith("Storage") and isinstance(obj, type):
+            return obj  # legacy typed storages (torch.FloatStorage ...)
         if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
             return obj
     if (module, name) in _SAFE_OTHER:
@@ -198,14 +200,45 @@ class _RefusedGlobal(pickle.UnpicklingError):
         self.name = name
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` whose ``find_class`` resolves only allow-listed, inert globals."""
+class _RefusedBuild(pickle.UnpicklingError):
+    def __init__(self, target):
+        super().__init__(f"state set on {getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}")
+        self.target = target
+
+
+# Objects a pickle's BUILD must never set state on: they are shared by the whole process, so a
+# file could otherwise re-point e.g. ``PurePath.__truediv__`` for every later caller.
+_SHARED_KINDS = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType)
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """An unpickler whose ``find_class`` resolves only allow-listed, inert globals, and whose ``BUILD``
+    refuses to set state on those globals (or any class, function or module).
+
+    Built on the pure-Python ``pickle._Unpickler``: the C unpickler's opcodes cannot be overridden.
+    Only the fallback path uses it, and a checkpoint's pickle is small (tensor data is stored apart).
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._globals = set()  # ids of what find_class handed out in this load
 
     def find_class(self, module, name):
         obj = _resolve_allowed(module, name)
         if obj is None:
             raise _RefusedGlobal(module, name)
+        self._globals.add(id(obj))
         return obj
+
+    def load_build(self):
+        target = self.stack[-2]  # BUILD's stack: [..., object, state]
+        if isinstance(target, _SHARED_KINDS) or id(target) in self._globals:
+            raise _RefusedBuild(target)
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def _restricted_load(file, **kwargs):
@@ -256,6 +289,11 @@ def load_torch_file(path):
             f"{path}: refusing to load this file: its pickle needs the global "
             f"'{refused.module}.{refused.name}', which is not a tensor or a plain container and could "
             f"run code while loading. {_ADVICE}"
+        ) from None
+    except _RefusedBuild as refused:
+        raise CheckpointError(
+            f"{path}: refusing to load this file: its pickle sets the state of a shared object ({refused}), "
+            f"which would change it for the whole process. {_ADVICE}"
         ) from None
     except CheckpointError:
         raise

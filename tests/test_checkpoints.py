@@ -2,7 +2,9 @@
 
 import argparse
 import os
+import io
 import pickle
+import struct
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,48 @@ def test_code_running_pickle_is_refused(tmp_path, container):
         read_audio_checkpoint(path)
     assert not marker.exists(), "code from the pickle ran"
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def _build_on_purepath_pickle() -> bytes:
+    """Protocol-2 pickle: {"module": {"w": [1.0]}, "extra": <PurePath with __truediv__ := int>}: BUILD
+    with a (None, slotstate) pair on the allowed class itself (no code runs, but the class changes)."""
+    import pickletools
+
+    p = pickle
+    body = (p.PROTO + b"\x02" + p.EMPTY_DICT + p.MARK
+            + p.BINUNICODE + (6).to_bytes(4, "little") + b"module" + p.EMPTY_DICT
+            + p.BINUNICODE + (1).to_bytes(4, "little") + b"w" + p.EMPTY_LIST + p.BINFLOAT + struct.pack(">d", 1.0)
+            + p.APPEND + p.SETITEM
+            + p.BINUNICODE + (5).to_bytes(4, "little") + b"extra"
+            + p.GLOBAL + b"pathlib\nPurePath\n"
+            + p.NONE + p.EMPTY_DICT + p.BINUNICODE + (11).to_bytes(4, "little") + b"__truediv__"
+            + p.GLOBAL + b"builtins\nint\n" + p.SETITEM + p.TUPLE2 + p.BUILD
+            + p.SETITEMS + p.STOP)
+    pickletools.dis(body, out=io.StringIO())  # a well-formed pickle
+    return body
+
+
+@pytest.mark.parametrize("container", ["torch_legacy", "plain_pickle"])
+def test_pickle_cannot_change_an_allowed_class(tmp_path, container):
+    """BUILD on an allow-listed global (here pathlib.PurePath) would re-point its methods for the whole
+    process; the restricted loader refuses the file and the class is untouched."""
+    import pathlib
+
+    path = tmp_path / "sets_state.pt"
+    body = _build_on_purepath_pickle()
+    if container == "torch_legacy":  # the legacy torch container: magic number, protocol, sys info, then the object
+        data = (pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2)
+                + pickle.dumps({"protocol_version": 1001, "little_endian": True,
+                                "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2)
+                + body + pickle.dumps([], protocol=2))
+    else:
+        data = body
+    path.write_bytes(data)
+    truediv = pathlib.PurePath.__dict__.get("__truediv__")
+    with pytest.raises(CheckpointError, match="refusing to load this file: its pickle sets the state of a shared object"):
+        read_state_dict(path)
+    assert pathlib.PurePath.__dict__.get("__truediv__") is truediv
+    assert pathlib.PurePath("a") / "b" == pathlib.PurePath("a/b")
 
 
 def test_inert_metadata_loads_without_importing(tmp_path):
