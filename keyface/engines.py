@@ -28,7 +28,7 @@ from .checkpoints import CheckpointError, KeyLedger, read_state_dict
 from .conditioning import AudioProjection
 from .config import _INERT, _REQUIRED_VALUES, INTERPOLATION_UNET, KEYFRAME_UNET, UNetConfig
 from .diffusion import _row_scalings
-from .model_files import read_sidecar
+from .model_files import read_sidecar, sidecar_path
 from .unet import VideoUNet
 
 UNET_PREFIX = "model.diffusion_model."
@@ -266,6 +266,8 @@ def _unet_config(params: dict, complete: bool, released: UNetConfig, unet_sd: di
         return UNetConfig.from_original(dict(params))
     inferred = _match_released_types(released, _infer_unet_params(unet_sd)) if unet_sd else {}
     given = {k: v for k, v in params.items() if v is not None}  # None: keep the default
+    if "num_heads" in given and "num_head_channels" not in given:
+        given["num_head_channels"] = -1  # as in the original: a head count replaces the released head size
     cfg = UNetConfig.from_original({**_released_params(released), **inferred, **given})
     if inferred and not {"num_head_channels", "num_heads"} & given.keys():
         _check_assumed_head_size(cfg)
@@ -430,12 +432,22 @@ def _source_state_dict(source):
     return read_state_dict(path), str(path)
 
 
-def _config_or_sidecar(source, config):
+def _config_or_sidecar(source, config, validate):
     """``config``, else the sidecar ``<checkpoint>.json`` beside a file ``source`` (see
-    :mod:`keyface.model_files`), else None (the released architecture / the checkpoint's shapes)."""
+    :mod:`keyface.model_files`), else None (the released architecture / the checkpoint's shapes).
+
+    A sidecar is checked with ``validate`` here, so that an error names the file: a ``<model>.json``
+    may also be another tool's metadata."""
     if config is not None or isinstance(source, dict):
         return config
-    return read_sidecar(source)
+    sidecar = read_sidecar(source)
+    if sidecar is not None:
+        try:
+            validate(sidecar)
+        except ValueError as e:
+            raise ValueError(f"sidecar config {sidecar_path(source)}: {e} (if this .json belongs to another tool, "
+                             "move it away or pass config= to the loader)") from e
+    return sidecar
 
 
 def _identify(sd: dict) -> str:
@@ -514,7 +526,7 @@ def load_keyframe_network(source, config=None, dtype=None, device=None, operatio
     ``num_head_channels=64`` is assumed, with a logged warning (set ``num_head_channels`` to override).
     The returned network's ``ignored_keys`` maps each unused key of the file to the reason.
     """
-    config = _config_or_sidecar(source, config)
+    config = _config_or_sidecar(source, config, keyframe_network_config)
     sd, name = _source_state_dict(source)
     _check_kind(sd, name, "keyframe", "keyframe model")
     unet_cfg, feat, idx = keyframe_network_config(config, sd)
@@ -571,7 +583,7 @@ def load_interpolation_networks(source, bad_source=None, config=None, dtype=None
     sidecar of ``source`` when ``config`` is None). ``ignored_keys`` on each network: as there; embedded
     ``denoiser.bad_network.*`` keys appear in the good network's, superseded when ``bad_source`` is given.
     """
-    config = _config_or_sidecar(source, config)
+    config = _config_or_sidecar(source, config, interpolation_network_config)
     sd, name = _source_state_dict(source)
     embedded_bad = {k[len(BAD_NETWORK_PREFIX):]: v for k, v in sd.items() if k.startswith(BAD_NETWORK_PREFIX)}
     _check_kind(sd, name, "interpolation", "interpolation model")
@@ -597,9 +609,9 @@ def load_interpolation_networks(source, bad_source=None, config=None, dtype=None
 
 def load_audio_projection(source, engine: str, config=None, dtype=None, device=None, operations=None) -> AudioProjection:
     """Only the audio projection (``conditioner.embedders.<i>.linear.*``) of an engine file."""
-    config = _config_or_sidecar(source, config)
-    sd, name = _source_state_dict(source)
     default = KEYFRAME_AUDIO_EMBEDDER if engine == "keyframe" else INTERPOLATION_AUDIO_EMBEDDER
+    config = _config_or_sidecar(source, config, lambda c: _audio_embedder_from_config(c, default))
+    sd, name = _source_state_dict(source)
     idx, _, _ = _audio_embedder_from_config(config, default)
     ledger = KeyLedger(sd, name)
     proj = _take_projection(ledger, idx, name)

@@ -1,6 +1,6 @@
 """How a KeyFace models folder is laid out, and the optional sidecar configs.
 
-A models folder (``ComfyUI/models/keyface/``, ``$KEYFACE_MODELS``, or anything given to the CLI)
+A models folder (``ComfyUI/models/keyface/``, ``$KEYFACE_MODELS/keyface/`` for scripts/run.sh, or anything given to the CLI)
 holds the released files under their released names, or safetensors conversions of them:
 
 ====================  ==========================================================================

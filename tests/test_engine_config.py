@@ -124,6 +124,16 @@ def test_head_size_from_a_partial_config():
     assert got.unet_config == net.unet_config
 
 
+@pytest.mark.parametrize("config", [{"num_heads": 8}, {"network_config": {"params": {"num_heads": 8}}}])
+def test_head_count_replaces_the_released_head_size(config):
+    """num_heads alone means a head count (the original's num_head_channels=-1), not a setting to drop."""
+    cfg, _, _ = keyframe_network_config(config)
+    assert (cfg.num_heads, cfg.num_head_channels) == (8, -1)
+    # explicit head size still wins over a head count, as in the original
+    cfg, _, _ = keyframe_network_config({"num_heads": 8, "num_head_channels": 32})
+    assert cfg.num_head_channels == 32
+
+
 def test_loaders_read_the_sidecar(tmp_path):
     sd, ref = _small_keyframe_sd(num_head_channels=32)
     path = tmp_path / "keyframe.pt"
@@ -132,6 +142,10 @@ def test_loaders_read_the_sidecar(tmp_path):
     write_sidecar(path, {"network_config": {"params": {"num_head_channels": 32}}, "resolution": 64})
     assert load_keyframe_network(path).unet_config == ref.unet_config
     assert load_keyframe_network(path, config={}).unet_config.num_head_channels == 64  # an explicit config wins
+    # another tool's <model>.json beside the checkpoint: the error names the file and what to do
+    (tmp_path / "keyframe.json").write_text('{"sha256": "abc", "preferred_weight": 1}')
+    with pytest.raises(ValueError, match=r"sidecar config .*keyframe\.json: .*sha256.*another tool"):
+        load_keyframe_network(path)
 
 
 def _tiny_interpolation(gen_seed):
