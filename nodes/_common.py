@@ -304,16 +304,17 @@ NOTICE_EVENT = "keyface.notice"  # shown as a toast by js/keyface_notices.js
 
 def notify(message, severity="warn"):
     """Log ``message`` and show it in the ComfyUI frontend of the client that queued the prompt
-    (a websocket event; nothing is sent when no server runs, e.g. in scripts and unit tests)."""
+    (a websocket event). Nothing is sent when no server runs (scripts, unit tests) or the prompt came
+    without a client id (API use): a socket id of None would broadcast it to every open browser."""
     log.warning("KeyFace: %s", message)
     try:
         from server import PromptServer
     except ImportError:
         return
     server = getattr(PromptServer, "instance", None)
-    if server is not None:
-        server.send_sync(NOTICE_EVENT, {"severity": severity, "summary": "KeyFace", "detail": message},
-                         getattr(server, "client_id", None))
+    client_id = getattr(server, "client_id", None)
+    if client_id is not None:
+        server.send_sync(NOTICE_EVENT, {"severity": severity, "summary": "KeyFace", "detail": message}, client_id)
 
 
 # ------------------------------------------------------------------------- identity image, audio

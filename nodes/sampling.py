@@ -63,7 +63,8 @@ def clip_audio(waveform, sample_rate, num_frames):
     from ..keyface.video_io import fit_audio_to_frames
 
     fitted = torch.from_numpy(fit_audio_to_frames(waveform, sample_rate, num_frames))
-    return {"waveform": fitted[None].contiguous(), "sample_rate": int(sample_rate)}
+    # a copy: a cut mono clip would otherwise share memory with the input AUDIO of another node
+    return {"waveform": fitted[None].clone(), "sample_rate": int(sample_rate)}
 
 
 @contextlib.contextmanager
