@@ -45,7 +45,7 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--scale", type=float, default=2.0, help="interpolation autoguidance scale")
     r.add_argument("--no-autoguidance", action="store_true", help="interpolate with the main network only")
     r.add_argument("--unguided-last-step", action="store_true",
-                   help="skip both stages' guidance at the last step (sigma 0.002): 4%% fewer UNet evaluations, "
+                   help="skip both stages' guidance at the last step (sigma 0.002): about 5%% fewer UNet evaluations, "
                         "an approximation (see bench/README.md)")
     r.add_argument("--segments-per-call", type=int, default=2,
                    help="interpolation segments (14 frames each) per UNet call; halved automatically if a call runs "
@@ -119,11 +119,13 @@ def _find_models(folder):
 
     if not os.path.isdir(folder):
         raise ValueError(f"models folder not found: {folder}")
-    found = mf.find_models(folder)
+    found = mf.locate_models(folder)
     missing = mf.missing(found)
     if missing:
         names = "; ".join(f"{k}: {' or '.join(mf.FILE_NAMES[k])}" for k in missing)
-        raise ValueError(f"models folder {folder} lacks {', '.join(missing)} (expected {names})")
+        raise ValueError(f"models folder {folder} lacks {', '.join(missing)} (expected {names}; looked in the folder, "
+                         "in its ComfyUI siblings ../audio_encoders and ../vae, and in keyface/, audio_encoders/, vae/ "
+                         "below it)")
     return found
 
 

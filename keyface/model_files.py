@@ -1,7 +1,9 @@
 """How a KeyFace models folder is laid out, and the optional sidecar configs.
 
 A models folder (``ComfyUI/models/keyface/``, ``$KEYFACE_MODELS/keyface/`` for scripts/run.sh, or anything given to the CLI)
-holds the released files under their released names, or safetensors conversions of them:
+holds the released files under their released names, or safetensors conversions of them (the audio
+encoders may instead be in ``models/audio_encoders/`` and the VAE in ``models/vae/``: see
+:func:`find_layout` and :func:`locate_models`):
 
 ====================  ==========================================================================
 kind                  file names, in order of preference
@@ -104,6 +106,45 @@ def find_models(folder) -> dict[str, Path]:
             elif p.is_file():
                 found[kind] = p
                 break
+    return found
+
+
+# ComfyUI's model folders: models/keyface/ holds every kind; some kinds may instead live in the
+# native folder for their type (as the loader nodes search them).
+KEYFACE_FOLDER = "keyface"
+SECONDARY_FOLDERS: dict[str, tuple[str, ...]] = {
+    VAE: ("vae",),
+    WAVLM: ("audio_encoders",),
+    BEATS: ("audio_encoders",),
+    WAV2VEC2: ("audio_encoders",),
+}
+
+
+def find_layout(root) -> dict[str, tuple[str, Path]]:
+    """{kind: (ComfyUI folder name, path)} under a ComfyUI-style models root ``root``: ``keyface/``
+    first, then the kind's secondary folder. Missing kinds are absent."""
+    root = Path(root)
+    found: dict[str, tuple[str, Path]] = {}
+    for folder in (KEYFACE_FOLDER, *dict.fromkeys(f for fs in SECONDARY_FOLDERS.values() for f in fs)):
+        for kind, path in find_models(root / folder).items():
+            if kind not in found and (folder == KEYFACE_FOLDER or folder in SECONDARY_FOLDERS.get(kind, ())):
+                found[kind] = (folder, path)
+    return found
+
+
+def locate_models(folder) -> dict[str, Path]:
+    """Every kind found for a folder a user names: the folder itself; for a ComfyUI
+    ``models/keyface`` folder also its siblings ``../audio_encoders`` and ``../vae``; for a ComfyUI
+    ``models`` root its ``keyface/``, ``audio_encoders/`` and ``vae/``."""
+    folder = Path(folder)
+    found = find_models(folder)
+    for kind, (_, path) in find_layout(folder).items():
+        found.setdefault(kind, path)
+    for kind, subfolders in SECONDARY_FOLDERS.items():
+        for sub in subfolders:
+            path = find_models(folder.parent / sub).get(kind)
+            if path is not None:
+                found.setdefault(kind, path)
     return found
 
 

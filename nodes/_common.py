@@ -1,14 +1,17 @@
 """Shared plumbing of the node adapters: model folders, ComfyUI memory management, progress/cancel,
 the first image / audio clip of an input batch.
 
-Imports of ``comfy.*`` and of the library happen inside functions: importing this module costs
-nothing but ``folder_paths`` (which ComfyUI has already loaded) and the standard library.
+Imports of ``comfy.*`` and of the torch-based library happen inside functions: importing this module
+costs nothing but ``folder_paths`` (which ComfyUI has already loaded), the standard library and
+``keyface.model_files`` (plain Python, file names only).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+
+from ..keyface import model_files
 
 log = logging.getLogger("keyface")
 
@@ -17,12 +20,7 @@ FOLDER = "keyface"  # models/keyface/ (and any "keyface:" entry of extra_model_p
 FPS = 25.0
 
 # Secondary ComfyUI folders searched after models/keyface/ for some kinds.
-SECONDARY = {
-    "vae": ("vae",),
-    "wavlm": ("audio_encoders",),
-    "beats": ("audio_encoders",),
-    "wav2vec2": ("audio_encoders",),
-}
+SECONDARY = model_files.SECONDARY_FOLDERS
 
 
 # ---------------------------------------------------------------------------------- model folders
@@ -35,7 +33,7 @@ def register_folders():
     """
     import folder_paths
 
-    from ..keyface import model_files as mf
+    mf = model_files
 
     default = os.path.join(folder_paths.models_dir, FOLDER)
     folder_paths.add_model_folder_path(FOLDER, default)
@@ -62,7 +60,7 @@ def _folders(kind: str) -> list[tuple[str, str]]:
 
 def _model_dirs(directory: str) -> list[str]:
     """Hugging Face style model folders (containing config.json) up to two levels below ``directory``."""
-    from ..keyface import model_files as mf
+    mf = model_files
 
     found = []
     if not os.path.isdir(directory):
@@ -85,7 +83,7 @@ def choices(kind: str) -> list[str]:
     ``kind``; names that look like ``kind`` (released names first) come first. Never empty."""
     import folder_paths
 
-    from ..keyface import model_files as mf
+    mf = model_files
 
     names: list[str] = []
     folders = _folders(kind)
@@ -122,7 +120,7 @@ def choices(kind: str) -> list[str]:
 
 def resolve(kind: str, name: str, input_name: str) -> str:
     """Full path of combo value ``name`` (file or model folder); ValueError naming the input."""
-    from ..keyface import model_files as mf
+    mf = model_files
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"{input_name}: no model file chosen")

@@ -25,28 +25,8 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 from keyface import model_files, smoke  # noqa: E402
 
-KEYFACE_FOLDER = "keyface"
-# Where else each kind may live, as the nodes search it (nodes/_common.py SECONDARY; a test keeps the two equal).
-SECONDARY = {
-    "vae": ("vae",),
-    "wavlm": ("audio_encoders",),
-    "beats": ("audio_encoders",),
-    "wav2vec2": ("audio_encoders",),
-}
-
-
-def find_layout(root) -> dict[str, tuple[str, Path]]:
-    """{kind: (ComfyUI folder name, path)} for each kind found under models root ``root``.
-
-    ``<root>/keyface`` is searched first, then the kind's secondary folder; missing kinds are absent.
-    """
-    root = Path(root)
-    found: dict[str, tuple[str, Path]] = {}
-    for folder in (KEYFACE_FOLDER, "audio_encoders", "vae"):
-        for kind, path in model_files.find_models(root / folder).items():
-            if kind not in found and (folder == KEYFACE_FOLDER or folder in SECONDARY.get(kind, ())):
-                found[kind] = (folder, path)
-    return found
+KEYFACE_FOLDER = model_files.KEYFACE_FOLDER
+find_layout = model_files.find_layout  # the layout the loader nodes search
 
 
 def combo_values(root, found) -> dict[str, str]:

@@ -37,9 +37,15 @@ def _cut_wav(src: Path, dst: Path, seconds: float) -> tuple[int, int]:
 
 def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     snippet = readme_python_snippet()
-    for name in ('"models/keyface/"', '"speech.wav"', '"face.png"', '"out.mp4"'):
+    for name in ('"models/keyface"', '"speech.wav"', '"face.png"', '"out.mp4"'):
         assert name in snippet  # the test stages exactly these paths
-    write_smoke_models(tmp_path / "models" / "keyface")
+    models = tmp_path / "models"
+    write_smoke_models(models / "keyface")
+    # the ComfyUI layout the README's Models section downloads into: encoders and VAE beside keyface/
+    for name, folder in (("WavLM-Base+.pt", "audio_encoders"), ("BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt",
+                         "audio_encoders"), ("wav2vec2-base-960h", "audio_encoders"), ("svd_vae.safetensors", "vae")):
+        (models / folder).mkdir(exist_ok=True)
+        (models / "keyface" / name).rename(models / folder / name)
     samples, rate = _cut_wav(MEDIA / "speech_female_arctic_a0009.wav", tmp_path / "speech.wav", SECONDS)
     (tmp_path / "face.png").write_bytes((MEDIA / "face_astronaut.png").read_bytes())
     monkeypatch.chdir(tmp_path)

@@ -105,13 +105,25 @@ def test_smoke_models_are_never_taken_for_real_ones(run_main, tmp_path, monkeypa
     assert not real
 
 
-def test_secondary_folders_match_the_nodes(run_main):
-    """The script must look where the loader nodes look (nodes/_common.py SECONDARY), read without
-    importing the node package (it needs ComfyUI)."""
-    tree = ast.parse((ROOT / "nodes" / "_common.py").read_text(encoding="utf-8"))
-    nodes_secondary = next(ast.literal_eval(n.value) for n in tree.body
-                           if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "SECONDARY" for t in n.targets))
-    assert run_main.SECONDARY == nodes_secondary
+@pytest.mark.parametrize("given", ["keyface", "", "flat"])
+def test_cli_and_library_find_the_comfyui_layout(run_main, tmp_path, given):
+    """locate_models (CLI --models, README Python) finds every file from a models/keyface folder (the
+    rest in ../audio_encoders and ../vae), from a models root, or from one flat folder."""
+    if given == "flat":
+        _comfy_layout(tmp_path / "layout")
+        for p in sorted((tmp_path / "layout").rglob("*")):
+            if p.is_file():
+                dest = tmp_path / "flat" / p.relative_to(tmp_path / "layout").relative_to(p.relative_to(tmp_path / "layout").parts[0])
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                p.rename(dest)
+        folder = tmp_path / "flat"
+    else:
+        _comfy_layout(tmp_path)
+        folder = tmp_path / given
+    found = run_main.model_files.locate_models(folder)
+    assert not run_main.model_files.missing(found)
+    if given != "flat":
+        assert found["wavlm"].parent.name == "audio_encoders" and found["vae"].parent.name == "vae"
 
 
 def test_fill_prompt_points_loaders_at_found_files(run_main):
