@@ -16,6 +16,8 @@ import os
 import sys
 import time
 
+from .config import ATTENTION_BACKENDS  # torch-free, like this module's top level
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -52,7 +54,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "out of memory. Same result; more is faster on a big GPU and needs more memory")
     r.add_argument("--branches-per-call", type=int, choices=(1, 2, 3), default=3,
                    help="keyframe guidance branches per UNet call; halved automatically on out-of-memory. Same result")
-    r.add_argument("--attention", choices=("auto", "math", "flash", "efficient", "cudnn"), default="auto",
+    r.add_argument("--attention", choices=tuple(ATTENTION_BACKENDS), default="auto",
                    help="scaled-dot-product attention backend (auto: torch picks per call). Same result up to "
                         "rounding; a backend this device cannot run is an error")
     r.add_argument("--compile", action="store_true",

@@ -171,3 +171,14 @@ _REQUIRED_VALUES = {
 
 KEYFRAME_UNET = UNetConfig(in_channels=8, adm_in_channels=512)
 INTERPOLATION_UNET = replace(KEYFRAME_UNET, in_channels=9, adm_in_channels=0)
+
+# Attention backend setting (RenderSettings.attention, the CLI, the sampler nodes) -> the member of
+# torch.nn.attention.SDPBackend it selects ("auto": torch picks per call). Kept here, torch-free, so
+# the CLI and the nodes' INPUT_TYPES list the names without importing torch.
+ATTENTION_BACKENDS = {
+    "auto": None,
+    "math": "MATH",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+}

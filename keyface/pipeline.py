@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .conditioning import interpolation_conditioning, keyframe_conditioning
+from .config import ATTENTION_BACKENDS
 from .diffusion import CallSizer, ays_sigmas, interpolation_denoiser, keyframe_denoiser, sample_euler
 from .planner import FPS, WINDOW, ClipPlan, plan_clip
 
@@ -494,14 +495,6 @@ def decode_keyframe_preview(vae, latents, *, chunk_frames: int = DEFAULT_CHUNK_F
 # Speed settings: attention backend, torch.compile
 # --------------------------------------------------------------------------------------------------
 
-# RenderSettings.attention -> torch.nn.attention.SDPBackend member ("auto": torch picks per call)
-ATTENTION_BACKENDS = {
-    "auto": None,
-    "math": "MATH",
-    "flash": "FLASH_ATTENTION",
-    "efficient": "EFFICIENT_ATTENTION",
-    "cudnn": "CUDNN_ATTENTION",
-}
 # what torch says when the chosen backend cannot run these inputs (CPU / CUDA wording)
 _NO_KERNEL = ("No viable backend for scaled_dot_product_attention", "No available kernel")
 

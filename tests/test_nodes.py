@@ -488,8 +488,6 @@ def test_attention_input_reaches_the_samplers(pack, N, models, clip):
     import torch
 
     pipeline = importlib.import_module(PACK + ".keyface.pipeline")
-    common = importlib.import_module(PACK + ".nodes._common")
-    assert list(common.ATTENTION_CHOICES) == list(pipeline.ATTENTION_BACKENDS)
     for name in ("KeyFaceSampleKeyframes", "KeyFaceInterpolate"):
         assert N[name].INPUT_TYPES()["optional"]["attention"][0] == list(pipeline.ATTENTION_BACKENDS)
     args = (models["kf"], models["vae"], _image(), clip["feats"], 5, 10, 2.0, 5.0, "crop")
