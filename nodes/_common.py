@@ -33,12 +33,10 @@ def register_folders():
     """
     import folder_paths
 
-    mf = model_files
-
     default = os.path.join(folder_paths.models_dir, FOLDER)
     folder_paths.add_model_folder_path(FOLDER, default)
     paths, exts = folder_paths.folder_names_and_paths[FOLDER]
-    wanted = set(getattr(folder_paths, "supported_pt_extensions", set())) | set(mf.WEIGHT_EXTENSIONS)
+    wanted = set(getattr(folder_paths, "supported_pt_extensions", set())) | set(model_files.WEIGHT_EXTENSIONS)
     if set(exts or ()) != wanted:
         folder_paths.folder_names_and_paths[FOLDER] = (paths, wanted)
         cache = getattr(folder_paths, "filename_list_cache", None)
@@ -60,15 +58,13 @@ def _folders(kind: str) -> list[tuple[str, str]]:
 
 def _model_dirs(directory: str) -> list[str]:
     """Hugging Face style model folders (containing config.json) up to two levels below ``directory``."""
-    mf = model_files
-
     found = []
     if not os.path.isdir(directory):
         return found
     for root, dirs, _files in os.walk(directory, followlinks=True):
         rel = os.path.relpath(root, directory)
         depth = 0 if rel == "." else rel.count(os.sep) + 1
-        if depth >= 1 and mf.is_model_folder(root):
+        if depth >= 1 and model_files.is_model_folder(root):
             found.append(rel.replace(os.sep, "/"))
             dirs[:] = []
             continue
@@ -83,8 +79,6 @@ def choices(kind: str) -> list[str]:
     ``kind``; names that look like ``kind`` (released names first) come first. Never empty."""
     import folder_paths
 
-    mf = model_files
-
     names: list[str] = []
     folders = _folders(kind)
     hf = sorted({d for _, directory in folders for d in _model_dirs(directory)})
@@ -96,32 +90,30 @@ def choices(kind: str) -> list[str]:
         except Exception:  # a folder ComfyUI does not know (old builds)
             files = []
         for f in files:
-            if os.path.splitext(f)[1].lower() not in mf.WEIGHT_EXTENSIONS:
+            if os.path.splitext(f)[1].lower() not in model_files.WEIGHT_EXTENSIONS:
                 continue
             if any(f.startswith(d + "/") for d in hf):
                 continue  # weights inside a HF folder: the folder is the model
             names.append(f)
     uniq = list(dict.fromkeys(names))
-    released = mf.FILE_NAMES.get(kind, ())
+    released = model_files.FILE_NAMES.get(kind, ())
 
     def rank(n):
         if n in released:
             return (0, released.index(n), n)
-        if mf.guess_kind(n) == kind:
+        if model_files.guess_kind(n) == kind:
             return (1, 0, n)
         return (2, 0, n)
 
     uniq.sort(key=rank)
     if not uniq:
         # ComfyUI rejects a prompt whose combo value is not in the list, so show what is expected.
-        uniq = [mf.DEFAULT_NAMES[kind]]
+        uniq = [model_files.DEFAULT_NAMES[kind]]
     return uniq
 
 
 def resolve(kind: str, name: str, input_name: str) -> str:
     """Full path of combo value ``name`` (file or model folder); ValueError naming the input."""
-    mf = model_files
-
     if not isinstance(name, str) or not name:
         raise ValueError(f"{input_name}: no model file chosen")
     rel = os.path.normpath(os.path.join("/", name)).lstrip("/\\")
@@ -131,7 +123,7 @@ def resolve(kind: str, name: str, input_name: str) -> str:
         full = os.path.join(directory, rel)
         if os.path.isfile(full):
             return full
-        if mf.is_model_folder(full):
+        if model_files.is_model_folder(full):
             return full
     raise ValueError(
         f"{input_name}: model '{name}' was not found in {', '.join(searched) or 'any model folder'} "
@@ -249,12 +241,10 @@ def decode_memory(rows, latent_hw, dtype) -> int:
     return int(rows) * (8 * h) * (8 * w) * dtype.itemsize * DECODE_BYTES_PER_PIXEL
 
 
-# keyface.pipeline.ATTENTION_BACKENDS (kept here as names: INPUT_TYPES must not import torch)
-ATTENTION_CHOICES = ("auto", "math", "flash", "efficient", "cudnn")
-
-
 def attention_input():
-    return (list(ATTENTION_CHOICES), {
+    from ..keyface.config import ATTENTION_BACKENDS  # torch-free
+
+    return (list(ATTENTION_BACKENDS), {
         "default": "auto",
         "tooltip": "Attention kernel (torch scaled_dot_product_attention backend) for this stage's network calls. "
                    "auto: torch picks per call. A backend this device cannot run is reported as an error. "

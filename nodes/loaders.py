@@ -153,12 +153,12 @@ class KeyFaceKeyframeModelLoader:
         from ..keyface import engines, model_files
 
         path = C.resolve("keyframe", model_name, "model_name")
-        cfg = model_files.read_sidecar(path)
         load_device, offload_device, weight_dtype, compute_dtype, ops = C.unet_policy(C.file_params(path))
-        net = engines.load_keyframe_network(path, config=cfg, dtype=weight_dtype, device=offload_device, operations=ops)
+        # the library reads (and checks) the sidecar config itself; the node needs only its resolution
+        net = engines.load_keyframe_network(path, dtype=weight_dtype, device=offload_device, operations=ops)
         C.use_compute_dtype(net, weight_dtype, compute_dtype)
         C.log.info("KeyFace: keyframe model weights %s, compute %s", weight_dtype, compute_dtype)
-        res = model_files.resolution_of(cfg)
+        res = model_files.resolution_of(model_files.read_sidecar(path))
         return (KeyFaceKeyframeModel(net, C.patcher(net, load_device, offload_device), compute_dtype, res, model_name),)
 
 
@@ -178,15 +178,14 @@ class KeyFaceInterpolationModelLoader:
         }}
 
     def load(self, model_name, bad_model_name):
-        from ..keyface import engines, model_files
+        from ..keyface import engines
 
         path = C.resolve("interpolation", model_name, "model_name")
         bad_path = C.resolve("interpolation_bad", bad_model_name, "bad_model_name")
-        cfg = model_files.read_sidecar(path)
         n = C.file_params(path) + C.file_params(bad_path)
         load_device, offload_device, weight_dtype, compute_dtype, ops = C.unet_policy(n)
         good, bad = engines.load_interpolation_networks(
-            path, bad_path, config=cfg, dtype=weight_dtype, device=offload_device, operations=ops)
+            path, bad_path, dtype=weight_dtype, device=offload_device, operations=ops)
         for net in (good, bad):
             if net is not None:
                 C.use_compute_dtype(net, weight_dtype, compute_dtype)
