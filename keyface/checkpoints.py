@@ -541,10 +541,10 @@ def convert_to_safetensors(src, dst) -> Path:
     """
     from safetensors.torch import save_file
 
-    src, dst = Path(src), Path(dst)
+    dst = Path(dst)
     if dst.suffix.lower() != ".safetensors":
         raise CheckpointError(f"{dst}: the converted file must end in .safetensors")
-    suffix = _check_suffix(src)
+    src, suffix = _model_file(src)
     metadata = {"format": "pt", "converted_by": "keyface", "source": src.name}
     if suffix == ".safetensors":
         sd, old_meta = _read_safetensors(src)

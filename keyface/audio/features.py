@@ -235,8 +235,8 @@ def compute_features(waveform, sample_rate, wavlm, beats, wav2vec2, max_frames=N
     ``waveform``: [S], [C, S] or [1, C, S] at ``sample_rate`` (see :func:`prepare_waveform`).
     ``max_frames``: optional crop of the arrays (the original crops at 1125 = 45 s) before the
     common-length cut. ``attention_chunk``: WavLM and BEATs compute attention in blocks of that many
-    query rows (passed to each encoder call) (memory ~ L x chunk instead of L^2; the same function, see the module
-    docstring); ``None`` attends over the whole clip at once, as the original. ``trim_to_duration``:
+    query rows, passed to each encoder call (memory ~ L x chunk instead of L^2; the same function, see
+    the module docstring); ``None`` attends over the whole clip at once, as the original. ``trim_to_duration``:
     cut to N = :func:`video_frame_count` rows (the default; see "Clip length" above) instead of the
     original's F = ceil(S / 640). Outputs are float32 on the CPU.
     """
