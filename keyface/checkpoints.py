@@ -22,6 +22,7 @@ import io
 import json
 import os
 import pickle
+import tarfile
 import types
 import typing
 import warnings
@@ -32,6 +33,18 @@ from types import SimpleNamespace
 import torch
 
 from ._files import create_temp_beside
+from ._pickle_limits import (
+    CALL_POLICIES,
+    PickleLimitError,
+    PickleLimits,
+    RefusedCall,
+    empty_array_only,
+    latin1_only,
+    mapping_of,
+    never_called,
+    scalars_only,
+    sequence_of,
+)
 
 __all__ = [
     "CheckpointError",
@@ -211,19 +224,147 @@ class _RefusedBuild(pickle.UnpicklingError):
 _SHARED_KINDS = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType)
 
 
-class RestrictedUnpickler(pickle._Unpickler):
-    """An unpickler whose ``find_class`` resolves only allow-listed, inert globals, and whose ``BUILD``
-    refuses to set state on those globals (or any class, function or module).
+def _hashable(obj) -> bool:
+    try:
+        hash(obj)
+    except TypeError:
+        return False
+    return True
+
+
+class _DryName:
+    """The pre-scan's stand-in for a torch / numpy / unknown global: calling it (or ``__new__``)
+    builds nothing, so the scan costs only what the pickle's own structure costs."""
+
+    def __new__(cls, *args, **kwargs):
+        if isinstance(cls, _DryName):  # NEWOBJ: placeholder.__new__(placeholder, *args)
+            return _DryTensor()
+        return super().__new__(cls)
+
+    def __init__(self, module, name):
+        self.module, self.name, self.__name__ = module, name, name
+
+    def __call__(self, *args, **kwargs):
+        return _DryTensor()
+
+
+class _DryTensor:
+    """What a placeholder call or a storage reference yields in the pre-scan."""
+
+    def __setstate__(self, state):
+        pass
+
+
+def _stream_size(file) -> int:
+    """Bytes from the current position to the end of a seekable stream (what the pickle may use)."""
+    try:
+        here = file.tell()
+        end = file.seek(0, io.SEEK_END)
+        file.seek(here)
+        return max(0, end - here)
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
+def _tensors_only(unpickler, func, args, kwargs):
+    """torch.Tensor(...) / Parameter(...) allocate when given sizes; a pickle only wraps tensors."""
+    for a in (*args, *kwargs.values()):
+        if not isinstance(a, (torch.Tensor, bool, type(None), _DryTensor)):
+            raise RefusedCall(f"it calls {func.__name__}() with {type(a).__name__}: only tensors are rebuilt there")
+
+
+def _rebuild_from_type(unpickler, func, args, kwargs):
+    """_rebuild_from_type_v2(func, type, args, state) calls ``func(*args)`` itself: only a tensor
+    rebuild function, checked like any other call."""
+    inner = args[0] if args else None
+    if _policy_key(inner) not in _TENSOR_REBUILDERS:
+        raise RefusedCall(
+            f"it calls _rebuild_from_type_v2 with {getattr(inner, '__name__', type(inner).__name__)}: only tensor "
+            "rebuild functions are allowed there"
+        )
+    unpickler.check_call(inner, args[2] if len(args) > 2 and isinstance(args[2], tuple) else ())
+
+
+def _storage_not_called(unpickler, func, args, kwargs):
+    raise RefusedCall(f"it calls {func.__name__}(): storages come from the file's data records, never from calls")
+
+
+_TENSOR_REBUILDERS = {
+    ("torch._utils", name) for name in (
+        "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+        "_rebuild_parameter_with_state", "_rebuild_device_tensor_from_numpy", "_rebuild_meta_tensor_no_storage",
+    )
+}
+_TENSOR_REBUILDERS |= {getattr(torch._utils, name) for _, name in _TENSOR_REBUILDERS}
+
+
+def _policy_key(func):
+    """What the call-policy table knows ``func`` by: (module, name) for the dry scan's placeholders,
+    the object itself otherwise."""
+    if isinstance(func, _DryName):
+        return (func.module, func.name)
+    return func
+
+
+def _with_objects(table: dict) -> dict:
+    """Key every (module, name) entry by the object too (when importable), so real globals and the
+    dry scan's placeholders find the same policy."""
+    out = dict(table)
+    for key, value in table.items():
+        if isinstance(key, tuple):
+            try:
+                obj = getattr(importlib.import_module(key[0]), key[1])
+            except (ImportError, AttributeError):
+                continue
+            if _hashable(obj):
+                out[obj] = value
+    return out
+
+
+def _call_policies() -> dict:
+    table = dict(CALL_POLICIES)
+    table.update({
+        _InertDict: mapping_of, _InertNamespace: mapping_of, _InertVersion: scalars_only,
+        PurePath: scalars_only, PurePosixPath: scalars_only, PureWindowsPath: scalars_only,
+        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+        ("torch._C", "TensorBase"): _tensors_only, ("torch", "Tensor"): _tensors_only,
+        ("torch._tensor", "Tensor"): _tensors_only,
+        ("torch.nn.parameter", "Parameter"): _tensors_only, ("torch", "Size"): sequence_of,
+        ("torch", "device"): scalars_only, ("_codecs", "encode"): latin1_only,
+        ("numpy.core.multiarray", "_reconstruct"): empty_array_only,
+        ("numpy._core.multiarray", "_reconstruct"): empty_array_only,
+        ("numpy", "ndarray"): empty_array_only,
+        ("torch._utils", "_rebuild_qtensor"): never_called,
+    })
+    return _with_objects(table)
+
+
+class RestrictedUnpickler(PickleLimits, pickle._Unpickler):
+    """An unpickler whose ``find_class`` resolves only allow-listed, inert globals, whose ``BUILD``
+    refuses to set state on those globals (or any class, function or module), and whose work and
+    memory are bounded by the size of the pickle (:mod:`keyface._pickle_limits`).
 
     Built on the pure-Python ``pickle._Unpickler``: the C unpickler's opcodes cannot be overridden.
-    Only the fallback path uses it, and a checkpoint's pickle is small (tensor data is stored apart).
+    Only the fallback path and the pre-scan use it, and a checkpoint's pickle is small (tensor data
+    is stored apart).
     """
 
-    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch = PickleLimits.limited_dispatch(pickle._Unpickler.dispatch)
+    call_policies = _call_policies()
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, file, *args, **kwargs):
+        super().__init__(file, *args, **kwargs)
         self._globals = set()  # ids of what find_class handed out in this load
+        self._init_limits(_stream_size(file))
+
+    def check_call(self, func, args, kwargs=None):
+        policy = self.call_policies.get(_policy_key(func)) if _hashable(_policy_key(func)) else None
+        if policy is not None:
+            policy(self, func, tuple(args), dict(kwargs or {}))
+        elif isinstance(func, type) and issubclass(func, (torch.storage.UntypedStorage, torch.storage.TypedStorage)):
+            _storage_not_called(self, func, args, kwargs)
+        elif isinstance(func, type) and func.__name__.endswith("Storage") and func.__module__.startswith("torch"):
+            _storage_not_called(self, func, args, kwargs)
 
     def find_class(self, module, name):
         obj = _resolve_allowed(module, name)
@@ -239,6 +380,113 @@ class RestrictedUnpickler(pickle._Unpickler):
         super().load_build()
 
     dispatch[pickle.BUILD[0]] = load_build
+
+    def load(self):
+        result = super().load()
+        self.check_result(result)
+        return result
+
+
+class _DryScan(RestrictedUnpickler):
+    """Reads a pickle of a torch file with every torch / numpy / unknown global replaced by an
+    inert placeholder and storage references recorded instead of loaded: the same structure, the
+    same limits, nothing allocated for tensors. It runs before any loader (torch's weights-only one
+    included, which has no limits of its own) so that a file that would cost unbounded memory or
+    time is refused before anything else reads it."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.declared_bytes = {}  # storage key -> bytes its references claim
+
+    def find_class(self, module, name):
+        obj = _resolve_allowed(module, name)
+        if obj is None or module.split(".")[0] in ("torch", "numpy"):
+            obj = _DryName(module, name)
+        self._globals.add(id(obj))
+        return obj
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage"):
+            storage_type, key, numel = pid[1], pid[2], pid[4]
+            if not isinstance(numel, int) or numel < 0:
+                raise PickleLimitError(f"storage {key!r} declares {numel!r} elements")
+            nbytes = numel * _storage_item_size(storage_type)
+            self.declared_bytes[key] = max(self.declared_bytes.get(key, 0), nbytes)
+        return _DryTensor()
+
+
+def _storage_item_size(storage_type) -> int:
+    name = getattr(storage_type, "name", "")
+    if name in ("UntypedStorage", "ByteStorage", "CharStorage", "BoolStorage", "QUInt8Storage", "QInt8Storage"):
+        return 1
+    real = torch.__dict__.get(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "TypedStorage is deprecated"
+        dtype = getattr(real, "dtype", None)
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else 8  # unknown: the widest element
+
+
+_LEGACY_PICKLES = 5  # magic number, protocol version, sys info, the object, the storage keys
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+def _prescan_torch_file(path: Path, is_zip: bool) -> None:
+    """Refuse a torch file whose pickles break the limits, or whose storages claim more bytes than
+    the file holds (the loaders would allocate what is claimed)."""
+    if is_zip:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            _check_zip_sizes(path, infos)
+            for info in infos:
+                if info.filename.rsplit("/", 1)[-1] == "data.pkl":
+                    scan = _DryScan(io.BytesIO(zf.read(info)))
+                    scan.load()
+                    _check_zip_storages(zf, info.filename[: -len("data.pkl")], scan.declared_bytes)
+        return
+    if tarfile.is_tarfile(path):
+        raise CheckpointError(
+            f"{path}: a checkpoint in PyTorch's legacy tar format, which is not supported; re-save it "
+            "with torch.save from a current PyTorch (or convert it to safetensors)"
+        )
+    declared = {}
+    with open(path, "rb") as f:
+        for index in range(_LEGACY_PICKLES):
+            scan = _DryScan(f)
+            try:
+                obj = scan.load()
+            except EOFError:
+                return
+            declared.update(scan.declared_bytes)
+            if index == 0 and obj != _LEGACY_MAGIC:
+                return  # not a torch legacy file: torch stops here too, after this (bounded) pickle
+        room = os.fstat(f.fileno()).st_size - f.tell()
+    if sum(declared.values()) > room:
+        raise PickleLimitError(
+            f"its storages claim {sum(declared.values()):,} bytes but only {room:,} bytes of data follow"
+        )
+
+
+def _check_zip_sizes(path, infos) -> None:
+    """torch's reader extracts each record whole: declared sizes must fit in the file (torch writes
+    records uncompressed, so a larger total is a zip bomb or a corrupt archive)."""
+    on_disk = os.path.getsize(path)
+    declared = sum(info.file_size for info in infos)
+    if declared > on_disk:
+        raise PickleLimitError(
+            f"its zip entries declare {declared:,} bytes uncompressed in a {on_disk:,}-byte file "
+            "(torch saves entries uncompressed; this looks like a zip bomb)"
+        )
+
+
+def _check_zip_storages(zf, prefix, declared_bytes) -> None:
+    for key, nbytes in declared_bytes.items():
+        record = f"{prefix}data/{key}"
+        try:
+            have = zf.getinfo(record).file_size
+        except KeyError:
+            raise PickleLimitError(f"storage {key!r} has no data record {record!r}") from None
+        if nbytes > have:
+            raise PickleLimitError(f"storage {key!r} claims {nbytes:,} bytes but its record holds {have:,}")
 
 
 def _restricted_load(file, **kwargs):
@@ -276,6 +524,7 @@ def load_torch_file(path):
     is_zip = zipfile.is_zipfile(path)
     if is_zip and _is_torchscript_archive(path):
         raise CheckpointError(f"{path} is a TorchScript archive, not a checkpoint of tensors; it cannot be loaded.")
+    _prescan_or_refuse(path, is_zip)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's note about non-default pickle protocols
@@ -302,6 +551,29 @@ def load_torch_file(path):
             f"{path}: not a readable torch checkpoint ({type(second).__name__}: {second}; "
             f"weights-only loader: {type(first_error).__name__}: {str(first_error).splitlines()[0] if str(first_error) else ''})"
         ) from None
+
+
+def _prescan_or_refuse(path: Path, is_zip: bool) -> None:
+    try:
+        _prescan_torch_file(path, is_zip)
+    except CheckpointError:
+        raise
+    except _RefusedBuild as refused:
+        raise CheckpointError(
+            f"{path}: refusing to load this file: its pickle sets the state of a shared object ({refused}), "
+            f"which would change it for the whole process. {_ADVICE}"
+        ) from None
+    except RefusedCall as err:
+        raise CheckpointError(f"{path}: refusing to load this file: {err}. {_ADVICE}") from None
+    except PickleLimitError as err:
+        raise CheckpointError(
+            f"{path}: refusing to load this file: {err}. A real checkpoint's metadata stays far below "
+            f"these limits, so the file is damaged or was made to exhaust memory or time."
+        ) from None
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (its pickle is malformed: {err})") from None
+    except Exception as err:  # noqa: BLE001 - malformed pickles fail in many ways; none is a crash
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
 
 
 # --------------------------------------------------------------------------------------------------
