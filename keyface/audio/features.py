@@ -52,7 +52,7 @@ import torch
 from torch.nn import functional as F
 
 from ..planner import video_frame_count
-from ._common import torchaudio_part
+from .resample import resample
 from .wav2vec2 import normalize_waveform
 
 SAMPLE_RATE = 16000
@@ -110,8 +110,8 @@ def prepare_waveform(waveform, sample_rate) -> torch.Tensor:
     Accepts ``[S]``, ``[C, S]`` or ``[1, C, S]`` (a ComfyUI AUDIO batch of one); channels-last
     ``[S, C]`` (more than 64 rows of at most 8 values, e.g. ``[48000, 2]``) is refused with a message
     saying so, not transposed on a guess. Channels are averaged
-    (any count), then the clip is resampled with ``torchaudio.functional.resample`` when
-    ``sample_rate`` is not 16000. Raises :class:`AudioInputError` for empty, non-finite, too short
+    (any count), then the clip is resampled to 16 kHz with :func:`keyface.audio.resample.resample`
+    (torchaudio's filter; memory and time O(samples) at any rate, 44101 Hz or a prime included). Raises :class:`AudioInputError` for empty, non-finite, too short
     (under one 25 fps video frame = 640 samples at 16 kHz) or silent audio, and for other shapes.
     """
     x = _to_float(waveform)
@@ -146,8 +146,7 @@ def prepare_waveform(waveform, sample_rate) -> torch.Tensor:
         bad = int((~torch.isfinite(x)).sum())
         raise AudioInputError(f"audio: the waveform contains {bad} NaN or infinite sample(s)")
     x = x.mean(dim=0)  # downmix (a no-op for mono)
-    if sr != SAMPLE_RATE:
-        x = torchaudio_part("functional").resample(x, sr, SAMPLE_RATE)
+    x = resample(x, sr, SAMPLE_RATE)  # O(samples) for any rate (see keyface.audio.resample)
     if x.shape[0] < SAMPLES_PER_FRAME:
         seconds = x.shape[0] / SAMPLE_RATE
         raise AudioInputError(
