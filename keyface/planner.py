@@ -124,7 +124,10 @@ def plan_clip(num_frames: int) -> ClipPlan:
         except TypeError:
             raise PlanError(f"num_frames must be an integer, got {num_frames!r}") from None
     if num_frames < 1:
-        raise PlanError(f"a clip needs at least 1 audio frame (40 ms at 25 fps), got num_frames={num_frames}")
+        raise PlanError(
+            f"a clip needs at least 1 frame (audio of 20 ms or more, which rounds to one 40 ms frame at 25 fps), "
+            f"got num_frames={num_frames}"
+        )
     n = num_frames
     last = n - 1
     m = num_segments_for(n)

@@ -111,6 +111,35 @@ def test_render_errors(models_dir, tmp_path, capsys):
     assert not out.exists()
 
 
+def _write_wav(path, samples: torch.Tensor, rate: int):
+    import wave
+
+    pcm = (samples.clamp(-1, 1) * 32767).round().to(torch.int16).numpy().tobytes()
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm)
+
+
+def test_one_frame_clip_renders_one_frame(models_dir, tmp_path, capsys):
+    """A 24 ms clip: N = round(0.024 x 25) = 1 frame by the README's contract, so it renders one frame
+    (issue 9 item 8: it used to be refused as "too short"); 16 ms rounds to 0 and is refused."""
+    t = torch.arange(1058) / 44100  # 24.0 ms
+    _write_wav(tmp_path / "tiny.wav", 0.3 * torch.sin(2 * torch.pi * 220 * t), 44100)
+    out = tmp_path / "tiny.mp4"
+    rc = cli.main(["render", "--image", str(FACE), "--audio", str(tmp_path / "tiny.wav"), "--models",
+                   str(models_dir), "--out", str(out), "--device", "cpu", "--steps", "10", "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    info = probe_mp4(out)
+    assert info["frames"] == 1 and info["video_seconds"] == 0.04
+    _write_wav(tmp_path / "too_short.wav", 0.3 * torch.sin(2 * torch.pi * 220 * t[:705]), 44100)  # 16 ms
+    rc = cli.main(["render", "--image", str(FACE), "--audio", str(tmp_path / "too_short.wav"), "--models",
+                   str(models_dir), "--out", str(tmp_path / "none.mp4"), "--device", "cpu"])
+    assert rc == 2 and "rounds to 0 video frames" in capsys.readouterr().err
+    assert not (tmp_path / "none.mp4").exists()
+
+
 def test_plan_command_subprocess():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "keyface", "plan", "--frames", "28", "--verbose"], cwd=ROOT, env=env,

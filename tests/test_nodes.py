@@ -226,6 +226,10 @@ def test_encode_audio_clip_length(N, models):
     short = _audio(1.01, sr=44100)  # 25.25 frames: round gives 25 where ceil(640-sample frames) gives 26
     _, n, audio, _ = N["KeyFaceEncodeAudio"]().encode(models["enc"], short)
     assert n == 25 and audio["waveform"][0].equal(short["waveform"][0, :, :44100])  # cut to 1.000 s
+    # 24 ms rounds to one frame: encoded as one frame, the AUDIO padded to exactly 40 ms (issue 9 item 8)
+    tiny = _audio(0.024, sr=44100)
+    feats, n, audio, _ = N["KeyFaceEncodeAudio"]().encode(models["enc"], tiny)
+    assert n == feats.num_frames == 1 and audio["waveform"].shape == (1, 1, 1764)
 
 
 def test_encode_audio_progress_per_encoder_and_cancel(N, models):
@@ -350,13 +354,13 @@ def test_cancel_mid_sampling(N, models, clip):
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda: {"waveform": 0.3 * torch.ones(1, 1, 300), "sample_rate": 16000}, "too short"),
+    (lambda: {"waveform": 0.3 * torch.ones(1, 1, 300), "sample_rate": 16000}, "rounds to 0 video frames"),
     (lambda: {"waveform": torch.zeros(1, 2, 16000), "sample_rate": 16000}, "silent"),
     (lambda: {"waveform": torch.cat([0.1 * torch.ones(1, 1, 8000), torch.full((1, 1, 1), float("nan"))], -1),
               "sample_rate": 16000}, "NaN"),
 ])
 def test_encode_audio_rejects_unusable_audio(N, models, make, message):
-    """Too short (< one 40 ms frame), silent or NaN audio: a ValueError that says what is wrong."""
+    """Too short (rounds to 0 frames: < 20 ms), silent or NaN audio: a ValueError that says what is wrong."""
     with pytest.raises(ValueError, match=message) as err:
         N["KeyFaceEncodeAudio"]().encode(models["enc"], make())
     assert str(err.value).startswith("audio")

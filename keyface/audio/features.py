@@ -58,6 +58,9 @@ from .wav2vec2 import normalize_waveform
 SAMPLE_RATE = 16000
 FPS = 25
 SAMPLES_PER_FRAME = math.ceil(SAMPLE_RATE / FPS)  # 640
+# the shortest clip KeyFace renders: N = round(S / 16000 x 25) >= 1, i.e. half a frame (20 ms); a
+# one-frame clip is padded to whole frames for the encoders and rendered as one frame
+MIN_SAMPLES = (SAMPLES_PER_FRAME + 1) // 2  # 320
 SILENCE_THRESHOLD = 1e-5
 # Query rows per attention block in WavLM and BEATs (about 20 s of audio). Clips shorter than that
 # are one block; longer ones keep attention memory linear in the clip length (see above).
@@ -109,10 +112,11 @@ def prepare_waveform(waveform, sample_rate) -> torch.Tensor:
 
     Accepts ``[S]``, ``[C, S]`` or ``[1, C, S]`` (a ComfyUI AUDIO batch of one); channels-last
     ``[S, C]`` (more than 64 rows of at most 8 values, e.g. ``[48000, 2]``) is refused with a message
-    saying so, not transposed on a guess. Channels are averaged
-    (any count), then the clip is resampled to 16 kHz with :func:`keyface.audio.resample.resample`
-    (torchaudio's filter; memory and time O(samples) at any rate, 44101 Hz or a prime included). Raises :class:`AudioInputError` for empty, non-finite, too short
-    (under one 25 fps video frame = 640 samples at 16 kHz) or silent audio, and for other shapes.
+    saying so, not transposed on a guess. Channels are averaged (any count), then the clip is
+    resampled to 16 kHz with :func:`keyface.audio.resample.resample` (torchaudio's filter; memory and
+    time O(samples) at any rate, 44101 Hz or a prime included). Raises :class:`AudioInputError` for
+    empty, non-finite, too short (rounds to 0 video frames: under :data:`MIN_SAMPLES` = 320 samples at 16 kHz = 20 ms) or silent
+    audio, and for other shapes. A clip that rounds to one frame (20-60 ms) is accepted.
     """
     x = _to_float(waveform)
     if x.dim() == 3:
@@ -147,12 +151,13 @@ def prepare_waveform(waveform, sample_rate) -> torch.Tensor:
         raise AudioInputError(f"audio: the waveform contains {bad} NaN or infinite sample(s)")
     x = x.mean(dim=0)  # downmix (a no-op for mono)
     x = resample(x, sr, SAMPLE_RATE)  # O(samples) for any rate (see keyface.audio.resample)
-    if x.shape[0] < SAMPLES_PER_FRAME:
+    if video_frame_count(x.shape[0], SAMPLE_RATE) < 1:
         seconds = x.shape[0] / SAMPLE_RATE
         raise AudioInputError(
             f"audio: the clip is too short: {x.shape[0]} samples at 16 kHz ({seconds * 1000:.1f} ms; input shape "
-            f"{tuple(waveform.shape) if hasattr(waveform, 'shape') else '?'} at {sr} Hz); at least one video frame "
-            f"({SAMPLES_PER_FRAME} samples = 40 ms) is needed"
+            f"{tuple(waveform.shape) if hasattr(waveform, 'shape') else '?'} at {sr} Hz) rounds to 0 video frames "
+            f"at {FPS} fps; at least {MIN_SAMPLES} samples at 16 kHz ({MIN_SAMPLES * 1000 // SAMPLE_RATE} ms, half "
+            "a frame, which rounds to one frame) are needed"
         )
     peak = float(x.abs().max())
     if peak < SILENCE_THRESHOLD:
