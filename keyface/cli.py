@@ -60,7 +60,8 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the UNets (opt-in): the first calls compile (minutes), then faster sampling; "
                         "same result up to rounding")
-    r.add_argument("--chunk-frames", type=int, default=16, help="frames per VAE decode call")
+    r.add_argument("--chunk-frames", type=int, default=16, help="most frames per VAE decode call; on a GPU fewer when its free memory cannot hold that many "
+                        "(see keyface.vae.decode_memory)")
     r.add_argument("--identity-mode", choices=("crop", "pad"), default="crop",
                    help="square the identity image by centre crop or by padding")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps, ...")

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from .conditioning import interpolation_conditioning, keyframe_conditioning
 from .config import ATTENTION_BACKENDS
 from .diffusion import CallSizer, ays_sigmas, interpolation_denoiser, keyframe_denoiser, sample_euler
-from .planner import FPS, WINDOW, ClipPlan, plan_clip
+from .planner import FPS, STEP, WINDOW, ClipPlan, plan_clip
+from .vae import decode_memory
 
 STAGE_KEYFRAMES = "keyframes"
 STAGE_INTERPOLATION = "interpolation"
@@ -51,7 +52,10 @@ STAGE_DECODE = "decode"
 
 LATENT_CHANNELS = 4
 DEFAULT_SEED = 23  # the reference's torch.manual_seed(23) (spec 1.2)
-DEFAULT_CHUNK_FRAMES = 16
+DEFAULT_CHUNK_FRAMES = 16  # frames per decoder call, at most (fewer when the free memory says so)
+# Share of the free memory a decoder call may plan for: the rest absorbs allocator fragmentation,
+# the chunk's outputs and the estimate's error (keyface.vae.decode_memory).
+DECODE_MEMORY_FRACTION = 0.8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,9 +415,42 @@ def _decode_rows(vae, latents: torch.Tensor, device, dtype) -> torch.Tensor:
     return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
+def decode_rows_for(chunk_frames: int) -> int:
+    """Latent rows one decoder call on ``chunk_frames`` consecutive output frames decodes at most: the
+    frames plus a second copy of each shared keyframe among them (one per 13 frames)."""
+    return int(chunk_frames) + int(chunk_frames) // STEP + 1
+
+
+def free_device_memory(device) -> int | None:
+    """Bytes a CUDA device has free for a new allocation (the driver's free memory plus what torch's
+    cache holds unused); None for any other device, whose decode keeps the chunk size it is given
+    (on the CPU a chunk's peak is measured and documented beside ``keyface.vae.decode_memory``)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def decode_chunk_frames(vae, latent_hw, dtype, free_memory: int | None, most: int = DEFAULT_CHUNK_FRAMES,
+                        rows_for: Callable[[int], int] = decode_rows_for) -> int:
+    """Frames per decoder call: the most (up to ``most``) whose estimated working memory
+    (``keyface.vae.decode_memory`` of ``rows_for(frames)`` latents) fits in
+    :data:`DECODE_MEMORY_FRACTION` of ``free_memory`` bytes; at least 1. ``free_memory=None``
+    (unknown, e.g. the CPU) keeps ``most``. The decoded frames do not depend on it."""
+    most = int(most)
+    if free_memory is None:
+        return most
+    per_row = decode_memory(vae.decoder.config, 1, latent_hw, dtype)
+    budget = DECODE_MEMORY_FRACTION * float(free_memory)
+    fits = [c for c in range(1, most + 1) if rows_for(c) * per_row <= budget]
+    return max(fits, default=1)
+
+
 @torch.no_grad()
 def decode_segments(vae, segment_latents, num_frames, *, chunk_frames: int = DEFAULT_CHUNK_FRAMES, device=None,
-                    dtype=None, callback: Callable | None = None, start_frame: int = 0) -> Iterator[torch.Tensor]:
+                    dtype=None, callback: Callable | None = None, start_frame: int = 0,
+                    free_memory: int | None = None) -> Iterator[torch.Tensor]:
     """Decode and merge the segments -> iterator of CPU float32 chunks [n, H, W, 3] in 0..1.
 
     ``segment_latents`` [S, 14, 4, h, w]; ``num_frames`` the clip length N (or its ClipPlan). Output
@@ -422,6 +459,10 @@ def decode_segments(vae, segment_latents, num_frames, *, chunk_frames: int = DEF
     keyframe is the mean of clamp((x+1)/2, 0, 1) of both segments' decodes (``merge_overlapping_segments``).
     ``dtype``: the dtype latents are fed to the VAE in (None: the VAE's weight dtype); the merge is
     always computed in float32. ``start_frame`` skips the frames before it (resume).
+
+    ``chunk_frames`` is the most frames per call: :func:`decode_chunk_frames` lowers it to what
+    ``free_memory`` bytes hold (ComfyUI passes its memory manager's figure; None: the device's own,
+    :func:`free_device_memory`, which on the CPU keeps ``chunk_frames``).
     """
     plan = _plan_of(num_frames)
     lat = torch.as_tensor(segment_latents)
@@ -439,6 +480,9 @@ def decode_segments(vae, segment_latents, num_frames, *, chunk_frames: int = DEF
         raise ValueError(f"start_frame {start_frame} is outside 0..{plan.num_frames}")
     device = _target_device(device, vae)
     dtype = dtype or _vae_dtype(vae)
+    if free_memory is None:
+        free_memory = free_device_memory(device)
+    chunk_frames = decode_chunk_frames(vae, lat.shape[-2:], dtype, free_memory, most=chunk_frames)
     starts = list(range(int(start_frame), plan.num_frames, chunk_frames))
     for c, t0 in enumerate(starts):
         t1 = min(t0 + chunk_frames, plan.num_frames)
@@ -462,11 +506,12 @@ def decode_segments(vae, segment_latents, num_frames, *, chunk_frames: int = DEF
 
 @torch.no_grad()
 def decode_keyframe_preview(vae, latents, *, chunk_frames: int = DEFAULT_CHUNK_FRAMES, device=None,
-                            callback: Callable | None = None) -> torch.Tensor:
+                            callback: Callable | None = None, free_memory: int | None = None) -> torch.Tensor:
     """Decode keyframe latents [K, 4, h, w] -> CPU float32 [K, H, W, 3] in 0..1 (for previews only).
 
-    ``chunk_frames`` keyframes per VAE call; ``callback(ProgressEvent("decode", ...))`` after every
-    chunk (an exception it raises, e.g. a cancel, stops the decode).
+    ``chunk_frames`` keyframes per VAE call at most (sized to ``free_memory`` as in
+    :func:`decode_segments`); ``callback(ProgressEvent("decode", ...))`` after every chunk (an
+    exception it raises, e.g. a cancel, stops the decode).
     """
     lat = torch.as_tensor(latents)
     if lat.dim() == 3:
@@ -478,6 +523,10 @@ def decode_keyframe_preview(vae, latents, *, chunk_frames: int = DEFAULT_CHUNK_F
     chunk_frames = int(chunk_frames)
     device = _target_device(device, vae)
     dtype = _vae_dtype(vae)
+    if free_memory is None:
+        free_memory = free_device_memory(device)
+    chunk_frames = decode_chunk_frames(vae, lat.shape[-2:], dtype, free_memory, most=chunk_frames,
+                                       rows_for=lambda c: c)
     starts = range(0, lat.shape[0], chunk_frames)
     out = []
     for c, i in enumerate(starts):

@@ -53,8 +53,10 @@ __all__ = [
     "Encoder",
     "VideoDecoder",
     "VAE",
+    "DECODE_BYTES_PER_PIXEL",
     "configs_from_first_stage",
     "convert_diffusers_vae",
+    "decode_memory",
     "load_vae",
 ]
 
@@ -413,6 +415,27 @@ class VideoDecoder(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # VAE
 # --------------------------------------------------------------------------------------------------
+
+
+# Peak working memory of one decoder call, per output pixel of every decoded frame and per byte of the
+# compute dtype, for the released decoder (ch x ch_mult[0] = 128 channels at full resolution).
+# ComfyUI's estimate for this decoder (comfy/sd.py, VAE memory_used_decode); measured here on the CPU
+# in float32 (random weights, one thread): 7.13 KB per pixel at 256 px (1 frame), 7.46 KB at 128 px
+# (4 frames), i.e. 1780-1870 per dtype byte, below this estimate. At 512 px the estimate gives 2.28 GB
+# per frame in float32 and 1.14 GB in float16 (computed, not measured at that size).
+DECODE_BYTES_PER_PIXEL = 2178  # x dtype size
+_RELEASED_FULL_RES_CHANNELS = SVD_DECODER.ch * SVD_DECODER.ch_mult[0]
+
+
+def decode_memory(config: DecoderConfig, rows: int, latent_hw, dtype) -> int:
+    """Estimated peak working memory (bytes) of one decoder call on ``rows`` latents of ``latent_hw``
+    (h, w) computing in ``dtype``: the released decoder's per-pixel figure, scaled by this decoder's
+    channel count at full resolution (where the largest activations are) and its upsampling factor."""
+    h, w = (int(v) for v in latent_hw)
+    scale = 2 ** (len(config.ch_mult) - 1)
+    channels = config.ch * config.ch_mult[0] / _RELEASED_FULL_RES_CHANNELS
+    per_pixel = DECODE_BYTES_PER_PIXEL * torch.empty((), dtype=dtype).element_size() * channels
+    return int(rows * (scale * h) * (scale * w) * per_pixel)
 
 
 class VAE(nn.Module):

@@ -224,21 +224,24 @@ def load(patchers, memory_required=0, force_full_load=False):
 # attends through scaled_dot_product_attention), with SVD_img2vid's memory_usage_factor 2.0:
 # 0.01 MiB x factor x dtype size per latent pixel of every row (batch item) of one call.
 UNET_BYTES_PER_LATENT_PIXEL = round(0.01 * 2.0 * 2**20)  # x dtype size
-# SVD VAE decoder: ComfyUI's estimate for its KL decoder (comfy/sd.py VAE memory_used_decode):
-# ~2178 x dtype size bytes per output pixel of every decoded frame.
-DECODE_BYTES_PER_PIXEL = 2178  # x dtype size
-
-
 def unet_memory(rows, latent_hw, dtype) -> int:
     """Estimated working memory (bytes) of one UNet call on ``rows`` latents of ``latent_hw``."""
     h, w = latent_hw
     return int(rows) * h * w * dtype.itemsize * UNET_BYTES_PER_LATENT_PIXEL
 
 
-def decode_memory(rows, latent_hw, dtype) -> int:
-    """Estimated working memory (bytes) of one VAE decoder call on ``rows`` latents of ``latent_hw``."""
-    h, w = latent_hw
-    return int(rows) * (8 * h) * (8 * w) * dtype.itemsize * DECODE_BYTES_PER_PIXEL
+def decode_memory(vae, rows, latent_hw) -> int:
+    """Estimated working memory (bytes) of one decoder call of ``vae`` (a KEYFACE_VAE) on ``rows``
+    latents of ``latent_hw``: the library's estimate (keyface.vae.decode_memory)."""
+    from ..keyface.vae import decode_memory as estimate
+
+    return estimate(vae.vae.decoder.config, rows, latent_hw, vae.dtype)
+
+
+def free_memory(device) -> int:
+    """What ComfyUI's memory manager reports free on ``device`` (VRAM plus torch's unused cache; RAM
+    on the CPU): the decoders size their chunks to it."""
+    return int(mm().get_free_memory(device))
 
 
 def attention_input():

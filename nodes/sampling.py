@@ -217,11 +217,12 @@ def decode_keyframes(keyframes, vae, chunk_frames=16):
     import torch
 
     lat_hw = tuple(keyframes.latents.shape[-2:])
-    C.load([vae.patcher], C.decode_memory(min(chunk_frames, keyframes.latents.shape[0]), lat_hw, vae.dtype))
+    C.load([vae.patcher], C.decode_memory(vae, min(chunk_frames, keyframes.latents.shape[0]), lat_hw))
     C.check_interrupt()
     with torch.inference_mode():
         images = _pipeline().decode_keyframe_preview(vae.vae, keyframes.latents, chunk_frames=chunk_frames,
-                                                     device=vae.device, callback=C.Progress())
+                                                     device=vae.device, callback=C.Progress(),
+                                                     free_memory=C.free_memory(vae.device))
     return images.to(C.mm().intermediate_device())
 
 
@@ -310,15 +311,15 @@ def decode_chunks(vae, segments, num_frames, chunk_frames, progress):
     """Iterator of decoded frame chunks [n, H, W, 3] (0..1, on the intermediate device) of
     ``segments_from_latent``'s ([S, 14, 4, h, w], N)."""
     import torch
-    from ..keyface.planner import STEP
 
-    # a call decodes chunk_frames frames plus a second copy of each shared keyframe among them
-    rows = int(chunk_frames) + int(chunk_frames) // STEP + 1
-    C.load([vae.patcher], C.decode_memory(rows, tuple(segments.shape[-2:]), vae.dtype))
+    pipeline = _pipeline()
+    # ask the memory manager for the user's chunk; the library then fits the chunk to what is free
+    C.load([vae.patcher], C.decode_memory(vae, pipeline.decode_rows_for(chunk_frames), tuple(segments.shape[-2:])))
     out_device = C.mm().intermediate_device()
     with torch.inference_mode():
-        for chunk in _pipeline().decode_segments(vae.vae, segments, num_frames, chunk_frames=int(chunk_frames),
-                                                 device=vae.device, dtype=vae.dtype, callback=progress):
+        for chunk in pipeline.decode_segments(vae.vae, segments, num_frames, chunk_frames=int(chunk_frames),
+                                              device=vae.device, dtype=vae.dtype, callback=progress,
+                                              free_memory=C.free_memory(vae.device)):
             C.check_interrupt()
             yield chunk.to(out_device, torch.float32)
 
@@ -338,7 +339,7 @@ class KeyFaceDecode:
             "vae": ("KEYFACE_VAE", {"tooltip": "From KeyFace Load VAE."}),
             "latent": ("LATENT", {"tooltip": "From KeyFace Interpolate."}),
             "chunk_frames": ("INT", {"default": 16, "min": 1, "max": 256,
-                                     "tooltip": "Frames per decoder call (each frame is decoded on its own, decoding_t = 1 as released, so this changes memory use and speed, not the result). Lower it if the decode runs out of memory."}),
+                                     "tooltip": "Most frames per decoder call (each frame is decoded on its own, decoding_t = 1 as released, so this changes memory use and speed, not the result). Fewer are decoded per call when the free memory ComfyUI reports cannot hold this many."}),
         }}
 
     def decode(self, vae, latent, chunk_frames):

@@ -34,7 +34,7 @@ class KeyFaceSaveVideo:
             "audio": ("AUDIO", {"tooltip": "The speech (e.g. KeyFace Encode Audio's audio output)."}),
             "filename_prefix": ("STRING", {"default": "keyface/KeyFace", "tooltip": "Output file prefix, relative to the output folder."}),
             "chunk_frames": ("INT", {"default": 16, "min": 1, "max": 256,
-                                     "tooltip": "Frames per decoder call (memory/speed only; frames are decoded one by one as released)."}),
+                                     "tooltip": "Most frames per decoder call (memory/speed only; frames are decoded one by one as released). Fewer per call when the free memory ComfyUI reports cannot hold this many."}),
             "crf": ("INT", {"default": 18, "min": 0, "max": 51, "tooltip": "H.264 quality (lower = better, bigger)."}),
         }}
 

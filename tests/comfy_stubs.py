@@ -28,6 +28,8 @@ STATE = types.SimpleNamespace(
     interrupt=False,    # set True to make throw_exception_if_processing_interrupted raise
     interrupt_after=None,  # int: raise on the n-th check from now (counts down)
     checks=0,           # how many interrupt checks ran
+    free_memory=64 << 30,  # what get_free_memory reports (bytes)
+    free_memory_asked=[],  # devices get_free_memory was asked about
 )
 
 
@@ -39,6 +41,8 @@ def reset():
     STATE.interrupt = False
     STATE.interrupt_after = None
     STATE.checks = 0
+    STATE.free_memory = 64 << 30
+    STATE.free_memory_asked.clear()
 
 
 # --------------------------------------------------------------------------------- folder_paths
@@ -143,6 +147,12 @@ def _make_model_management():
             p.model.to(p.load_device)
 
     m.load_models_gpu = load_models_gpu
+
+    def get_free_memory(dev=None, torch_free_too=False):
+        STATE.free_memory_asked.append(dev)
+        return (STATE.free_memory, STATE.free_memory) if torch_free_too else STATE.free_memory
+
+    m.get_free_memory = get_free_memory
 
     def throw_exception_if_processing_interrupted():
         STATE.checks += 1

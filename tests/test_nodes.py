@@ -431,9 +431,43 @@ def test_memory_required_scales_with_stage_shapes(N, models, clip):
         calls.clear()
         N["KeyFaceDecode"]().decode(models["vae"], lat, chunk)
         dec[chunk], = memory_of(models["vae"].patcher)
-    assert dec[4] == common.decode_memory(4 + 0 + 1, (8, 8), torch.float32)
-    assert dec[16] == common.decode_memory(16 + 1 + 1, (8, 8), torch.float32) > dec[4]
-    assert common.decode_memory(1, (64, 64), torch.float32) == 64 * common.decode_memory(1, (8, 8), torch.float32)
+    vae = models["vae"]
+    assert dec[4] == common.decode_memory(vae, 4 + 0 + 1, (8, 8))
+    assert dec[16] == common.decode_memory(vae, 16 + 1 + 1, (8, 8)) > dec[4]
+    assert common.decode_memory(vae, 1, (64, 64)) == 64 * common.decode_memory(vae, 1, (8, 8))
+
+
+def test_decode_chunks_fit_the_free_memory_comfyui_reports(N, models, clip):
+    """Issue 9 item 9: the decoders ask ComfyUI's memory manager what is free on the VAE's device and
+    decode fewer frames per call when the requested chunk would not fit; the frames stay the same."""
+    vae_module = importlib.import_module(PACK + ".keyface.vae")
+    pipeline = importlib.import_module(PACK + ".keyface.pipeline")
+    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, False, 2)
+    vae = models["vae"]
+    per_row = vae_module.decode_memory(vae.vae.decoder.config, 1, (8, 8), vae.dtype)
+    calls = []
+    real = vae.vae.decode
+
+    def counting(latents, *a, **k):
+        calls.append(latents.shape[0])
+        return real(latents, *a, **k)
+
+    vae.vae.decode = counting
+    try:
+        comfy_stubs.STATE.free_memory = 64 << 30  # plenty: the requested 16 frames (+ 2 shared) per call
+        roomy, = N["KeyFaceDecode"]().decode(vae, lat, 16)
+        roomy_calls, calls[:] = list(calls), []
+        # room for 6 latent rows: 5 frames (+ at most 1 shared keyframe) per call
+        comfy_stubs.STATE.free_memory = int(6 * per_row / pipeline.DECODE_MEMORY_FRACTION) + 1
+        tight, = N["KeyFaceDecode"]().decode(vae, lat, 16)
+        tight_calls = list(calls)
+    finally:
+        vae.vae.decode = real
+    assert comfy_stubs.STATE.free_memory_asked and comfy_stubs.STATE.free_memory_asked[-1] == vae.device
+    n = roomy.shape[0]
+    assert len(roomy_calls) == -(-n // 16) and len(tight_calls) == -(-n // 5)
+    assert max(tight_calls) <= 6
+    torch.testing.assert_close(tight, roomy, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- LATENT convention

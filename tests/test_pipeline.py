@@ -487,3 +487,60 @@ def test_compile_swaps_the_unet_bodies_for_the_render_only(models, identity, mon
 def test_render_settings_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
         P.RenderSettings(**{field: value})
+
+
+# ------------------------------------------------------------------- decoder memory (issue 9 item 9)
+def test_decode_chunk_frames_fit_the_free_memory(models):
+    from keyface.vae import decode_memory
+
+    cfg = models.vae.decoder.config
+    per_row = decode_memory(cfg, 1, (64, 64), torch.float16)
+    upscale = 2 ** (len(cfg.ch_mult) - 1)
+    # the released decoder's bytes per pixel, scaled by this decoder's width at full resolution
+    assert per_row == int((64 * upscale) ** 2 * 2 * 2178 * (cfg.ch * cfg.ch_mult[0] / 128))
+    assert P.decode_chunk_frames(models.vae, (64, 64), torch.float16, None, most=16) == 16  # unknown: as asked
+    assert P.decode_chunk_frames(models.vae, (64, 64), torch.float16, 0, most=16) == 1  # never below one frame
+    for frames in (1, 5, 13, 14, 16):
+        room = P.decode_rows_for(frames) * per_row / P.DECODE_MEMORY_FRACTION
+        assert P.decode_chunk_frames(models.vae, (64, 64), torch.float16, int(room) + 1, most=16) == frames
+        assert P.decode_chunk_frames(models.vae, (64, 64), torch.float16, int(room) + 1, most=3) == min(frames, 3)
+    # the released decoder at 512 px, float16: ~1.1 GB per latent row (an estimate; vae.py says how
+    # it compares with measurements), so 16 frames (18 rows) need ~25 GB of free memory
+    from keyface.vae import SVD_DECODER
+
+    released = decode_memory(SVD_DECODER, 1, (64, 64), torch.float16)
+    assert 1.0e9 < released < 1.3e9
+    assert P.decode_rows_for(16) == 18 and P.decode_rows_for(13) == 15 and P.decode_rows_for(1) == 2
+
+
+def test_chunked_decode_equals_unchunked(models):
+    """Sizing the chunks from the free memory changes how many frames go into one decoder call, never
+    the frames (each frame is decoded on its own, decoding_t = 1)."""
+    from keyface.vae import decode_memory
+
+    n = 30
+    plan = plan_clip(n)
+    seg = torch.randn(plan.num_segments, WINDOW, 4, HW, HW, generator=torch.Generator().manual_seed(5))
+    whole = torch.cat(list(P.decode_segments(models.vae, seg, plan, chunk_frames=n)))
+    per_row = decode_memory(models.vae.decoder.config, 1, (HW, HW), torch.float32)
+    for frames in (1, 3, 7, 13, 16):
+        free = int(P.decode_rows_for(frames) * per_row / P.DECODE_MEMORY_FRACTION) + 1
+        chunks = list(P.decode_segments(models.vae, seg, plan, chunk_frames=n, free_memory=free))
+        assert [c.shape[0] for c in chunks[:-1]] == [frames] * (len(chunks) - 1)
+        # the same frames up to float rounding of batched kernels (measured: at most 9.2e-7 of 0..1)
+        torch.testing.assert_close(torch.cat(chunks), whole, rtol=0, atol=1e-5)
+    keyframes = torch.randn(5, 4, HW, HW, generator=torch.Generator().manual_seed(6))
+    previews = P.decode_keyframe_preview(models.vae, keyframes, chunk_frames=5)
+    tight = P.decode_keyframe_preview(models.vae, keyframes, chunk_frames=5,
+                                      free_memory=int(2 * per_row / P.DECODE_MEMORY_FRACTION) + 1)
+    torch.testing.assert_close(tight, previews, rtol=0, atol=1e-5)
+
+
+def test_free_device_memory(monkeypatch):
+    """CUDA: the driver's free memory plus torch's unused cache; the CPU: unknown (the chunk as given)."""
+    assert P.free_device_memory("cpu") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 << 30)
+    assert P.free_device_memory("cuda:0") == 4 << 30
