@@ -186,15 +186,59 @@ def sidecar_path(checkpoint) -> Path | None:
     return None
 
 
+# A model's JSON config (sidecar, Hugging Face config.json) is a few KB and a few levels deep; these
+# bounds keep a wrong or hostile file from costing memory, or a RecursionError, before it is refused.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 32
+
+
+def read_json_config(path, what: str = "config"):
+    """The JSON value in ``path`` (a config file). Raises ValueError naming the file when it is larger
+    than MAX_CONFIG_BYTES, not UTF-8 JSON, or nested deeper than MAX_CONFIG_DEPTH."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # at most this much, whatever stat says (a FIFO, a device)
+    except OSError as e:
+        raise ValueError(f"{what} {path} cannot be read: {e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(
+            f"{what} {path} is larger than {MAX_CONFIG_BYTES:,} bytes; a model config is a few KB, so this is "
+            "not one (check which file sits beside the model)"
+        )
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        data = None
+        depth = MAX_CONFIG_DEPTH + 1
+    else:
+        depth = _json_depth(data)
+    if depth > MAX_CONFIG_DEPTH:
+        raise ValueError(f"{what} {path} nests deeper than {MAX_CONFIG_DEPTH} levels; a model config is flat")
+    return data
+
+
+def _json_depth(value) -> int:
+    """Nesting depth of a parsed JSON value (iterative: the value may be deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_CONFIG_DEPTH:
+            break
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def read_sidecar(checkpoint) -> dict | None:
     """The sidecar config dict of ``checkpoint``, or None. Raises ValueError naming a broken file."""
     sp = sidecar_path(checkpoint)
     if sp is None:
         return None
-    try:
-        data = json.loads(sp.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"sidecar config {sp} is not valid JSON: {e}") from e
+    data = read_json_config(sp, "sidecar config")
     if not isinstance(data, dict):
         raise ValueError(f"sidecar config {sp} must hold a JSON object, got {type(data).__name__}")
     return data

@@ -274,6 +274,11 @@ def read_audio_file(path):
     return torch.from_numpy(np.ascontiguousarray(wav)), int(rate)
 
 
+# A portrait this large already costs 0.5 GB as float32 RGB; a small compressed file can declare far
+# more (PIL itself refuses only above ~179 megapixels), and the model works at 512 x 512.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
 def read_image(path):
     """Read an image -> float32 torch.Tensor [H, W, 3] in 0..1 (RGB, EXIF orientation applied)."""
     import torch
@@ -283,9 +288,17 @@ def read_image(path):
     if not os.path.isfile(path):
         raise MediaError(f"image file not found: {path}")
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only: the size is known before any decoding
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise MediaError(
+                    f"image {path} is {im.width} x {im.height} ({im.width * im.height / 1e6:.0f} megapixels); "
+                    f"KeyFace reads portraits of up to {MAX_IMAGE_PIXELS // 10**6} megapixels (it scales them to "
+                    "the model's 512 px anyway): downscale the image first"
+                )
             im = ImageOps.exif_transpose(im)
             rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except MediaError:
+        raise
     except Exception as e:  # noqa: BLE001 - PIL raises many error types
         raise MediaError(f"cannot read image {path}: {e}") from e
     return torch.from_numpy(np.ascontiguousarray(rgb))

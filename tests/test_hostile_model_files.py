@@ -322,3 +322,38 @@ def test_limits_leave_real_checkpoints_alone(tmp_path):
                    _use_new_zipfile_serialization=serialization)
         sd = read_state_dict(path)
         assert len(sd) == 3000 and torch.equal(sd["layer7.weight"], torch.full((3,), 7.0))
+
+
+# ------------------------------------------------------------------------- siblings: JSON configs
+
+
+def test_oversized_sidecar_is_refused_without_reading_it_all(tmp_path):
+    from keyface.model_files import MAX_CONFIG_BYTES, read_sidecar
+
+    (tmp_path / "keyframe.json").write_text(json.dumps({"model_channels": 320, "pad": "x" * MAX_CONFIG_BYTES}))
+    with pytest.raises(ValueError, match=r"keyframe.json is larger than 1,048,576 bytes; a model config is a few KB"):
+        read_sidecar(tmp_path / "keyframe.safetensors")
+
+
+@pytest.mark.parametrize("depth", [40, 100_000])
+def test_deeply_nested_configs_are_refused(tmp_path, depth):
+    """100 000 levels used to raise a bare RecursionError from json; 40 would parse but is no config."""
+    from keyface.audio._common import _read_json
+    from keyface.checkpoints import CheckpointError
+    from keyface.model_files import read_sidecar
+
+    (tmp_path / "keyframe.json").write_text('{"a": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(ValueError, match=r"keyframe.json nests deeper than 32 levels"):
+        read_sidecar(tmp_path / "keyframe.safetensors")
+    (tmp_path / "config.json").write_text("[" * depth + "]" * depth)
+    with pytest.raises(CheckpointError, match=r"config.json nests deeper than 32 levels"):
+        _read_json(tmp_path / "config.json")
+
+
+def test_real_sidecars_still_load(tmp_path):
+    from keyface import smoke
+    from keyface.model_files import read_sidecar, write_sidecar
+
+    for name, config in smoke.sidecar_configs().items():
+        write_sidecar(tmp_path / f"{name}.safetensors", config)
+        assert read_sidecar(tmp_path / f"{name}.safetensors") == config

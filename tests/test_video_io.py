@@ -98,3 +98,35 @@ def test_mp4_errors_leave_nothing(tmp_path):
 def test_quantisation_truncates():
     x = torch.tensor([0.0, 0.5, 1.0, 1.5, -1.0, 0.999]).reshape(1, 1, 2, 3)
     assert frames_to_uint8(x).reshape(-1).tolist() == [0, 127, 255, 255, 0, 254]
+
+
+def _bilevel_png(width: int, height: int) -> bytes:
+    """A valid all-black 1-bit PNG: a few KB on disk however many pixels it declares."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    idat = zlib.compressobj(9)
+    body = b"".join(idat.compress(row) for _ in range(height)) + idat.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def test_huge_declared_image_is_refused_before_decoding(tmp_path):
+    """A ~10 KB PNG of 9000 x 5000 pixels (below PIL's own bomb limit) would become 0.7 GB of RGB and
+    float32 arrays; it is refused from its header. A portrait of normal size still reads."""
+    import resource
+
+    big = tmp_path / "bomb.png"
+    big.write_bytes(_bilevel_png(9000, 5000))
+    assert big.stat().st_size < 50_000
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(MediaError, match=r"bomb.png is 9000 x 5000 \(45 megapixels\); KeyFace reads portraits of up to 40"):
+        read_image(big)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 100 * 1024  # KB: nothing decoded
+    ok = tmp_path / "ok.png"
+    ok.write_bytes(_bilevel_png(64, 48))
+    assert read_image(ok).shape == (48, 64, 3)

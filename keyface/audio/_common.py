@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..checkpoints import CheckpointError, KeyLedger, read_audio_checkpoint, read_state_dict
+from ..model_files import read_json_config
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -84,9 +84,9 @@ def read_encoder_file(path, config=None, what="audio encoder") -> dict:
 
 def _read_json(path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not a readable JSON config ({err})") from None
+        return read_json_config(path, "JSON config")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _config_dict(config) -> dict:
