@@ -357,3 +357,18 @@ def test_real_sidecars_still_load(tmp_path):
     for name, config in smoke.sidecar_configs().items():
         write_sidecar(tmp_path / f"{name}.safetensors", config)
         assert read_sidecar(tmp_path / f"{name}.safetensors") == config
+
+
+def test_legacy_tar_checkpoint_is_refused(tmp_path):
+    """PyTorch's pre-0.4 tar format: torch's tar reader allocates the storage sizes it declares."""
+    import tarfile
+
+    from keyface.checkpoints import CheckpointError, read_state_dict
+
+    member = tmp_path / "storages"
+    member.write_bytes(b"\x80\x02K\x01.")
+    path = tmp_path / "old.pt"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(member, arcname="storages")
+    with pytest.raises(CheckpointError, match=r"old.pt: a checkpoint in PyTorch's legacy tar format, which is not supported"):
+        read_state_dict(path)
