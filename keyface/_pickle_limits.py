@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import pickle
+import types
 
 # Allowance on top of what the file's own bytes pay for. Measured with keyface.checkpoints' pre-scan:
 # the DeepSpeed + OmegaConf fixture uses 256 units for its 2,300-byte pickle (0.11 per byte), a
@@ -40,14 +41,16 @@ def work_budget(pickle_bytes: int) -> int:
     return BASE_WORK + WORK_PER_BYTE * max(0, int(pickle_bytes))
 
 
-# Containers whose elements the walks below visit; everything else is a leaf (tensors, strings,
-# numbers, inert stand-ins whose hash is their identity).
+# What the walks below visit: container elements, dict keys and values, namespace attributes;
+# everything else is a leaf (tensors, strings, numbers, inert stand-ins).
 def _children(obj):
     if isinstance(obj, (tuple, list, set, frozenset)):
         return obj
     if isinstance(obj, dict):
         return [x for kv in obj.items() for x in kv]
-    return ()
+    if isinstance(obj, types.SimpleNamespace):  # argparse-style hyper-parameters
+        return list(vars(obj).values())
+    return ()  # not the stand-ins' attributes: OmegaConf nodes point back at their parents
 
 
 class PickleLimits:

@@ -449,21 +449,57 @@ def _prescan_torch_file(path: Path, is_zip: bool) -> None:
             "with torch.save from a current PyTorch (or convert it to safetensors)"
         )
     declared = {}
-    with open(path, "rb") as f:
+    with open(path, "rb") as raw:
+        f = _ClampedReader(raw, os.fstat(raw.fileno()).st_size)
         for index in range(_LEGACY_PICKLES):
             scan = _DryScan(f)
+            start = f.tell()
             try:
                 obj = scan.load()
             except EOFError:
-                return
+                if f.tell() != start:
+                    raise pickle.UnpicklingError("pickle data was truncated") from None
+                return  # the file ends between two pickles
             declared.update(scan.declared_bytes)
             if index == 0 and obj != _LEGACY_MAGIC:
                 return  # not a torch legacy file: torch stops here too, after this (bounded) pickle
-        room = os.fstat(f.fileno()).st_size - f.tell()
+        room = f.size - f.tell()
     if sum(declared.values()) > room:
         raise PickleLimitError(
             f"its storages claim {sum(declared.values()):,} bytes but only {room:,} bytes of data follow"
         )
+
+
+class _ClampedReader:
+    """A file whose reads never ask for more than what is left: a pickle's FRAME / BINBYTES8 lengths
+    come from the file, and a buffered read of 2**40 bytes allocates that much before reading."""
+
+    def __init__(self, file, size: int):
+        self.file, self.size = file, int(size)
+
+    def _room(self, n, exact=True):
+        left = max(0, self.size - self.file.tell())
+        if n is None or n < 0:
+            return left
+        if exact and 0 < left < n:
+            raise pickle.UnpicklingError(f"pickle data was truncated: it declares {n:,} bytes, {left:,} are left")
+        return min(int(n), left)
+
+    def read(self, n=-1):
+        return self.file.read(self._room(n))
+
+    def readline(self, limit=-1):
+        return self.file.readline(self._room(limit, exact=False))
+
+    def readinto(self, buffer):
+        view = memoryview(buffer)
+        return self.file.readinto(view[: self._room(len(view))])
+
+    def tell(self):
+        return self.file.tell()
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        return self.file.seek(offset, whence)
 
 
 def _check_zip_sizes(path, infos) -> None:

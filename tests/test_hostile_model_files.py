@@ -372,3 +372,12 @@ def test_legacy_tar_checkpoint_is_refused(tmp_path):
         tar.add(member, arcname="storages")
     with pytest.raises(CheckpointError, match=r"old.pt: a checkpoint in PyTorch's legacy tar format, which is not supported"):
         read_state_dict(path)
+
+
+_bytes_case("long_bytes.pt", b"\x80\x04\x8e" + struct.pack("<Q", 2**40) + b"tiny")  # BINBYTES8 of 1 TB
+
+
+def test_declared_pickle_lengths_are_not_allocated(outcomes):
+    """A BINBYTES8 length of 2**40 in a 15-byte legacy file: nothing is allocated for it."""
+    outcome = assert_refused_cheaply(outcomes, "long_bytes.pt", "not a readable torch checkpoint")
+    assert "MemoryError" not in outcome
