@@ -58,7 +58,7 @@ class PickleLimits:
 
     def _init_limits(self, pickle_bytes: int):
         self._work_left = work_budget(pickle_bytes)
-        self._hashes_seen = {}  # id(container) -> {hash: count}
+        self._hashes_seen = {}  # id(container) -> (container, {hash: count})
 
     def _charge(self, units: int, what: str):
         self._work_left -= int(units)
@@ -88,7 +88,8 @@ class PickleLimits:
             h = hash(key)
         except TypeError:
             return  # the insert itself raises "unhashable type"
-        seen = self._hashes_seen.setdefault(id(container), {})
+        # the container is kept with its counts so that its id cannot be reused by another one
+        seen = self._hashes_seen.setdefault(id(container), (container, {}))[1]
         seen[h] = seen.get(h, 0) + 1
         if seen[h] > MAX_SAME_HASH:
             raise PickleLimitError(

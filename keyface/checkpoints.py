@@ -397,11 +397,13 @@ class _DryScan(RestrictedUnpickler):
     def __init__(self, file):
         super().__init__(file)
         self.declared_bytes = {}  # storage key -> bytes its references claim
+        self._placeholders = []
 
     def find_class(self, module, name):
         obj = _resolve_allowed(module, name)
         if obj is None or module.split(".")[0] in ("torch", "numpy"):
             obj = _DryName(module, name)
+            self._placeholders.append(obj)  # alive for the whole scan: its id stays its own
         self._globals.add(id(obj))
         return obj
 

@@ -381,3 +381,17 @@ def test_declared_pickle_lengths_are_not_allocated(outcomes):
     """A BINBYTES8 length of 2**40 in a 15-byte legacy file: nothing is allocated for it."""
     outcome = assert_refused_cheaply(outcomes, "long_bytes.pt", "not a readable torch checkpoint")
     assert "MemoryError" not in outcome
+
+
+def test_many_small_dicts_with_the_same_keys_load(tmp_path):
+    """Keys repeat across containers (optimizer param groups, per-layer metadata): the hash-flooding
+    check counts per container (protocol 2 pickles sets as set([...]) calls, 4 with ADDITEMS)."""
+    from keyface.checkpoints import read_state_dict
+
+    groups = [{"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8} for _ in range(200)]
+    sets = [{1, 2, i} for i in range(50)]
+    for protocol, zipped in ((1, True), (2, True), (2, False), (4, True)):
+        path = tmp_path / f"groups_{protocol}_{zipped}.pt"
+        torch.save({"state_dict": {"w": torch.ones(2)}, "param_groups": groups, "sets": sets}, path,
+                   pickle_protocol=protocol, _use_new_zipfile_serialization=zipped)
+        assert torch.equal(read_state_dict(path)["w"], torch.ones(2))
