@@ -224,6 +224,9 @@ def load(patchers, memory_required=0, force_full_load=False):
 # attends through scaled_dot_product_attention), with SVD_img2vid's memory_usage_factor 2.0:
 # 0.01 MiB x factor x dtype size per latent pixel of every row (batch item) of one call.
 UNET_BYTES_PER_LATENT_PIXEL = round(0.01 * 2.0 * 2**20)  # x dtype size
+# The VAE decoder's estimate is the library's (keyface.vae.decode_memory): it sizes decode chunks too.
+
+
 def unet_memory(rows, latent_hw, dtype) -> int:
     """Estimated working memory (bytes) of one UNet call on ``rows`` latents of ``latent_hw``."""
     h, w = latent_hw
