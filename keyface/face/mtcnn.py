@@ -411,3 +411,19 @@ def pick_face(faces: list[Face], index: int = 0, *, what: str = "image") -> Face
             f"{what}: face_index {index} does not exist: {len(faces)} face(s) found (0 = the largest, "
             f"up to {len(faces) - 1}).")
     return faces[index]
+
+
+DETECTOR_FOLDER = "mtcnn"  # models/keyface/mtcnn/{pnet,rnet,onet}.pt
+
+
+def locate_detector(models_folder) -> Path:
+    """The folder holding pnet/rnet/onet under a models folder: ``<folder>/mtcnn``, ``<folder>`` itself,
+    or ``<folder>/keyface/mtcnn`` (a ComfyUI ``models`` root). CheckpointError naming what was searched."""
+    root = Path(models_folder)
+    candidates = [root / DETECTOR_FOLDER, root, root / "keyface" / DETECTOR_FOLDER]
+    for c in candidates:
+        if all(any((c / f"{n}{s}").is_file() for s in WEIGHT_SUFFIXES) for n in NET_NAMES):
+            return c
+    raise CheckpointError(
+        f"MTCNN face detector not found: looked for pnet.pt, rnet.pt, onet.pt in {', '.join(map(str, candidates))}. "
+        "See the README, 'Face detector', for the download (or use face mode 'manual' with a box).")

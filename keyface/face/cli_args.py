@@ -1,0 +1,64 @@
+"""``python -m keyface render --face auto|manual|off``: the face options of the command line.
+
+Kept apart from ``keyface/cli.py`` (which only calls :func:`add_face_arguments` and
+:func:`face_from_args`) so the two evolve independently.
+"""
+
+from __future__ import annotations
+
+from . import FACE_MODES
+
+FACE_HELP = ("auto: detect the face (MTCNN), crop it aligned for the model and paste the generated face back "
+             "into the full picture (the video has the photo's size); manual: the same with --face-box instead of "
+             "detection; off: the whole picture is centre-cropped or padded (--identity-mode), video at the model size")
+
+
+def _box(text: str):
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 4:
+        raise ValueError(f"--face-box: expected X,Y,WIDTH,HEIGHT in pixels, got {text!r}")
+    return vals
+
+
+def add_face_arguments(parser):
+    g = parser.add_argument_group("face framing")
+    g.add_argument("--face", choices=FACE_MODES, default="off", help=FACE_HELP)
+    g.add_argument("--face-box", default=None, help="manual mode: X,Y,WIDTH,HEIGHT of the face in the picture (pixels)")
+    g.add_argument("--face-index", type=int, default=0, help="auto mode: which face when several (0 = the largest)")
+    g.add_argument("--face-scale", type=float, default=1.0, help="zoom of the crop (>1: face larger)")
+    g.add_argument("--face-offset", default="0,0", help="DX,DY: move the crop by fractions of its side")
+    g.add_argument("--detector", default=None,
+                   help="folder with MTCNN pnet.pt, rnet.pt, onet.pt (default: <models>/mtcnn or <models>)")
+    g.add_argument("--feather", type=float, default=None, help="paste-back seam softness, fraction of the crop side")
+    g.add_argument("--no-color-match", action="store_true", help="paste back without the seam colour match")
+
+
+def face_from_args(args, image, size: int, log):
+    """-> (square identity image [size, size, 3], FacePaster) for --face auto/manual, or (None, None) for off."""
+    if args.face == "off":
+        return None, None
+    from .framing import frame_face
+    from .paste import DEFAULT_FEATHER, FacePaster
+    from .mtcnn import load_mtcnn, locate_detector
+
+    try:
+        dx, dy = (float(v) for v in args.face_offset.split(","))
+    except ValueError:
+        raise ValueError(f"--face-offset: expected DX,DY, got {args.face_offset!r}") from None
+    box, detector = None, None
+    if args.face == "manual":
+        if not args.face_box:
+            raise ValueError("--face manual needs --face-box X,Y,WIDTH,HEIGHT")
+        box = _box(args.face_box)
+    else:
+        detector = load_mtcnn(args.detector or locate_detector(args.models))
+    crop, face_crop, faces = frame_face(image, detector=detector, box=box, face_index=args.face_index, size=size,
+                                        scale=args.face_scale, offset_x=dx, offset_y=dy, what=f"--image {args.image}")
+    log(f"face: {face_crop.source}" + (f"; {len(faces)} faces found, choose with --face-index" if len(faces) > 1 else ""))
+    feather = DEFAULT_FEATHER if args.feather is None else args.feather
+    paster = FacePaster(face_crop, feather=feather, color_match=not args.no_color_match, even=True)
+    log(f"paste-back into {paster.width}x{paster.height}")
+    return crop, paster
