@@ -12,3 +12,9 @@ Importing this package imports nothing (the command line stays torch-free until 
 """
 
 FACE_MODES = ("auto", "manual", "off")  # the command line's --face; the node offers the first two
+DEFAULT_FEATHER = 0.1  # paste-back seam width, fraction of the crop side
+DEFAULT_COLOR_MATCH = True
+# MTCNN weight files: models/keyface/mtcnn/{pnet,rnet,onet}.pt (or .safetensors conversions)
+DETECTOR_FOLDER = "mtcnn"
+NET_NAMES = ("pnet", "rnet", "onet")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")

@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints import CheckpointError, read_state_dict
+from . import DETECTOR_FOLDER, NET_NAMES, WEIGHT_SUFFIXES
 
-NET_NAMES = ("pnet", "rnet", "onet")
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 # The published MTCNN settings (and facenet-pytorch's defaults).
 MIN_FACE_PX = 20  # smallest face searched for, in pixels of the (bounded) detection image
 STAGE_THRESHOLDS = (0.6, 0.7, 0.7)
@@ -412,8 +411,6 @@ def pick_face(faces: list[Face], index: int = 0, *, what: str = "image") -> Face
             f"up to {len(faces) - 1}).")
     return faces[index]
 
-
-DETECTOR_FOLDER = "mtcnn"  # models/keyface/mtcnn/{pnet,rnet,onet}.pt
 
 
 def locate_detector(models_folder) -> Path:

@@ -18,10 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import DEFAULT_COLOR_MATCH, DEFAULT_FEATHER
 from .align import FaceCrop, _crop_centres, crop_face
-
-DEFAULT_FEATHER = 0.1
-DEFAULT_COLOR_MATCH = True
 
 
 class PasteError(ValueError):
