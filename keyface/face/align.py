@@ -152,7 +152,7 @@ def transform_from_box(x: float, y: float, width: float, height: float, size: in
 
 
 def to_uint8_image(image, what: str = "image") -> torch.Tensor:
-    """[H, W, 3(+)] (or [1, H, W, 3]) float 0..1 or uint8 -> uint8 [H, W, 3] on the CPU."""
+    """[H, W, 3(+)] (or [1, H, W, 3]) float 0..1 or uint8 -> uint8 [H, W, 3] on the CPU (rounded)."""
     img = torch.as_tensor(image)
     if img.dim() == 4 and img.shape[0] == 1:
         img = img[0]
@@ -162,9 +162,10 @@ def to_uint8_image(image, what: str = "image") -> torch.Tensor:
     if img.dtype == torch.uint8:
         return img.contiguous()
     img = img.float()
-    if not torch.isfinite(img).all():
+    # one cheap pass first: a NaN or inf anywhere makes the sum non-finite (values this large are garbage too)
+    if not torch.isfinite(img.sum()):
         raise FaceCropError(f"{what}: holds NaN or infinite values")
-    return (img.clamp(0, 1) * 255.0).round().to(torch.uint8).contiguous()
+    return img.mul(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8).contiguous()
 
 
 def sampling_grid(transform: CropTransform, points: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -206,14 +207,13 @@ def crop_face(image, transform: CropTransform) -> torch.Tensor:
     img = torch.as_tensor(image)
     if img.dim() == 4:
         img = img[0]
-    img = img[..., :3]
-    img = img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
     height, width = img.shape[:2]
     x0, y0, x1, y1 = transform.image_bounds(width, height)
     if x1 <= x0 or y1 <= y0:
         raise FaceCropError(f"the crop square (centre {transform.center}, side {transform.side:.0f}) lies outside "
                             f"the {width}x{height} image")
-    roi = img[y0:y1, x0:x1].permute(2, 0, 1)[None]
+    roi = img[y0:y1, x0:x1, :3]  # only the region under the square is converted and resampled
+    roi = (roi.float() / 255.0 if roi.dtype == torch.uint8 else roi.float()).permute(2, 0, 1)[None]
     points = _crop_centres(transform.size)
     shrink = transform.side / transform.size
     if shrink > 1.25:  # antialias: resample the region down to about the crop's pixel size first

@@ -357,37 +357,39 @@ def detect_faces_raw(model: MTCNN, pixels: torch.Tensor, min_face: float = MIN_F
     return boxes.new_zeros((0, 5)), boxes.new_zeros((0, 5, 2))
 
 
-def _as_image(image, what) -> torch.Tensor:
+def _as_pixels(image, what) -> torch.Tensor:
+    """[H, W, 3] uint8 as given, or float 0..1 checked for NaN/inf and converted to 0..255 float."""
     img = torch.as_tensor(image)
     if img.dim() == 4 and img.shape[0] == 1:
         img = img[0]
     if img.dim() != 3 or img.shape[-1] not in (3, 4) or min(img.shape[:2]) < 1:
         raise ValueError(f"{what}: expected an image [H, W, 3] in 0..1, got shape {tuple(img.shape)}")
-    img = img[..., :3]
-    if not img.is_floating_point():
-        return img.float() / 255.0
-    if not torch.isfinite(img).all():
+    img = img[..., :3].detach().cpu()
+    if img.dtype == torch.uint8:
+        return img
+    img = img.float()
+    if not torch.isfinite(img.sum()):  # one cheap pass: any NaN / inf makes the sum non-finite
         raise ValueError(f"{what}: holds NaN or infinite values")
-    return img.float()
+    return img * 255.0
 
 
 def detect_faces(model: MTCNN, image, *, what: str = "image", max_side: int = DETECT_MAX_SIDE) -> list[Face]:
     """All faces in ``image`` [H, W, 3] (float 0..1 or uint8), largest first, in its own pixels.
 
-    Images longer than ``max_side`` are downscaled (antialiased) for detection, which bounds the time
-    and memory any photo can cost; boxes and landmarks are scaled back.
+    Images longer than ``max_side`` are downscaled (antialiased, in uint8 when given uint8) for
+    detection, which bounds the time and memory any photo can cost; boxes and landmarks are scaled back.
     """
-    img = _as_image(image, what)
+    img = _as_pixels(image, what)
     h, w = img.shape[:2]
-    factor = max(h, w) / max_side if max(h, w) > max_side else 1.0
-    x = img.permute(2, 0, 1)[None]
-    if factor > 1.0:
+    factor_x = factor_y = 1.0
+    if max(h, w) > max_side:
+        factor = max(h, w) / max_side
         size = (max(1, round(h / factor)), max(1, round(w / factor)))
+        x = img.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
         x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        img = x[0].permute(1, 2, 0)
         factor_y, factor_x = h / size[0], w / size[1]
-    else:
-        factor_y = factor_x = 1.0
-    boxes, marks = detect_faces_raw(model, x[0].permute(1, 2, 0) * 255.0)
+    boxes, marks = detect_faces_raw(model, img.float())
     scale = torch.tensor([factor_x, factor_y, factor_x, factor_y])
     faces = []
     for b, m in zip(boxes.cpu().double(), marks.cpu().double()):
@@ -410,7 +412,6 @@ def pick_face(faces: list[Face], index: int = 0, *, what: str = "image") -> Face
             f"{what}: face_index {index} does not exist: {len(faces)} face(s) found (0 = the largest, "
             f"up to {len(faces) - 1}).")
     return faces[index]
-
 
 
 def locate_detector(models_folder) -> Path:
