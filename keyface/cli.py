@@ -205,7 +205,7 @@ def cmd_render(args) -> int:
     height, width = pipeline.model_resolution(good)
     if height != width:
         raise ValueError(f"non-square model resolution {width}x{height} is not supported by the identity crop")
-    face_image, paster = face_from_args(args, image, height, progress.log)
+    face_image, paste_back = face_from_args(args, image, height, progress.log)
     identity = pipeline.prepare_identity(image if face_image is None else face_image, (height, width),
                                          mode=args.identity_mode)
     z_id = pipeline.encode_identity(vae, identity, device=device)
@@ -215,7 +215,7 @@ def cmd_render(args) -> int:
         kf_net, good, bad, vae, z_id, features, args.out,
         audio=waveform, sample_rate=sample_rate, crf=args.crf,
         valence=valence, arousal=arousal, device=device, callback=progress, settings=settings,
-        frame_filter=None if paster is None else paster.paste_uint8,
+        frame_filter=paste_back,
     )
     progress.log(f"wrote {args.out}: {n} frames ({n / FPS:.2f} s) at {FPS} fps")
     return 0

@@ -63,7 +63,7 @@ class KeyFaceSaveVideo:
         with Mp4Writer(path, size[0], size[1], fps=int(C.FPS), audio=waveform, sample_rate=sr, num_frames=n,
                        crf=int(crf)) as writer:
             for chunk in decode_chunks(vae, seg, n, chunk_frames, progress):
-                writer.write(chunk if paster is None else paster.paste_uint8(chunk))
+                writer.write(chunk if paster is None else paster.paste_uint8(chunk, reuse=True))  # encoded at once
         log.info("KeyFace: wrote %s (%d frames)", path, n)
         return {"ui": {"images": [{"filename": file, "subfolder": subfolder, "type": "output"}], "animated": (True,)},
                 "result": (path, n)}

@@ -193,10 +193,11 @@ def test_streaming_is_lazy_and_chunking_invariant():
             yield frames[i:i + size]
 
     stream = p.stream(chunks(3))
-    first = next(stream)
+    first = next(stream).clone()
     assert pulled == [0] and first.shape[0] == 3  # one chunk in, one chunk out: memory flat in clip length
-    rest = list(stream)
-    assert (torch.cat([first, *rest]) == p.paste_uint8(frames)).all()
+    rest = [c.clone() for c in stream]  # the chunks share one buffer: consumed one by one, like the writer does
+    assert pulled == [0, 3, 6, 9]
+    assert (torch.cat([first, *rest]) == p.paste_uint8(frames)).all()  # same as one call without the buffer
 
 
 def test_paste_refuses_bad_frames():

@@ -6,6 +6,8 @@ Kept apart from ``keyface/cli.py`` (which only calls :func:`add_face_arguments` 
 
 from __future__ import annotations
 
+import functools
+
 from . import FACE_MODES
 
 FACE_HELP = ("auto: detect the face (MTCNN), crop it aligned for the model and paste the generated face back "
@@ -37,7 +39,8 @@ def add_face_arguments(parser):
 
 
 def face_from_args(args, image, size: int, log):
-    """-> (square identity image [size, size, 3], FacePaster) for --face auto/manual, or (None, None) for off."""
+    """-> (square identity image [size, size, 3], chunk -> full-size uint8 chunk) for --face auto/manual,
+    or (None, None) for off. The pasted chunks share one buffer: render_to_file encodes each at once."""
     if args.face == "off":
         return None, None
     from .framing import frame_face
@@ -61,4 +64,4 @@ def face_from_args(args, image, size: int, log):
     feather = DEFAULT_FEATHER if args.feather is None else args.feather
     paster = FacePaster(face_crop, feather=feather, color_match=not args.no_color_match, even=True)
     log(f"paste-back into {paster.width}x{paster.height}")
-    return crop, paster
+    return crop, functools.partial(paster.paste_uint8, reuse=True)

@@ -79,35 +79,39 @@ class FacePaster:
         mask = crop_mask(t.size, self.feather)
         self.mask = F.grid_sample(mask[None, None], self.grid, mode="bilinear", padding_mode="zeros",
                                   align_corners=False)[0, 0][..., None]  # [rh, rw, 1]
-        self._reference = {}  # frame size -> (original crop at that size [3, s, s], band weights)
+        self._background_region = self.background[y0:y1, x0:x1].float()  # 0..255
+        self._buffer = None  # reused full-size uint8 output (paste_uint8(reuse=True)): only the region changes
+        self._reference = {}  # frame size -> (seam band mean colour of the original crop, band weights)
 
     # ------------------------------------------------------------------------------------------
-    def _reference_at(self, size: int):
+    def _seam_reference(self, size: int):
+        """(original crop's mean colour in the seam band [3], band weights [size * size] summing to 1)."""
         if size not in self._reference:
-            ref = crop_face(self.crop.image, self.crop.transform)  # [S, S, 3] (the model's input)
-            ref = ref.permute(2, 0, 1)[None]
+            ref = crop_face(self.crop.image, self.crop.transform).permute(2, 0, 1)[None]  # the model's input
             if ref.shape[-1] != size:
                 ref = F.interpolate(ref, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            band = _seam_band(crop_mask(size, max(self.feather, 0.05)))
-            self._reference[size] = (ref[0], band)
+            band = _seam_band(crop_mask(size, max(self.feather, 0.05))).reshape(-1)
+            band = band / band.sum()
+            self._reference[size] = (ref[0].reshape(3, -1) @ band, band)
         return self._reference[size]
 
-    def _matched(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames [n, 3, s, s]: each shifted by the mean colour difference to the original in the seam band."""
-        ref, band = self._reference_at(frames.shape[-1])
-        w = band / band.sum()
-        offset = ((ref[None] - frames) * w).sum(dim=(-2, -1), keepdim=True)
-        return frames + offset
+    def _colour_offsets(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames [n, 3, s, s] -> per-frame colour offsets [n, 3, 1, 1] that move the seam band's mean
+        colour to the original's (weighted means as one matrix product: one pass over the frames)."""
+        ref_mean, band = self._seam_reference(frames.shape[-1])
+        frame_mean = frames.reshape(frames.shape[0], 3, -1) @ band
+        return (ref_mean[None] - frame_mean)[..., None, None]
 
     def _warped(self, frames: torch.Tensor) -> torch.Tensor:
         """frames [n, s, s, 3] 0..1 -> the face region [n, rh, rw, 3]."""
         x = frames.permute(0, 3, 1, 2).float()
-        if self.color_match:
-            x = self._matched(x)
+        offsets = self._colour_offsets(x) if self.color_match else None
         side = self.crop.transform.side
         if x.shape[-1] > 1.5 * side:  # the face shrinks in the picture: antialias before warping
             s = max(2, round(side))
             x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        if offsets is not None:  # resampling keeps means, so the shift can follow it (fewer pixels)
+            x = x + offsets
         grid = self.grid.expand(x.shape[0], -1, -1, -1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False).permute(0, 2, 3, 1)
 
@@ -121,18 +125,30 @@ class FacePaster:
         if f.dtype == torch.uint8:
             return f.float() / 255.0
         f = f.float()
-        if not torch.isfinite(f).all():
+        if not torch.isfinite(f.sum()):  # one cheap pass: any NaN / inf makes the sum non-finite
             raise PasteError("frames: hold NaN or infinite values")
         return f
 
-    def paste_uint8(self, frames) -> torch.Tensor:
-        """frames [n, s, s, 3] (0..1 float or uint8) -> uint8 [n, H, W, 3] (for the mp4 writer)."""
+    def _full_frames(self, n: int, reuse: bool) -> torch.Tensor:
+        if not reuse:
+            return self.background[None].expand(n, -1, -1, -1).clone()
+        if self._buffer is None or self._buffer.shape[0] < n:
+            self._buffer = self.background[None].expand(n, -1, -1, -1).clone()
+        return self._buffer[:n]
+
+    def paste_uint8(self, frames, reuse: bool = False) -> torch.Tensor:
+        """frames [n, s, s, 3] (0..1 float or uint8) -> uint8 [n, H, W, 3] (for the mp4 writer).
+
+        ``reuse=True``: the result is a view of a buffer the next call overwrites (only the face region
+        changes between calls, so the full-size background is not copied again for every frame);
+        consume it (e.g. encode it) before the next call.
+        """
         f = self._check(frames)
         x0, y0, x1, y1 = self.region
-        out = self.background[None].expand(f.shape[0], -1, -1, -1).clone()
-        bg = out[:, y0:y1, x0:x1].float()
-        face = self._warped(f).clamp(0, 1) * 255.0
-        out[:, y0:y1, x0:x1] = torch.lerp(bg, face, self.mask).round_().clamp_(0, 255).to(torch.uint8)
+        out = self._full_frames(f.shape[0], reuse)
+        face = self._warped(f).clamp_(0, 1).mul_(255.0)
+        blended = torch.lerp(self._background_region[None], face, self.mask)
+        out[:, y0:y1, x0:x1] = blended.add_(0.5).clamp_(0, 255).to(torch.uint8)
         return out
 
     def paste(self, frames) -> torch.Tensor:
@@ -145,6 +161,7 @@ class FacePaster:
         return out
 
     def stream(self, chunks, uint8: bool = True):
-        """Paste each chunk of an iterator of frame chunks; yields the full-size chunks."""
+        """Paste each chunk of an iterator of frame chunks; yields the full-size chunks (uint8 ones
+        share one buffer: consume each before asking for the next)."""
         for chunk in chunks:
-            yield self.paste_uint8(chunk) if uint8 else self.paste(chunk)
+            yield self.paste_uint8(chunk, reuse=True) if uint8 else self.paste(chunk)
