@@ -81,8 +81,9 @@ class KeyFaceDetectCropFace:
     def INPUT_TYPES(cls):
         return {"required": {
             "image": ("IMAGE", {"tooltip": "The photo (any size or aspect). A batch uses its first image."}),
-            "mode": (list(NODE_MODES), {"default": "auto", "tooltip": "auto: detect the face; manual: use the box below "
-                                                                      "(no detector needed)."}),
+            "mode": (list(NODE_MODES), {"default": "auto",
+                                        "tooltip": "auto: detect the face; manual: use the box below (no detector "
+                                                   "needed)."}),
             "face_index": ("INT", {"default": 0, "min": 0, "max": 99,
                                    "tooltip": "Several faces: which one (0 = the largest, 1 = the next, ...)."}),
             "scale": ("FLOAT", {"default": 1.0, "min": 0.25, "max": 4.0, "step": 0.05,
@@ -93,9 +94,12 @@ class KeyFaceDetectCropFace:
                                    "tooltip": "Move the crop down (+) or up (-), in crop heights."}),
             "size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8,
                              "tooltip": "Crop size in pixels (KeyFace's model size is 512)."}),
-            "detector": (detector_choices(), {"tooltip": "Folder in models/keyface holding MTCNN pnet.pt, rnet.pt, onet.pt."}),
-            "box_x": ("INT", {"default": 0, "min": 0, "max": 65535, "tooltip": "Manual mode: left of the face box (px)."}),
-            "box_y": ("INT", {"default": 0, "min": 0, "max": 65535, "tooltip": "Manual mode: top of the face box (px)."}),
+            "detector": (detector_choices(),
+                         {"tooltip": "Folder in models/keyface holding MTCNN pnet.pt, rnet.pt, onet.pt."}),
+            "box_x": ("INT", {"default": 0, "min": 0, "max": 65535,
+                              "tooltip": "Manual mode: left of the face box (px)."}),
+            "box_y": ("INT", {"default": 0, "min": 0, "max": 65535,
+                              "tooltip": "Manual mode: top of the face box (px)."}),
             "box_width": ("INT", {"default": 512, "min": 8, "max": 65535,
                                   "tooltip": "Manual mode: box width (px); the crop is a square of the larger side."}),
             "box_height": ("INT", {"default": 512, "min": 8, "max": 65535, "tooltip": "Manual mode: box height (px)."}),

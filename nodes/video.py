@@ -38,8 +38,8 @@ class KeyFaceSaveVideo:
                                      "tooltip": "Frames per decoder call (memory/speed only; frames are decoded one by one as released)."}),
             "crf": ("INT", {"default": 18, "min": 0, "max": 51, "tooltip": "H.264 quality (lower = better, bigger)."}),
         }, "optional": {
-            "face_crop": ("KEYFACE_CROP", {"tooltip": "From KeyFace Detect & Crop Face: each chunk is pasted back into the "
-                                                      "original photo, so the video has the photo's size."}),
+            "face_crop": ("KEYFACE_CROP", {"tooltip": "From KeyFace Detect & Crop Face: each chunk is pasted back "
+                                                      "into the original photo, so the video has the photo's size."}),
             **_paste_inputs(),
         }}
 

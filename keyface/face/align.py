@@ -212,13 +212,17 @@ def crop_face(image, transform: CropTransform) -> torch.Tensor:
     if x1 <= x0 or y1 <= y0:
         raise FaceCropError(f"the crop square (centre {transform.center}, side {transform.side:.0f}) lies outside "
                             f"the {width}x{height} image")
-    roi = img[y0:y1, x0:x1, :3]  # only the region under the square is converted and resampled
-    roi = (roi.float() / 255.0 if roi.dtype == torch.uint8 else roi.float()).permute(2, 0, 1)[None]
+    # only the region under the square is resampled; when the crop shrinks it, it is first brought
+    # down to about the crop's pixel size (antialiased, still in uint8 for a uint8 photo) and only then
+    # converted to float, so memory stays bounded by the photo itself
+    roi = img[y0:y1, x0:x1, :3].permute(2, 0, 1)[None]
     points = _crop_centres(transform.size)
     shrink = transform.side / transform.size
-    if shrink > 1.25:  # antialias: resample the region down to about the crop's pixel size first
+    if shrink > 1.25:
         rh, rw = max(1, round((y1 - y0) / shrink)), max(1, round((x1 - x0) / shrink))
+        roi = roi.contiguous(memory_format=torch.channels_last) if roi.dtype == torch.uint8 else roi.float()
         roi = F.interpolate(roi, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+    roi = roi.float() / 255.0 if roi.dtype == torch.uint8 else roi.float()
     # grid relative to the region: shift the transform's centre into region coordinates
     local = CropTransform(center=(transform.center[0] - x0, transform.center[1] - y0), side=transform.side,
                           angle=transform.angle, size=transform.size)

@@ -60,7 +60,8 @@ def face_from_args(args, image, size: int, log):
         detector = load_mtcnn(args.detector or locate_detector(args.models))
     crop, face_crop, faces = frame_face(image, detector=detector, box=box, face_index=args.face_index, size=size,
                                         scale=args.face_scale, offset_x=dx, offset_y=dy, what=f"--image {args.image}")
-    log(f"face: {face_crop.source}" + (f"; {len(faces)} faces found, choose with --face-index" if len(faces) > 1 else ""))
+    several = f"; {len(faces)} faces found, choose with --face-index" if len(faces) > 1 else ""
+    log(f"face: {face_crop.source}{several}")
     feather = DEFAULT_FEATHER if args.feather is None else args.feather
     paster = FacePaster(face_crop, feather=feather, color_match=not args.no_color_match, even=True)
     log(f"paste-back into {paster.width}x{paster.height}")
