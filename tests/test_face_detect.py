@@ -216,15 +216,16 @@ def test_huge_photo_is_bounded(real, monkeypatch):
 
 
 def test_detect_and_crop_under_a_second_per_portrait(real):
-    """Issue 10's budget: detection + crop < 1 s per portrait on the CPU (one thread here). The best of
-    three runs, so that another process's burst on a shared CI machine does not decide it."""
+    """Issue 10's budget: detection + crop < 1 s per portrait on the CPU (one torch thread, which runs
+    on this thread). Measured as this thread's CPU time, best of three, so that other processes on a
+    shared 2-core machine do not decide it (wall time on an idle machine: ~0.4 s)."""
     pic = torch.from_numpy(ff.load_rgb("face_grace_hopper.jpg"))
     framing.frame_face(pic, detector=real)  # warm-up (first-call allocations)
     times = []
     for _ in range(3):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         framing.frame_face(pic, detector=real)
-        times.append(time.perf_counter() - t0)
+        times.append(time.thread_time() - t0)
     assert min(times) < 1.0, times
 
 
