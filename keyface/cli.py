@@ -17,7 +17,7 @@ import sys
 import time
 
 from .config import ATTENTION_BACKENDS  # torch-free, like this module's top level
-from .face.cli_args import add_face_arguments, face_from_args  # torch-free at import
+from .face.cli_args import add_face_arguments, check_face_args, face_from_args  # torch-free at import
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -180,6 +180,7 @@ def cmd_render(args) -> int:
     if not os.path.isdir(out_dir):
         raise ValueError(f"output folder does not exist: {out_dir}")
     settings = _settings(args)  # bad values fail here, before any model loads
+    check_face_args(args)
     found = _find_models(args.models)
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)

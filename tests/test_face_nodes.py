@@ -4,6 +4,7 @@ Paste Back, KeyFace Save Video with a face_crop (full-size mp4, streamed), and t
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -143,8 +144,14 @@ def test_cli_face_modes(models_dir, tmp_path, capsys):  # noqa: F811
         capsys.readouterr().err
     info = probe_mp4(out)
     assert (info["width"], info["height"], info["frames"]) == (1280, 720, 25)
+    t0 = time.monotonic()
     assert cli.main(base + ["--out", str(tmp_path / "x.mp4"), "--face", "manual"]) == 2
     assert "--face manual needs --face-box" in capsys.readouterr().err
+    assert time.monotonic() - t0 < 5  # refused before the audio encoders and the models load
+    for bad in (["--face-box", "1,2,3"], ["--face-offset", "x,1"], ["--feather", "0.9"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(base + ["--out", str(tmp_path / "x.mp4"), "--face", "manual", *bad])
+        assert e.value.code == 2 and bad[0] in capsys.readouterr().err
     assert cli.main(base + ["--out", str(tmp_path / "x.mp4"), "--face", "auto"]) == 2
     assert "face detector not found" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
