@@ -2,7 +2,7 @@
 (a 1920x1080 photo -> KeyFace Detect & Crop Face with the real MTCNN weights -> sampling with the smoke
 models -> KeyFace Save Video pasting every chunk back into the photo -> a 1920x1080 mp4 with sound).
 
-It also writes ``test-artifacts/face_before_after.png`` (the photo | a frame of the video), the
+It also writes ``test-artifacts/face_before_after.jpg`` (the photo | a frame of the video), the
 picture in the README. Where the MTCNN weights are missing it skips, and under ``CI=true`` fails.
 """
 
@@ -41,7 +41,7 @@ def _before_after(photo, frame, path):
     draw = ImageDraw.Draw(pic)
     draw.text((8, 8), "input photo 1920x1080", fill=(0, 0, 0))
     draw.text((w + 18, 8), "KeyFace video frame 1920x1080 (smoke weights: the face is noise)", fill=(0, 0, 0))
-    pic.save(path)
+    pic.save(path, quality=85, optimize=True)  # JPEG: the README shows this file (docs/images/)
 
 
 def test_photo_workflow_full_resolution(comfy_server, record_property):  # noqa: F811
@@ -95,10 +95,10 @@ def test_photo_workflow_full_resolution(comfy_server, record_property):  # noqa:
 
     art = ROOT / "test-artifacts"
     art.mkdir(exist_ok=True)
-    _before_after(photo, frame, art / "face_before_after.png")
+    _before_after(photo, frame, art / "face_before_after.jpg")
     record_property("e2e_face_wall_seconds", round(wall, 1))
     print(f"\nKeyFace e2e photo workflow: {n} frames 1920x1080 in {wall:.1f} s; changed region x {x0}..{x1}, "
-          f"y {y0}..{y1}; before/after in test-artifacts/face_before_after.png")
+          f"y {y0}..{y1}; before/after in test-artifacts/face_before_after.jpg")
 
 
 def test_photo_workflow_served_as_template(comfy_server):  # noqa: F811
