@@ -17,6 +17,7 @@ import sys
 import time
 
 from .config import ATTENTION_BACKENDS  # torch-free, like this module's top level
+from .face.cli_args import add_face_arguments, check_face_args, face_from_args  # torch-free at import
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -71,6 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--crf", type=int, default=18, help="H.264 quality (lower = better)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     r.add_argument("--quiet", action="store_true")
+    add_face_arguments(r)
 
     pl = sub.add_parser("plan", help="print the clip plan for a length")
     g = pl.add_mutually_exclusive_group(required=True)
@@ -179,6 +181,7 @@ def cmd_render(args) -> int:
     if not os.path.isdir(out_dir):
         raise ValueError(f"output folder does not exist: {out_dir}")
     settings = _settings(args)  # bad values fail here, before any model loads
+    check_face_args(args)
     found = _find_models(args.models)
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
@@ -204,7 +207,9 @@ def cmd_render(args) -> int:
     height, width = pipeline.model_resolution(good)
     if height != width:
         raise ValueError(f"non-square model resolution {width}x{height} is not supported by the identity crop")
-    identity = pipeline.prepare_identity(image, (height, width), mode=args.identity_mode)
+    face_image, paste_back = face_from_args(args, image, height, progress.log)
+    identity = pipeline.prepare_identity(image if face_image is None else face_image, (height, width),
+                                         mode=args.identity_mode)
     z_id = pipeline.encode_identity(vae, identity, device=device)
     progress.log(f"models loaded on {device} ({str(dtype).replace('torch.', '')}), {width}x{height} px")
 
@@ -212,6 +217,7 @@ def cmd_render(args) -> int:
         kf_net, good, bad, vae, z_id, features, args.out,
         audio=waveform, sample_rate=sample_rate, crf=args.crf,
         valence=valence, arousal=arousal, device=device, callback=progress, settings=settings,
+        frame_filter=paste_back,
     )
     progress.log(f"wrote {args.out}: {n} frames ({n / FPS:.2f} s) at {FPS} fps")
     return 0

@@ -729,7 +729,8 @@ def render(keyframe_network, interpolation_network, bad_network, vae, identity_l
 
 
 def render_to_file(keyframe_network, interpolation_network, bad_network, vae, identity_latent, features, path, *,
-                   audio=None, sample_rate=None, crf: int = 18, **kwargs) -> str:
+                   audio=None, sample_rate=None, crf: int = 18, frame_filter: Callable | None = None,
+                   **kwargs) -> str:
     """Render one clip straight into an mp4 (H.264 + AAC of ``audio`` [C, S] at ``sample_rate``).
 
     Always 25 fps: the features have one row per 40 ms frame, so another rate would desync the lips.
@@ -737,6 +738,8 @@ def render_to_file(keyframe_network, interpolation_network, bad_network, vae, id
     silence, to exactly N / 25 s (:func:`keyface.video_io.fit_audio_to_frames`). Chunks are encoded
     as they are decoded; the file appears (atomically) only when every frame was written; on an
     error or a cancel (exception from the callback) no file is left behind.
+    ``frame_filter``: chunk -> chunk applied before encoding (e.g. ``FacePaster.paste_uint8``: the
+    face pasted back into the full picture); the video takes the size of its first output.
     Returns the path. Other keyword arguments go to :func:`iter_render`.
     """
     from .video_io import MediaError, Mp4Writer, fit_audio_to_frames
@@ -755,6 +758,8 @@ def render_to_file(keyframe_network, interpolation_network, bad_network, vae, id
     try:
         for chunk in iter_render(keyframe_network, interpolation_network, bad_network, vae, identity_latent,
                                  features, **kwargs):
+            if frame_filter is not None:
+                chunk = frame_filter(chunk)
             if writer is None:  # the frame size is the decoder's, known from the first chunk
                 writer = Mp4Writer(path, chunk.shape[2], chunk.shape[1], fps=FPS, audio=audio,
                                    sample_rate=sample_rate, num_frames=n, crf=crf)

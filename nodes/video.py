@@ -11,6 +11,7 @@ import logging
 import os
 
 from . import _common as C
+from .face import _paste_inputs, face_paster
 from .sampling import decode_chunks, segments_from_latent
 
 log = logging.getLogger("keyface")
@@ -36,14 +37,22 @@ class KeyFaceSaveVideo:
             "chunk_frames": ("INT", {"default": 16, "min": 1, "max": 256,
                                      "tooltip": "Most frames per decoder call (memory/speed only; frames are decoded one by one as released). Fewer per call when the free memory ComfyUI reports cannot hold this many."}),
             "crf": ("INT", {"default": 18, "min": 0, "max": 51, "tooltip": "H.264 quality (lower = better, bigger)."}),
+        }, "optional": {
+            "face_crop": ("KEYFACE_CROP", {"tooltip": "From KeyFace Detect & Crop Face: each chunk is pasted back "
+                                                      "into the original photo, so the video has the photo's size."}),
+            **_paste_inputs(),
         }}
 
-    def save(self, vae, latent, audio, filename_prefix, chunk_frames, crf):
+    def save(self, vae, latent, audio, filename_prefix, chunk_frames, crf, face_crop=None, feather=None,
+             color_match=None):
         import folder_paths
         from ..keyface.video_io import Mp4Writer, fit_audio_to_frames
 
         seg, n = segments_from_latent(latent)
         size = int(seg.shape[-1]) * 8, int(seg.shape[-2]) * 8
+        paster = face_paster(face_crop, feather, color_match)  # None without a face_crop
+        if paster is not None:
+            size = paster.width, paster.height
         waveform, sr = C.first_clip(audio)
         waveform = fit_audio_to_frames(waveform, sr, n)  # exactly n / 25 s: cut, or padded with silence
         out_dir = folder_paths.get_output_directory()
@@ -54,7 +63,7 @@ class KeyFaceSaveVideo:
         with Mp4Writer(path, size[0], size[1], fps=int(C.FPS), audio=waveform, sample_rate=sr, num_frames=n,
                        crf=int(crf)) as writer:
             for chunk in decode_chunks(vae, seg, n, chunk_frames, progress):
-                writer.write(chunk)
+                writer.write(chunk if paster is None else paster.paste_uint8(chunk, reuse=True))  # encoded at once
         log.info("KeyFace: wrote %s (%d frames)", path, n)
         return {"ui": {"images": [{"filename": file, "subfolder": subfolder, "type": "output"}], "animated": (True,)},
                 "result": (path, n)}

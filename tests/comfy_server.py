@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pytest
 
+from face_fixtures import install_detector
+
 ROOT = Path(__file__).resolve().parents[1]
 MEDIA = ROOT / "tests" / "fixtures" / "media"
 PORTRAIT = "face_grace_hopper.jpg"
@@ -42,6 +44,7 @@ SPEECH = "speech_male_arctic_a0007.wav"  # what the shipped workflows load
 # end-to-end frame count tells the two apart (the 4.000 s clip gives 100 either way).
 SPEECH_ODD = "speech_female_arctic_a0009.wav"
 PACK_LINK_NAME = "keyface"
+PHOTO_WIDE = "photo_wide_1920x1080.jpg"  # the face workflow's photo (tests/tools/make_face_fixtures.py)
 
 
 def comfyui_dir() -> Path:
@@ -81,7 +84,7 @@ class ComfyServer:
         link = self.base / "pack_parent" / PACK_LINK_NAME
         if not link.exists():
             link.symlink_to(ROOT, target_is_directory=True)
-        for name in (PORTRAIT, SPEECH, SPEECH_ODD):
+        for name in (PORTRAIT, PHOTO_WIDE, SPEECH, SPEECH_ODD):
             shutil.copy(MEDIA / name, self.input_dir / name)
         self.yaml_path = self.base / "extra_model_paths.yaml"
         self.yaml_path.write_text(
@@ -203,6 +206,7 @@ def start_server(base=None, models_dir=None, port=None, seed=0, threads=None, ex
     models_dir = Path(models_dir or base / "models" / "keyface")
     if not model_files.is_complete(models_dir):
         smoke.write_smoke_models(models_dir, seed=seed)
+    install_detector(models_dir)  # the real MTCNN weights from .cache/, where setup_env.sh put them
     if threads is None:
         threads = int(os.environ.get("KEYFACE_E2E_THREADS", "1"))
     server = ComfyServer(base, port or free_port(), models_dir, threads=threads, extra_args=extra_args)

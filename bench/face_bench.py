@@ -1,0 +1,219 @@
+"""Face framing benchmark (issue 10): detection + crop time per photo, paste-back cost per output second
+at 1080p next to the render's own cost (smoke models, CPU), and peak memory of a streamed 1080p save
+at 5 s and 60 s.
+
+    python bench/face_bench.py [--weights .cache/facenet_pytorch-2.6.0/facenet_pytorch/data] [--threads 1]
+                               [--seconds 5 60] [--out bench/results/face_cpu.json]
+
+Rows:
+* ``detect_crop``: ``keyface.face.framing.frame_face`` (MTCNN + aligned crop) per photo, median of 5
+  after one warm-up (real MTCNN weights).
+* ``render`` / ``paste``: one 5 s clip rendered by ``pipeline.render_to_file`` with the smoke models
+  (their 64 px frames) with and without pasting back into the 1920x1080 photo (same seed, same
+  settings); the difference per output second is what paste-back (warp + blend + encoding the larger
+  picture) adds. ``paste_only`` times ``FacePaster.paste_uint8`` alone on the same frames and on
+  512 px frames (the released model's size).
+* ``memory``: one subprocess per clip length streams that many seconds of 512 px frames through
+  ``FacePaster.stream`` into ``Mp4Writer`` at 1920x1080 (``preset`` ultrafast to keep the run short);
+  peak RSS (``VmHWM``) per length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PHOTO = ROOT / "tests" / "fixtures" / "media" / "photo_wide_1920x1080.jpg"
+PORTRAITS = ("face_astronaut.png", "face_grace_hopper.jpg", "photo_wide_1920x1080.jpg")
+FPS = 25
+# the wide photo's face, as MTCNN finds it (x, y, w, h); used where the bench needs no detector
+PHOTO_FACE_BOX = (1335, 341, 229, 271)
+
+
+def _peak_rss_mib() -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _median_time(fn, repeats=5):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def detect_rows(weights):
+    import torch
+
+    from keyface.face.framing import frame_face
+    from keyface.face.mtcnn import load_mtcnn
+    from keyface.video_io import read_image
+
+    model = load_mtcnn(weights)
+    rows = []
+    pictures = [(name, read_image(ROOT / "tests" / "fixtures" / "media" / name)) for name in PORTRAITS]
+    big = torch.nn.functional.interpolate(pictures[1][1].permute(2, 0, 1)[None], size=(3000, 2560),
+                                          mode="bilinear")[0].permute(1, 2, 0)
+    pictures.append(("grace_hopper upscaled 2560x3000", big))
+    for name, img in pictures:
+        seconds = _median_time(lambda: frame_face(img, detector=model))
+        rows.append({"row": "detect_crop", "photo": name, "size": f"{img.shape[1]}x{img.shape[0]}",
+                     "seconds": round(seconds, 3)})
+    return rows
+
+
+def _smoke_models(folder):
+    from keyface import model_files as mf
+    from keyface import smoke
+
+    smoke.write_smoke_models(folder, seed=0)
+    return mf.load_diffusion_models(mf.locate_models(folder), device="cpu")
+
+
+def render_rows(seconds: float):
+    import torch
+
+    from keyface import pipeline
+    from keyface.face.framing import frame_face
+    from keyface.face.paste import FacePaster
+    from keyface.video_io import read_image
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        kf, good, bad, vae = _smoke_models(Path(tmp) / "models")
+        size = pipeline.model_resolution(good)
+        photo = read_image(PHOTO)
+        crop, face_crop, _ = frame_face(photo, box=PHOTO_FACE_BOX, size=size[0])
+        z = pipeline.encode_identity(vae, pipeline.prepare_identity(crop, size))
+        n = int(seconds * FPS)
+        g = torch.Generator().manual_seed(0)
+        feats = _features(kf, good, n, g)
+        paster = FacePaster(face_crop, even=True)
+        timings = {}
+        for kind, flt in (("render", None), ("paste", lambda c: paster.paste_uint8(c, reuse=True))):
+            t0 = time.perf_counter()
+            pipeline.render_to_file(kf, good, bad, vae, z, feats, Path(tmp) / f"{kind}.mp4", device="cpu",
+                                    frame_filter=flt, seed=1)
+            timings[kind] = time.perf_counter() - t0
+        for kind in ("render", "paste"):
+            rows.append({"row": kind, "clip_seconds": seconds, "frames": n,
+                         "seconds_per_output_second": round(timings[kind] / seconds, 3),
+                         "video": f"{size[1]}x{size[0]}" if kind == "render" else f"{paster.width}x{paster.height}"})
+        added = (timings["paste"] - timings["render"]) / timings["render"]
+        rows.append({"row": "paste_and_1080p_encode_added_fraction", "value": round(added, 4)})
+        for frame_px in (size[0], 512):
+            frames = torch.rand(n, frame_px, frame_px, 3, generator=g)
+            t = _median_time(lambda: [paster.paste_uint8(frames[i:i + 16], reuse=True) for i in range(0, n, 16)],
+                             repeats=3)
+            rows.append({"row": "paste_only", "frame_px": frame_px, "into": f"{paster.width}x{paster.height}",
+                         "seconds_per_output_second": round(t / seconds, 4),
+                         "fraction_of_render": round(t / timings["render"], 4)})
+        rows.append(_encode_row(paster, n, seconds, Path(tmp)))
+    return rows
+
+
+def _encode_row(paster, n, seconds, folder):
+    """H.264 (the writer's default preset) of n full-size frames, pasted beforehand (16 distinct frames
+    with a random face, cycled) so only the encoding is timed: the cost of the output size itself,
+    which any full-resolution video pays."""
+    import torch
+
+    from keyface.video_io import Mp4Writer
+
+    frame = paster.paste_uint8(torch.rand(16, 64, 64, 3, generator=torch.Generator().manual_seed(5)))
+    t0 = time.perf_counter()
+    with Mp4Writer(folder / "encode.mp4", paster.width, paster.height, fps=FPS, num_frames=n) as w:
+        for i in range(0, n, 16):
+            w.write(frame[:min(16, n - i)])
+    t = time.perf_counter() - t0
+    return {"row": "encode_1080p_only", "frames": n, "seconds_per_output_second": round(t / seconds, 3)}
+
+
+def _features(kf, good, n, g):
+    """Random audio features of the smoke models' widths, n rows (the bench times sampling, not audio)."""
+    import torch
+
+    from keyface.audio.features import AudioFeatures
+
+    width_kf, width_it = kf.audio_projection.feature_dim, good.audio_projection.feature_dim
+    return AudioFeatures(keyframe=torch.randn(n, 2, width_kf, generator=g),
+                         interpolation=torch.randn(n, 2, width_it, generator=g), num_frames=n)
+
+
+def memory_worker(seconds: float) -> dict:
+    import torch
+
+    from keyface.face.framing import frame_face
+    from keyface.face.paste import FacePaster
+    from keyface.video_io import Mp4Writer, read_image
+
+    photo = read_image(PHOTO)
+    _, face_crop, _ = frame_face(photo, box=PHOTO_FACE_BOX, size=512)
+    paster = FacePaster(face_crop, even=True)
+    n = int(seconds * FPS)
+    g = torch.Generator().manual_seed(0)
+
+    def chunks():
+        for i in range(0, n, 16):
+            yield torch.rand(min(16, n - i), 512, 512, 3, generator=g)
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        with Mp4Writer(Path(tmp) / "m.mp4", paster.width, paster.height, fps=FPS, num_frames=n,
+                       preset="ultrafast") as w:
+            for out in paster.stream(chunks()):
+                w.write(out)
+    return {"row": "memory", "clip_seconds": seconds, "frames": n, "peak_rss_mib": round(_peak_rss_mib(), 1),
+            "wall_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default=str(ROOT / ".cache" / "facenet_pytorch-2.6.0" / "facenet_pytorch" / "data"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seconds", type=float, nargs="+", default=[5, 60])
+    p.add_argument("--render-seconds", type=float, default=5)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "face_cpu.json"))
+    p.add_argument("--memory-worker", type=float, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.memory_worker is not None:
+        print(json.dumps(memory_worker(args.memory_worker)))
+        return 0
+    rows = detect_rows(args.weights) if Path(args.weights).is_dir() else []
+    rows += render_rows(args.render_seconds)
+    for s in args.seconds:
+        r = subprocess.run([sys.executable, __file__, "--memory-worker", str(s), "--threads", str(args.threads)],
+                           capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    for r in rows:
+        print(r)
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "threads": args.threads, "cpu_count": os.cpu_count(),
+            "loadavg_1": round(os.getloadavg()[0], 2), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "rows": rows}, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
