@@ -168,6 +168,7 @@ def cmd_render(args) -> int:
     from . import model_files as mf
     from . import pipeline
     from .audio import compute_features, load_beats, load_wav2vec2, load_wavlm
+    from .loading import load_diffusion_models
     from .planner import FPS, plan_clip
     from .video_io import read_audio_file, read_image
 
@@ -199,7 +200,7 @@ def cmd_render(args) -> int:
     valence, arousal = _emotion(args, n)
 
     # 2. models
-    kf_net, good, bad, vae = mf.load_diffusion_models(found, dtype=dtype, device=device)
+    kf_net, good, bad, vae = load_diffusion_models(found, dtype=dtype, device=device)
     height, width = pipeline.model_resolution(good)
     if height != width:
         raise ValueError(f"non-square model resolution {width}x{height} is not supported by the identity crop")

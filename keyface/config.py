@@ -98,12 +98,12 @@ class UNetConfig:
         if not isinstance(params, dict):
             raise ValueError(f"network_config.params must be a dict, got {type(params).__name__}")
         own = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in params if k not in own and k not in _INERT and k not in _REQUIRED_VALUES)
+        unknown = sorted(k for k in params if k not in own and k not in INERT_PARAMS and k not in REQUIRED_VALUES)
         if unknown:
             raise ValueError(f"network_config.params: unknown key(s) {unknown}; known keys are "
-                             f"{sorted(own | set(_INERT) | set(_REQUIRED_VALUES))}")
+                             f"{sorted(own | set(INERT_PARAMS) | set(REQUIRED_VALUES))}")
         bad = []
-        for key, (default, allowed, why) in _REQUIRED_VALUES.items():
+        for key, (default, allowed, why) in REQUIRED_VALUES.items():
             value = params.get(key, default)
             if value not in allowed:
                 shown = f"{key}={value!r}" + ("" if key in params else " (the original default)")
@@ -135,7 +135,7 @@ _ORIGINAL_DEFAULTS = {
 }
 
 # Keys of the original VideoUNet that do not change the inference network (any value accepted).
-_INERT = {
+INERT_PARAMS = {
     "use_checkpoint": "gradient checkpointing, training only",
     "dropout": "no dropout at inference",
     "unfreeze_blocks": "only changes requires_grad",
@@ -148,7 +148,7 @@ _INERT = {
 
 # Keys whose value must be the released one (other values build a different network):
 # key -> (the original's default, accepted values, what the accepted value means).
-_REQUIRED_VALUES = {
+REQUIRED_VALUES = {
     "num_classes": (None, ("sequential",), "label_emb is the 'sequential' MLP"),
     "spatial_transformer_attn_type": ("softmax", ("softmax-xformers", "softmax"), "exact softmax attention"),
     "use_linear_in_transformer": (False, (True,), "proj_in/proj_out are Linear layers"),

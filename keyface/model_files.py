@@ -22,8 +22,8 @@ vae                   svd_vae.safetensors, svd_xt_vae.safetensors,
 Sidecar config: ``<checkpoint>.json`` next to a checkpoint (``keyframe.json`` or ``keyframe.pt.json``)
 holds the original-format config dict of that model (``network_config`` / ``conditioner_config`` /
 ``network_wrapper``, as in the reference YAML's ``model.params``). Loaders use it instead of the
-released sizes, which is how the tiny smoke models load: :func:`keyface.engines.load_keyframe_network`
-and :func:`~keyface.engines.load_interpolation_networks` read it themselves when they are given a file
+released sizes, which is how the tiny smoke models load: :func:`keyface.loading.load_keyframe_network`
+and :func:`~keyface.loading.load_interpolation_networks` read it themselves when they are given a file
 and no ``config``. One extra key is ours: ``"resolution"`` (pixels, default 512).
 
 Plain Python: no torch import here.
@@ -212,18 +212,3 @@ def resolution_of(config: dict | None) -> int:
     if config and isinstance(config.get("resolution"), int):
         return int(config["resolution"])
     return DEFAULT_RESOLUTION
-
-
-def load_diffusion_models(found: dict, dtype=None, device=None):
-    """(keyframe network, interpolation network, bad network, VAE) from :func:`find_models`' paths.
-
-    The UNets load in ``dtype`` with their sidecar configs (if any; the loaders read them); the VAE
-    stays float32, as released. torch and the networks are imported here, not when this module is imported.
-    """
-    from .engines import load_interpolation_networks, load_keyframe_network
-    from .vae import load_vae
-
-    vae = load_vae(found[VAE], device=device)
-    keyframe = load_keyframe_network(found[KEYFRAME], dtype=dtype, device=device)
-    good, bad = load_interpolation_networks(found[INTERPOLATION], found[INTERPOLATION_BAD], dtype=dtype, device=device)
-    return keyframe, good, bad, vae
