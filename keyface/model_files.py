@@ -35,6 +35,8 @@ import json
 import os
 from pathlib import Path
 
+from . import validate
+
 KEYFRAME = "keyframe"
 INTERPOLATION = "interpolation"
 INTERPOLATION_BAD = "interpolation_bad"
@@ -191,13 +193,11 @@ def read_sidecar(checkpoint) -> dict | None:
     sp = sidecar_path(checkpoint)
     if sp is None:
         return None
+    data = validate.parse_json(f"sidecar config {sp}", validate.read_text_file(f"sidecar config {sp}", sp))
     try:
-        data = json.loads(sp.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"sidecar config {sp} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"sidecar config {sp} must hold a JSON object, got {type(data).__name__}")
-    return data
+        return validate.sidecar_config(data)  # every key's type and range, before any weight is read
+    except ValueError as e:
+        raise ValueError(f"sidecar config {sp}: {e}") from None
 
 
 def write_sidecar(checkpoint, config: dict) -> Path:
@@ -208,7 +208,8 @@ def write_sidecar(checkpoint, config: dict) -> Path:
 
 
 def resolution_of(config: dict | None) -> int:
-    """Output resolution (pixels) recorded in a sidecar, else the released 512."""
-    if config and isinstance(config.get("resolution"), int):
-        return int(config["resolution"])
+    """Output resolution (pixels) recorded in a sidecar, else the released 512 (a bad value is an
+    error naming it, never replaced by the default)."""
+    if config and config.get("resolution") is not None:
+        return validate.resolution("sidecar resolution", config["resolution"])
     return DEFAULT_RESOLUTION

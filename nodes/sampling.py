@@ -176,6 +176,8 @@ class KeyFaceSampleKeyframes:
         import torch
         from ..keyface import emotion as kemotion, planner
 
+        C.check_widgets(type(self), seed=seed, steps=steps, ref_guidance=ref_guidance, audio_guidance=audio_guidance,
+                        fit=fit, preview=preview, attention=attention)
         n = int(audio_features.num_frames)
         plan = planner.plan_clip(n)
         identity = encode_identity(vae, image, keyframe_model.resolution, fit)
@@ -260,6 +262,8 @@ class KeyFaceInterpolate:
                     segments_per_call, attention="auto"):
         import torch
 
+        C.check_widgets(type(self), seed=seed, steps=steps, guidance=guidance, autoguidance=autoguidance,
+                        segments_per_call=segments_per_call, attention=attention)
         n_feat, n_kf = int(audio_features.num_frames), int(keyframes.num_frames)
         if n_feat != n_kf:
             raise ValueError(
@@ -344,6 +348,7 @@ class KeyFaceDecode:
     def decode(self, vae, latent, chunk_frames):
         import torch
 
+        C.check_widgets(type(self), chunk_frames=chunk_frames)
         seg, n = segments_from_latent(latent)
         frames = list(decode_chunks(vae, seg, n, chunk_frames, C.Progress()))
         return (torch.cat(frames, 0),)

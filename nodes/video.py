@@ -42,6 +42,7 @@ class KeyFaceSaveVideo:
         import folder_paths
         from ..keyface.video_io import Mp4Writer, fit_audio_to_frames
 
+        C.check_widgets(type(self), filename_prefix=filename_prefix, chunk_frames=chunk_frames, crf=crf)
         seg, n = segments_from_latent(latent)
         size = int(seg.shape[-1]) * 8, int(seg.shape[-2]) * 8
         waveform, sr = C.first_clip(audio)

@@ -84,9 +84,13 @@ def read_encoder_file(path, config=None, what="audio encoder") -> dict:
 
 def _read_json(path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not a readable JSON config ({err})") from None
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{path}: not a readable JSON config ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of config values (as a Hugging Face config.json "
+                              f"holds), got a {type(data).__name__}")
+    return data
 
 
 def _config_dict(config) -> dict:
@@ -173,3 +177,15 @@ def hf_encoder_keys(sd: dict, source: str, model_keys, prefix: str, what: str) -
     if "masked_spec_embed" not in model_keys:
         base.pop("masked_spec_embed", None)
     return base
+
+
+def build_from_config(build, cfg, source, what: str):
+    """``build(cfg)`` (a transformers config + model constructor); a config value of the wrong type or
+    size (``"hidden_size": "abc"``) raises a CheckpointError naming the config instead of the
+    constructor's TypeError / ValueError from deep inside transformers."""
+    try:
+        return build(cfg)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError, RuntimeError) as err:
+        raise CheckpointError(f"{source}: its {what} config.json does not describe a usable model "
+                              f"({type(err).__name__}: {err})"[:600]) from None
+
