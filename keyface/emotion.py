@@ -358,7 +358,8 @@ def parse_curve(text) -> EmotionCurve:
 def _lookup(name: str) -> tuple[float, float]:
     key = name.strip().lower()
     if key not in NAMED_EMOTIONS:
-        raise EmotionCurveError(f"unknown emotion {name.strip()!r}; known: {', '.join(NAMED_EMOTIONS)}")
+        shown = name.strip() if len(name.strip()) <= 60 else name.strip()[:60] + "..."  # not a 1 MB message
+        raise EmotionCurveError(f"unknown emotion {shown!r}; known: {', '.join(NAMED_EMOTIONS)}")
     return NAMED_EMOTIONS[key]
 
 

@@ -185,7 +185,9 @@ def build_from_config(build, cfg, source, what: str):
     constructor's TypeError / ValueError from deep inside transformers."""
     try:
         return build(cfg)
-    except (TypeError, ValueError, ZeroDivisionError, OverflowError, RuntimeError) as err:
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - transformers / huggingface_hub raise their own validation errors
         raise CheckpointError(f"{source}: its {what} config.json does not describe a usable model "
                               f"({type(err).__name__}: {err})"[:600]) from None
 
