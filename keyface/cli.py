@@ -201,11 +201,11 @@ def _emotion(curve, args, num_frames):
 
 
 def _settings(args):
-    """RenderSettings from the command line (validated there)."""
+    """RenderSettings from the command line (validated there; the error names the option)."""
     from .diffusion import UNGUIDED_LAST_STEP_SIGMA
     from .pipeline import RenderSettings
 
-    return RenderSettings(
+    values = dict(
         seed=args.seed,
         keyframe_steps=args.keyframe_steps or args.steps,
         interpolation_steps=args.interpolation_steps or args.steps,
@@ -215,6 +215,14 @@ def _settings(args):
         guidance_min_sigma=UNGUIDED_LAST_STEP_SIGMA if args.unguided_last_step else 0.0,
         chunk_frames=args.chunk_frames, attention=args.attention, compile=args.compile,
     )
+    try:
+        return RenderSettings(**values)
+    except ValueError as e:  # its messages start with the field: "chunk_frames must be an integer >= 1, ..."
+        field = str(e).split(" ", 1)[0].rstrip(":")
+        option = "--" + field.replace("_", "-")
+        if field.endswith("_steps") and getattr(args, field) is None:
+            option = "--steps"
+        raise ValueError(f"{option}: {e}") from None
 
 
 def cmd_render(args) -> int:

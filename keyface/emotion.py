@@ -283,7 +283,9 @@ def _parse_series(name: str, raw, warnings: list) -> tuple[Point, ...]:
         t, v = float(t), float(v)
         if not (math.isfinite(t) and math.isfinite(v)):
             raise EmotionCurveError(f"{name}[{i}]: t and value must be finite, got {p!r}")
-        if not 0 <= t <= MAX_TIME_S:
+        if t < 0:  # the same words as js/curve_math.js
+            raise EmotionCurveError(f"{name}[{i}]: time must be >= 0 seconds, got {t:g}")
+        if t > MAX_TIME_S:
             raise EmotionCurveError(f"{name}[{i}]: time must be in 0..{MAX_TIME_S:g} seconds, got {t:g}")
         if pts and t <= pts[-1][0]:
             what = "duplicate time" if t == pts[-1][0] else "times are not sorted"

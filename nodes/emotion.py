@@ -126,6 +126,8 @@ class KeyFaceEmotion:
             intensity = 1.0
         if schedule is None:
             schedule = ""
+        if not isinstance(schedule, str):
+            return f"KeyFace Emotion schedule: expected text, got {type(schedule).__name__}"
         try:
             # Untimed multi-name schedules need the duration, known only at run time: check names only.
             build_curve(emotion, curve, intensity, schedule, duration=1.0)

@@ -303,11 +303,14 @@ def segments_from_latent(latent, input_name="latent"):
     if "keyface_num_frames" not in latent:
         raise ValueError(f"{input_name}: this LATENT does not come from KeyFace Interpolate (no keyface_num_frames); "
                          "KeyFace Decode needs the segment layout that node records")
+    from ..keyface import validate
+
     x = latent["samples"]
-    t = int(latent.get("keyface_segment_frames", SEGMENT_FRAMES))
-    if x.ndim != 4 or x.shape[0] % t:
-        raise ValueError(f"{input_name}: samples {tuple(x.shape)} are not whole {t}-frame segments")
-    return x.reshape(x.shape[0] // t, t, *x.shape[1:]) * latent_scale(), int(latent["keyface_num_frames"])
+    t = validate.integer(f"{input_name}: keyface_segment_frames", latent.get("keyface_segment_frames", SEGMENT_FRAMES), 1)
+    n = validate.integer(f"{input_name}: keyface_num_frames", latent["keyface_num_frames"], 1)
+    if not hasattr(x, "ndim") or x.ndim != 4 or x.shape[0] % t:
+        raise ValueError(f"{input_name}: samples {tuple(getattr(x, 'shape', ()))} are not whole {t}-frame segments")
+    return x.reshape(x.shape[0] // t, t, *x.shape[1:]) * latent_scale(), n
 
 
 def decode_chunks(vae, segments, num_frames, chunk_frames, progress):

@@ -385,6 +385,17 @@ def test_save_video_int16_audio_track(N, node_models, node_clip):
     assert Path(out["result"][0]).is_relative_to(folder_paths.get_output_directory())
 
 
+def test_decode_node_latent_errors(N, node_models, node_clip):
+    decode = N["KeyFaceDecode"]()
+    with pytest.raises(ValueError, match="^latent: keyface_num_frames: expected an integer >= 1, got 'abc'"):
+        decode.decode(node_models["vae"], dict(node_clip["latent"], keyface_num_frames="abc"), 16)
+    with pytest.raises(ValueError, match="^chunk_frames: expected an integer in 1..256, got nan"):
+        decode.decode(node_models["vae"], node_clip["latent"], NAN)
+    nan_latent = dict(node_clip["latent"], samples=torch.full_like(node_clip["latent"]["samples"], NAN))
+    with pytest.raises(ValueError, match="^segment latents: .* not finite"):  # a LATENT from another node
+        decode.decode(node_models["vae"], nan_latent, 16)
+
+
 def test_save_video_refuses_nul_in_filename_prefix(N, node_models, node_clip):
     with pytest.raises(ValueError, match="^filename_prefix: contains a NUL character"):
         N["KeyFaceSaveVideo"]().save(node_models["vae"], node_clip["latent"], _audio(1.0), "kf\x00x", 16, 18)
@@ -409,7 +420,9 @@ def test_emotion_node_errors(N):
     with pytest.raises(ValueError, match="^emotion: expected 'custom curve' or an emotion name \\(text\\), got dict"):
         node.build({"a": 1}, "{}", 1.0)
     msg = N["KeyFaceEmotion"].VALIDATE_INPUTS(emotion={"a": 1}, curve="{}")
-    assert msg.startswith("KeyFace Emotion emotion: emotion: expected"), msg
+    assert msg.startswith("KeyFace Emotion emotion: emotion: expected 'custom curve' or an emotion name"), msg
+    msg = N["KeyFaceEmotion"].VALIDATE_INPUTS(emotion="happy", curve="{}", schedule={"a": 1})
+    assert msg == "KeyFace Emotion schedule: expected text, got dict", msg
     with pytest.raises(ValueError, match="^duration_hint: expected a finite number in 0..3600, got nan"):
         node.build("happy", "", 1.0, "", NAN)
     # integer audio gives the right duration (2 names spread over 1.0 s)
@@ -450,6 +463,8 @@ IN_PROCESS_CASES = [
     (["--image", "{d}/folder"], "--image: {d}/folder is a folder; expected a file"),
     (["--audio", "{d}/folder"], "--audio: {d}/folder is a folder; expected a file"),
     (["--device", "cuda:7" if torch.cuda.is_available() else "mps"], "--device: "),
+    (["--chunk-frames", "0"], "--chunk-frames: chunk_frames must be an integer >= 1, got 0"),
+    (["--steps", "5"], "--steps: keyframe_steps must be an integer >= 10, got 5"),
 ]
 
 
