@@ -450,8 +450,14 @@ def per_frame_emotion(curve, num_frames: int, fps: float = 25.0, intensity: floa
     n = int(num_frames)
     if n < 0:
         raise EmotionCurveError(f"num_frames must be >= 0, got {num_frames}")
-    if not fps or fps <= 0:
-        raise EmotionCurveError(f"fps must be > 0, got {fps}")
+    try:
+        fps_ok = math.isfinite(float(fps)) and float(fps) > 0
+    except (TypeError, ValueError):
+        fps_ok = False
+    if not fps_ok:
+        raise EmotionCurveError(f"fps must be a finite number > 0, got {fps!r}")
+    if intensity is not None:
+        _check_intensity(intensity)  # also without a curve: a NaN intensity is an error, not ignored
     c = as_curve(curve)
     if c is None:
         return torch.zeros(n, dtype=torch.float32), torch.zeros(n, dtype=torch.float32)

@@ -107,6 +107,7 @@ class Mp4Writer:
 
         if width % 2 or height % 2 or width <= 0 or height <= 0:
             raise MediaError(f"H.264 yuv420p needs even, positive frame sizes, got {width}x{height}")
+        crf = validate.integer("crf", crf, 0, 51)  # libx264's range; it would clamp silently
         self.path = os.fspath(path)
         self.width, self.height, self.fps = int(width), int(height), int(fps)
         self.num_frames = None if num_frames is None else int(num_frames)

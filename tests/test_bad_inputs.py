@@ -104,8 +104,8 @@ def _poisoned(module, attr_path):
 
 def test_each_stage_output_is_checked(models, identity, tmp_path):
     """Valid inputs, a model that makes NaN: the error names the stage, and no video is written."""
-    c = tp.clip_inputs(20)
-    plan = plan_clip(20)
+    c = tp.clip_inputs(5)  # 2 keyframes, 1 segment: every stage once
+    plan = plan_clip(5)
     kf_net = _poisoned(models.kf, "diffusion_model.out.2.weight")
     with pytest.raises(ValueError, match="^keyframes: the stage produced non-finite values: .* Likely cause: a model"):
         P.sample_keyframes(kf_net, identity, c.keyframe, None, None, plan)
@@ -430,6 +430,19 @@ def test_emotion_node_errors(N):
     assert node.build("happy", "", 1.0, "happy, sad", 0.0, pcm)["ui"]["keyface_emotion"][0]["duration"] == 1.0
 
 
+def test_per_frame_emotion_checks_intensity_and_fps_without_a_curve():
+    with pytest.raises(E.EmotionCurveError, match="intensity must be in \\[0, 2\\], got nan"):
+        E.per_frame_emotion(None, 10, intensity=NAN)  # used to be ignored when no curve was given
+    with pytest.raises(E.EmotionCurveError, match="fps must be a finite number > 0, got nan"):
+        E.per_frame_emotion("happy", 10, fps=NAN)
+
+
+def test_mp4_writer_refuses_crf_out_of_range(tmp_path):
+    with pytest.raises(ValueError, match="^crf: expected an integer in 0..51, got 99"):
+        Mp4Writer(tmp_path / "x.mp4", 16, 16, crf=99)
+    assert os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------------------------- CLI (subprocess)
 @pytest.fixture(scope="module")
 def cli_env(tmp_path_factory, smoke_dir):
@@ -446,11 +459,11 @@ SUBPROCESS_CASES = [
     (["--out", "{d}/folder"], "--out: {d}/folder is a folder; give the output file name"),
     (["--emotion-curve", "{d}/curve_dir"], "--emotion-curve: {d}/curve_dir is a folder; expected a UTF-8 text file"),
     (["--emotion-curve", "{d}/latin1.json"], "--emotion-curve: {d}/latin1.json is not UTF-8 text (byte 0xe9"),
-    (["--ref-ratio", "nan"], "--ref-ratio: expected a finite number, got nan"),
 ]
 if not torch.cuda.is_available():
     SUBPROCESS_CASES.append((["--device", "cuda"], "--device: 'cuda' is not available on this machine"))
 IN_PROCESS_CASES = [
+    (["--ref-ratio", "nan"], "--ref-ratio: expected a finite number, got nan"),
     (["--scale", "inf"], "--scale: expected a finite number, got inf"),
     (["--audio-ratio", "Infinity"], "--audio-ratio: expected a finite number, got inf"),
     (["--intensity", "nan"], "--intensity: expected a finite number in 0..2, got nan"),
