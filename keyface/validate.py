@@ -73,6 +73,8 @@ def sample_rate(name: str, value) -> int:
     if isinstance(value, str):
         raise ValueError(f"{name}: expected the sample rate as a positive integer in Hz (e.g. 16000), got the "
                          f"string {value!r}")
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # a 0-d tensor / numpy scalar from another node
+        value = value.item()
     return integer(name, value, low=1)
 
 
