@@ -83,13 +83,47 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _device(name: str):
+    """The torch device of ``--device``, checked to exist here (before any model loads)."""
     import torch
 
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device: {name!r} is not a device; expected auto, cpu, cuda, cuda:N or mps") from None
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if device.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+    if device.type != "cpu" and not (backend is not None and hasattr(backend, "is_available") and backend.is_available()):
+        raise ValueError(f"--device: {name!r} is not available on this machine (torch finds no {device.type} device); "
+                         "use --device cpu or auto")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise ValueError(f"--device: {name!r}: this machine has {count()} {device.type} device(s), numbered from 0")
+    return device
+
+
+def _check_options(args):
+    """Numbers and paths of the command line, checked before anything is loaded; the errors name the option."""
+    from . import validate
+    from .emotion import INTENSITY_RANGE
+
+    for option in ("ref_ratio", "audio_ratio", "scale"):
+        validate.number("--" + option.replace("_", "-"), getattr(args, option))  # NaN would render a black video
+    if args.intensity is not None:
+        validate.number("--intensity", args.intensity, *INTENSITY_RANGE)
+    validate.integer("--crf", args.crf, 0, 51)  # libx264's range (it clamps silently otherwise)
+    if args.threads is not None:
+        validate.integer("--threads", args.threads, 1)
+    validate.integer("--seed", args.seed, 0)
+    out = os.path.abspath(args.out)
+    if os.path.isdir(out):
+        raise ValueError(f"--out: {args.out} is a folder; give the output file name, e.g. {os.path.join(args.out, 'out.mp4')}")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise ValueError(f"--out: the output folder does not exist: {os.path.dirname(out)}")
 
 
 def _dtype(name, device):
@@ -134,26 +168,47 @@ def _find_models(folder):
     return found
 
 
-def _emotion(args, num_frames):
+def _read(option, reader, path):
+    """``reader(path)`` with the option named in its error (a missing file, a folder, an unreadable file)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{option}: {path} is a folder; expected a file")
+    try:
+        return reader(path)
+    except ValueError as e:
+        raise ValueError(f"{option}: {e}") from None
+
+
+def _emotion_curve(args):
+    """The EmotionCurve of --emotion / --emotion-curve (None: neutral), parsed before any model loads."""
+    from . import validate
+    from .emotion import as_curve, parse_curve
+
+    if args.emotion_curve:  # a file is always curve JSON, never a name or schedule
+        option, parse, text = "--emotion-curve", parse_curve, validate.read_text_file("--emotion-curve", args.emotion_curve)
+    elif args.emotion:
+        option, parse, text = "--emotion", as_curve, args.emotion
+    else:
+        return None
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise ValueError(f"{option}: {e}") from None
+
+
+def _emotion(curve, args, num_frames):
     from .emotion import per_frame_emotion
 
-    curve = None
-    if args.emotion_curve:
-        with open(args.emotion_curve, encoding="utf-8") as f:
-            curve = f.read()
-    elif args.emotion:
-        curve = args.emotion
     if curve is None and args.intensity is None:
         return None, None
     return per_frame_emotion(curve, num_frames, intensity=args.intensity)
 
 
 def _settings(args):
-    """RenderSettings from the command line (validated there)."""
+    """RenderSettings from the command line (validated there; the error names the option)."""
     from .diffusion import UNGUIDED_LAST_STEP_SIGMA
     from .pipeline import RenderSettings
 
-    return RenderSettings(
+    values = dict(
         seed=args.seed,
         keyframe_steps=args.keyframe_steps or args.steps,
         interpolation_steps=args.interpolation_steps or args.steps,
@@ -163,6 +218,14 @@ def _settings(args):
         guidance_min_sigma=UNGUIDED_LAST_STEP_SIGMA if args.unguided_last_step else 0.0,
         chunk_frames=args.chunk_frames, attention=args.attention, compile=args.compile,
     )
+    try:
+        return RenderSettings(**values)
+    except ValueError as e:  # its messages start with the field: "chunk_frames must be an integer >= 1, ..."
+        field = str(e).split(" ", 1)[0].rstrip(":")
+        option = "--" + field.replace("_", "-")
+        if field.endswith("_steps") and getattr(args, field) is None:
+            option = "--steps"
+        raise ValueError(f"{option}: {e}") from None
 
 
 def cmd_render(args) -> int:
@@ -171,23 +234,23 @@ def cmd_render(args) -> int:
     from . import model_files as mf
     from . import pipeline
     from .audio import compute_features, load_beats, load_wav2vec2, load_wavlm
+    from .loading import load_diffusion_models
     from .planner import FPS, plan_clip
     from .video_io import read_audio_file, read_image
 
+    _check_options(args)  # bad values fail here, before any model loads
     if args.threads:
-        torch.set_num_threads(max(1, args.threads))
+        torch.set_num_threads(args.threads)
     progress = _Progress(args.quiet)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise ValueError(f"output folder does not exist: {out_dir}")
-    settings = _settings(args)  # bad values fail here, before any model loads
-    check_face_args(args)
-    found = _find_models(args.models)
+    settings = _settings(args)
+    check_face_args(args)  # --face options, before any model loads
     device = _device(args.device)
+    curve = _emotion_curve(args)
+    found = _find_models(args.models)
     dtype = _dtype(args.dtype, device)
 
-    image = read_image(args.image)
-    waveform, sample_rate = read_audio_file(args.audio)
+    image = _read("--image", read_image, args.image)
+    waveform, sample_rate = _read("--audio", read_audio_file, args.audio)
     progress.log(f"audio: {waveform.shape[1] / sample_rate:.3f} s at {sample_rate} Hz, {waveform.shape[0]} channel(s)")
 
     # 1. audio features (encoders are freed before the diffusion models load)
@@ -200,10 +263,10 @@ def cmd_render(args) -> int:
     n = int(features.num_frames)
     plan = plan_clip(n)
     progress.log(f"features: {plan.describe()}")
-    valence, arousal = _emotion(args, n)
+    valence, arousal = _emotion(curve, args, n)
 
     # 2. models
-    kf_net, good, bad, vae = mf.load_diffusion_models(found, dtype=dtype, device=device)
+    kf_net, good, bad, vae = load_diffusion_models(found, dtype=dtype, device=device)
     height, width = pipeline.model_resolution(good)
     if height != width:
         raise ValueError(f"non-square model resolution {width}x{height} is not supported by the identity crop")
@@ -258,3 +321,6 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # a file system error during the run (disk full, permissions): one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1

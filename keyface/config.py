@@ -10,6 +10,50 @@ keys this module does not know.
 from dataclasses import dataclass, fields, replace
 from typing import Optional, Tuple, Union
 
+from . import validate
+
+# Bounds of the UNet sizes a config may set (the released UNet: 320 channels, context 1024). Wider
+# than any KeyFace-like model; they turn a typo (10**9 channels, -32) into a clear error instead of
+# torch's "storage size overflowed" / "negative dimension" while the network is built.
+MAX_WIDTH = 16384
+_INT_RANGES = {
+    "in_channels": (1, 64), "out_channels": (1, 64), "adm_in_channels": (0, MAX_WIDTH),
+    "model_channels": (1, MAX_WIDTH), "num_res_blocks": (1, 16), "context_dim": (1, MAX_WIDTH),
+    "audio_dim": (0, MAX_WIDTH), "num_frames": (1, 1024), "max_ddpm_temb_period": (1, 10**9),
+}
+_MAX_LEVELS = 8
+
+
+def _int_list(name, value, low, high, max_len=_MAX_LEVELS, allow_empty=False) -> tuple:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name}: expected a list of integers, got {value!r}")
+    if len(value) > max_len or (not value and not allow_empty):
+        raise ValueError(f"{name}: expected 1..{max_len} integers, got {len(value)}")
+    return tuple(validate.integer(f"{name}[{i}]", v, low, high) for i, v in enumerate(value))
+
+
+def _check_types(cfg) -> None:
+    """Every field's type and range (the errors name the field), before the derived checks."""
+    def fix(name, value):
+        object.__setattr__(cfg, name, value)
+
+    for name, (low, high) in _INT_RANGES.items():
+        fix(name, validate.integer(name, getattr(cfg, name), low, high))
+    for name, high in (("num_head_channels", MAX_WIDTH), ("num_heads", 1024)):
+        value = getattr(cfg, name)
+        fix(name, -1 if value == -1 and not isinstance(value, bool) else validate.integer(f"{name} (or -1)", value, 1, high))
+    fix("channel_mult", _int_list("channel_mult", cfg.channel_mult, 1, 64))
+    fix("attention_resolutions", _int_list("attention_resolutions", cfg.attention_resolutions, 1, 2**10,
+                                           allow_empty=True))
+    depth = cfg.transformer_depth
+    fix("transformer_depth", _int_list("transformer_depth", depth, 1, 64) if isinstance(depth, (list, tuple))
+        else validate.integer("transformer_depth", depth, 1, 64))
+    if cfg.transformer_depth_middle is not None:
+        fix("transformer_depth_middle", validate.integer("transformer_depth_middle", cfg.transformer_depth_middle, 1, 64))
+    k = cfg.video_kernel_size
+    fix("video_kernel_size", _int_list("video_kernel_size", k, 1, 31, max_len=3) if isinstance(k, (list, tuple))
+        else (validate.integer("video_kernel_size", k, 1, 31),) * 3)
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -34,16 +78,10 @@ class UNetConfig:
     max_ddpm_temb_period: int = 10000
 
     def __post_init__(self):
-        def fix(name, value):
-            object.__setattr__(self, name, value)
-
-        fix("channel_mult", tuple(int(m) for m in self.channel_mult))
-        fix("attention_resolutions", tuple(int(r) for r in self.attention_resolutions))
-        if not isinstance(self.transformer_depth, int):
-            fix("transformer_depth", tuple(int(d) for d in self.transformer_depth))
-        k = self.video_kernel_size
-        fix("video_kernel_size", (int(k),) * 3 if isinstance(k, int) else tuple(int(v) for v in k))
-
+        try:
+            _check_types(self)
+        except ValueError as e:
+            raise ValueError(f"invalid UNetConfig: {e}") from None
         problems = []
         if not self.channel_mult or min(self.channel_mult) < 1:
             problems.append(f"channel_mult must be a non-empty list of positive ints, got {list(self.channel_mult)}")
@@ -98,12 +136,12 @@ class UNetConfig:
         if not isinstance(params, dict):
             raise ValueError(f"network_config.params must be a dict, got {type(params).__name__}")
         own = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in params if k not in own and k not in _INERT and k not in _REQUIRED_VALUES)
+        unknown = sorted(k for k in params if k not in own and k not in INERT_PARAMS and k not in REQUIRED_VALUES)
         if unknown:
             raise ValueError(f"network_config.params: unknown key(s) {unknown}; known keys are "
-                             f"{sorted(own | set(_INERT) | set(_REQUIRED_VALUES))}")
+                             f"{sorted(own | set(INERT_PARAMS) | set(REQUIRED_VALUES))}")
         bad = []
-        for key, (default, allowed, why) in _REQUIRED_VALUES.items():
+        for key, (default, allowed, why) in REQUIRED_VALUES.items():
             value = params.get(key, default)
             if value not in allowed:
                 shown = f"{key}={value!r}" + ("" if key in params else " (the original default)")
@@ -135,7 +173,7 @@ _ORIGINAL_DEFAULTS = {
 }
 
 # Keys of the original VideoUNet that do not change the inference network (any value accepted).
-_INERT = {
+INERT_PARAMS = {
     "use_checkpoint": "gradient checkpointing, training only",
     "dropout": "no dropout at inference",
     "unfreeze_blocks": "only changes requires_grad",
@@ -148,7 +186,7 @@ _INERT = {
 
 # Keys whose value must be the released one (other values build a different network):
 # key -> (the original's default, accepted values, what the accepted value means).
-_REQUIRED_VALUES = {
+REQUIRED_VALUES = {
     "num_classes": (None, ("sequential",), "label_emb is the 'sequential' MLP"),
     "spatial_transformer_attn_type": ("softmax", ("softmax-xformers", "softmax"), "exact softmax attention"),
     "use_linear_in_transformer": (False, (True,), "proj_in/proj_out are Linear layers"),

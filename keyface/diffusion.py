@@ -60,7 +60,7 @@ def v_scaling(sigma):
     return c_skip, c_out, c_in, c_noise
 
 
-def _row_scalings(sigma, rows: int, like: torch.Tensor):
+def row_scalings(sigma, rows: int, like: torch.Tensor):
     """Per-row scalings [rows, 1, 1, 1] (c_skip, c_out, c_in) in ``like``'s dtype, and c_noise [rows] float32."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=like.device)
     if sigma.dim() == 0:
@@ -162,7 +162,7 @@ def _sizer(per_call, what: str) -> CallSizer:
 
 
 # --------------------------------------------------------------------------------------------------
-# Engine denoisers (wrapper input assembly lives on the networks, see keyface.engines)
+# Engine denoisers (wrapper input assembly lives on the networks, see keyface.networks)
 # --------------------------------------------------------------------------------------------------
 
 

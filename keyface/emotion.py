@@ -94,6 +94,9 @@ CURVE_VERSION = 1
 INTERPOLATIONS = ("linear", "monotone")
 DEFAULT_INTERPOLATION = "monotone"
 INTENSITY_RANGE = (0.0, 2.0)
+# Latest time a curve point or schedule entry may have (24 h): far beyond any clip, small enough that
+# every time x fps stays an exact float (a point at 1e308 s overflowed the frame count).
+MAX_TIME_S = 86400.0
 _KEYS = {"version", "valence", "arousal", "interpolation"}
 
 Point = tuple[float, float]
@@ -280,8 +283,10 @@ def _parse_series(name: str, raw, warnings: list) -> tuple[Point, ...]:
         t, v = float(t), float(v)
         if not (math.isfinite(t) and math.isfinite(v)):
             raise EmotionCurveError(f"{name}[{i}]: t and value must be finite, got {p!r}")
-        if t < 0:
+        if t < 0:  # the same words as js/curve_math.js
             raise EmotionCurveError(f"{name}[{i}]: time must be >= 0 seconds, got {t:g}")
+        if t > MAX_TIME_S:
+            raise EmotionCurveError(f"{name}[{i}]: time must be in 0..{MAX_TIME_S:g} seconds, got {t:g}")
         if pts and t <= pts[-1][0]:
             what = "duplicate time" if t == pts[-1][0] else "times are not sorted"
             raise EmotionCurveError(
@@ -308,6 +313,9 @@ def _load_text(text):
         return json.loads(s)
     except json.JSONDecodeError as e:
         json_error = e
+    except RecursionError:
+        raise EmotionCurveError("curve is nested too deeply to be a curve; expected JSON like "
+                                '{"version": 1, "valence": [[0, 0]], "arousal": [[0, 0]]}') from None
     try:  # a dict sent into a STRING input arrives as its Python repr
         return ast.literal_eval(s)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -352,7 +360,8 @@ def parse_curve(text) -> EmotionCurve:
 def _lookup(name: str) -> tuple[float, float]:
     key = name.strip().lower()
     if key not in NAMED_EMOTIONS:
-        raise EmotionCurveError(f"unknown emotion {name.strip()!r}; known: {', '.join(NAMED_EMOTIONS)}")
+        shown = name.strip() if len(name.strip()) <= 60 else name.strip()[:60] + "..."  # not a 1 MB message
+        raise EmotionCurveError(f"unknown emotion {shown!r}; known: {', '.join(NAMED_EMOTIONS)}")
     return NAMED_EMOTIONS[key]
 
 
@@ -384,8 +393,8 @@ def curve_from_named(schedule: str, duration: float | None = None, interpolation
             if not mt:
                 raise EmotionCurveError(f"schedule entry {item.strip()!r}: time after '@' must be seconds, e.g. 'sad@2.5'")
             time = float(mt.group(1))
-            if time < 0 or not math.isfinite(time):
-                raise EmotionCurveError(f"schedule entry {item.strip()!r}: time must be >= 0 seconds")
+            if not 0 <= time <= MAX_TIME_S:
+                raise EmotionCurveError(f"schedule entry {item.strip()!r}: time must be in 0..{MAX_TIME_S:g} seconds")
         else:
             name, time = item, None
         entries.append((_lookup(name), time, item.strip()))
@@ -441,8 +450,14 @@ def per_frame_emotion(curve, num_frames: int, fps: float = 25.0, intensity: floa
     n = int(num_frames)
     if n < 0:
         raise EmotionCurveError(f"num_frames must be >= 0, got {num_frames}")
-    if not fps or fps <= 0:
-        raise EmotionCurveError(f"fps must be > 0, got {fps}")
+    try:
+        fps_ok = math.isfinite(float(fps)) and float(fps) > 0
+    except (TypeError, ValueError):
+        fps_ok = False
+    if not fps_ok:
+        raise EmotionCurveError(f"fps must be a finite number > 0, got {fps!r}")
+    if intensity is not None:
+        _check_intensity(intensity)  # also without a curve: a NaN intensity is an error, not ignored
     c = as_curve(curve)
     if c is None:
         return torch.zeros(n, dtype=torch.float32), torch.zeros(n, dtype=torch.float32)

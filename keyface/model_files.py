@@ -22,8 +22,8 @@ vae                   svd_vae.safetensors, svd_xt_vae.safetensors,
 Sidecar config: ``<checkpoint>.json`` next to a checkpoint (``keyframe.json`` or ``keyframe.pt.json``)
 holds the original-format config dict of that model (``network_config`` / ``conditioner_config`` /
 ``network_wrapper``, as in the reference YAML's ``model.params``). Loaders use it instead of the
-released sizes, which is how the tiny smoke models load: :func:`keyface.engines.load_keyframe_network`
-and :func:`~keyface.engines.load_interpolation_networks` read it themselves when they are given a file
+released sizes, which is how the tiny smoke models load: :func:`keyface.loading.load_keyframe_network`
+and :func:`~keyface.loading.load_interpolation_networks` read it themselves when they are given a file
 and no ``config``. One extra key is ours: ``"resolution"`` (pixels, default 512).
 
 Plain Python: no torch import here.
@@ -34,6 +34,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+from . import validate
 
 KEYFRAME = "keyframe"
 INTERPOLATION = "interpolation"
@@ -238,10 +240,11 @@ def read_sidecar(checkpoint) -> dict | None:
     sp = sidecar_path(checkpoint)
     if sp is None:
         return None
-    data = read_json_config(sp, "sidecar config")
-    if not isinstance(data, dict):
-        raise ValueError(f"sidecar config {sp} must hold a JSON object, got {type(data).__name__}")
-    return data
+    data = read_json_config(sp, "sidecar config")  # size and depth bounded
+    try:
+        return validate.sidecar_config(data)  # every key's type and range, before any weight is read
+    except ValueError as e:
+        raise ValueError(f"sidecar config {sp}: {e}") from None
 
 
 def write_sidecar(checkpoint, config: dict) -> Path:
@@ -252,22 +255,8 @@ def write_sidecar(checkpoint, config: dict) -> Path:
 
 
 def resolution_of(config: dict | None) -> int:
-    """Output resolution (pixels) recorded in a sidecar, else the released 512."""
-    if config and isinstance(config.get("resolution"), int):
-        return int(config["resolution"])
+    """Output resolution (pixels) recorded in a sidecar, else the released 512 (a bad value is an
+    error naming it, never replaced by the default)."""
+    if config and config.get("resolution") is not None:
+        return validate.resolution("sidecar resolution", config["resolution"])
     return DEFAULT_RESOLUTION
-
-
-def load_diffusion_models(found: dict, dtype=None, device=None):
-    """(keyframe network, interpolation network, bad network, VAE) from :func:`find_models`' paths.
-
-    The UNets load in ``dtype`` with their sidecar configs (if any; the loaders read them); the VAE
-    stays float32, as released. torch and the networks are imported here, not when this module is imported.
-    """
-    from .engines import load_interpolation_networks, load_keyframe_network
-    from .vae import load_vae
-
-    vae = load_vae(found[VAE], device=device)
-    keyframe = load_keyframe_network(found[KEYFRAME], dtype=dtype, device=device)
-    good, bad = load_interpolation_networks(found[INTERPOLATION], found[INTERPOLATION_BAD], dtype=dtype, device=device)
-    return keyframe, good, bad, vae

@@ -45,12 +45,17 @@ from .config import ATTENTION_BACKENDS
 from .diffusion import CallSizer, ays_sigmas, interpolation_denoiser, keyframe_denoiser, sample_euler
 from .planner import FPS, STEP, WINDOW, ClipPlan, plan_clip
 from .vae import decode_memory
+from .validate import finite, integer, number, stage_output
 
 STAGE_KEYFRAMES = "keyframes"
 STAGE_INTERPOLATION = "interpolation"
 STAGE_DECODE = "decode"
 
 LATENT_CHANNELS = 4
+# Likely causes named when a stage's output is not finite although its inputs were checked.
+_SAMPLING_CAUSES = ("a model file with non-finite weights, or activations overflowing the network's dtype (fp16 "
+                    "weights: try bf16 or fp32)")
+_DECODE_CAUSES = "a VAE file with non-finite weights, or the decoder overflowing its dtype (try fp32)"
 DEFAULT_SEED = 23  # the reference's torch.manual_seed(23) (spec 1.2)
 DEFAULT_CHUNK_FRAMES = 16  # frames per decoder call, at most (fewer when the free memory says so)
 # Share of the free memory a decoder call may plan for: the rest absorbs allocator fragmentation,
@@ -146,7 +151,7 @@ def _identity_latent(identity_latent) -> torch.Tensor:
             f"identity latent: expected [1, {LATENT_CHANNELS}, h, w] or [{LATENT_CHANNELS}, h, w] "
             f"(a scaled VAE latent), got {tuple(z.shape)}"
         )
-    return z
+    return finite("identity latent", z, "encode the portrait again (pipeline.encode_identity)")
 
 
 def check_identity_latent(identity_latent, interpolation_network) -> torch.Tensor:
@@ -173,13 +178,14 @@ def _check_rows(name: str, tensor, plan: ClipPlan, dims: int | None = None):
         )
     if dims is not None and tensor.dim() != dims:
         raise ValueError(f"{name}: expected {dims} dimensions [frames, ...], got shape {tuple(tensor.shape)}")
+    finite(name, tensor)
 
 
 def _emotion(values, plan: ClipPlan, name: str) -> torch.Tensor:
     if values is None:
         return torch.zeros(plan.num_frames, dtype=torch.float32)
     v = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
-    _check_rows(name, v, plan)
+    _check_rows(name, v, plan)  # also refuses NaN / inf
     return v.cpu()
 
 
@@ -214,6 +220,7 @@ def prepare_identity(image, size, mode: str = "crop") -> torch.Tensor:
     img = img[..., :3]
     if not img.is_floating_point():
         img = img.float() / 255.0
+    finite("identity image", img, "the portrait's pixels must be numbers in 0..1")
     img = img.float()
     th, tw = (int(size), int(size)) if isinstance(size, (int,)) else (int(size[0]), int(size[1]))
     if th <= 0 or tw <= 0:
@@ -257,7 +264,7 @@ def encode_identity(vae, image, device=None) -> torch.Tensor:
         raise ValueError(f"identity image: expected [H, W, 3], got {tuple(img.shape)}")
     pixels = (img.permute(2, 0, 1)[None] * 2.0 - 1.0).to(device=device, dtype=dtype)
     z = vae.encode(pixels, sample=False)
-    return z.float().cpu()
+    return stage_output("identity encoding", z.float().cpu(), _DECODE_CAUSES.replace("decoder", "encoder"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,6 +295,8 @@ def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal,
         raise ValueError(f"branches_per_call must be 1, 2 or 3 (the keyframe guidance has 3 branches), "
                          f"got {branches_per_call}")
     sizer = CallSizer(int(branches_per_call), "keyframe guidance branches")
+    ref_ratio, audio_ratio = number("ref_ratio", ref_ratio), number("audio_ratio", audio_ratio)
+    guidance_min_sigma = number("guidance_min_sigma", guidance_min_sigma, low=0.0)
     z_id = _identity_latent(identity_latent)
     _check_rows("keyframe audio features", keyframe_audio, plan, dims=3)
     val = _emotion(valence, plan, "valence")
@@ -317,7 +326,7 @@ def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal,
         for slot_index, kf_index in plan.batch_keyframes(b):
             out[kf_index] = x[slot_index].float().cpu()
         del x, c, uc, denoise, noise, audio
-    return out
+    return stage_output(STAGE_KEYFRAMES, out, _SAMPLING_CAUSES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,6 +356,8 @@ def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan,
         raise ValueError(f"segments_per_call must be >= 1, got {segments_per_call}")
     segments_per_call = int(segments_per_call)
     sizer = CallSizer(segments_per_call, "interpolation segments")  # shared by every group: a halving sticks
+    scale = number("scale", scale)
+    guidance_min_sigma = number("guidance_min_sigma", guidance_min_sigma, low=0.0)
     kf = torch.as_tensor(keyframe_latents)
     if kf.dim() != 4 or kf.shape[1] != LATENT_CHANNELS:
         raise ValueError(f"keyframe latents: expected [K, {LATENT_CHANNELS}, h, w], got {tuple(kf.shape)}")
@@ -361,6 +372,7 @@ def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan,
             f"keyframe latents are {kf.shape[-2]}x{kf.shape[-1]} but the interpolation model's learned mask is "
             f"{h}x{w} ({8 * h}x{8 * w} px)"
         )
+    finite("keyframe latents", kf, "sample the keyframes again")
     _check_rows("interpolation audio features", interpolation_audio, plan, dims=3)
     if autoguidance and bad is None:
         raise ValueError("autoguidance needs the interpolation 'bad' network (or pass autoguidance=False)")
@@ -401,7 +413,7 @@ def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan,
         out[done:done + len(segs)] = x.float().cpu().reshape(len(segs), WINDOW, LATENT_CHANNELS, h, w)
         done += len(segs)
         del x, cond, denoise, noise, pairs, audio
-    return out
+    return stage_output(STAGE_INTERPOLATION, out, _SAMPLING_CAUSES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,6 +424,7 @@ def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan,
 def _decode_rows(vae, latents: torch.Tensor, device, dtype) -> torch.Tensor:
     """[R, 4, h, w] scaled latents -> [R, 3, H, W] float32 pixels in 0..1 (one frame per video)."""
     x = vae.decode(latents.to(device=device, dtype=dtype), frames_per_video=1)
+    stage_output(STAGE_DECODE, x, _DECODE_CAUSES)  # clamp would keep a NaN: it becomes a black pixel
     return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
@@ -476,6 +489,7 @@ def decode_segments(vae, segment_latents, num_frames, *, chunk_frames: int = DEF
     if int(chunk_frames) < 1:
         raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
     chunk_frames = int(chunk_frames)
+    finite("segment latents", lat, "interpolate the segments again")
     if not 0 <= int(start_frame) <= plan.num_frames:
         raise ValueError(f"start_frame {start_frame} is outside 0..{plan.num_frames}")
     device = _target_device(device, vae)
@@ -518,6 +532,7 @@ def decode_keyframe_preview(vae, latents, *, chunk_frames: int = DEFAULT_CHUNK_F
         lat = lat[None]
     if lat.dim() != 4 or lat.shape[1] != LATENT_CHANNELS:
         raise ValueError(f"keyframe latents: expected [K, {LATENT_CHANNELS}, h, w], got {tuple(lat.shape)}")
+    finite("keyframe latents", lat, "sample the keyframes again")
     if int(chunk_frames) < 1:
         raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
     chunk_frames = int(chunk_frames)
@@ -628,6 +643,10 @@ class RenderSettings:
     def __post_init__(self):
         # checked here so that a bad value fails before any sampling, not after the keyframes
         _check_attention(self.attention)
+        for name in ("ref_ratio", "audio_ratio", "scale"):
+            number(name, getattr(self, name))  # NaN / inf guidance would sample NaN latents: a black video
+        number("guidance_min_sigma", self.guidance_min_sigma, low=0.0)
+        integer("seed", self.seed, low=0)
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be True or False, got {self.compile!r}")
         for name, low, high in (("segments_per_call", 1, None), ("branches_per_call", 1, 3), ("chunk_frames", 1, None),

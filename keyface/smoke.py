@@ -33,14 +33,8 @@ from pathlib import Path
 import torch
 
 from . import model_files as mf
-from .engines import (
-    INTERPOLATION_AUDIO_EMBEDDER,
-    KEYFRAME_AUDIO_EMBEDDER,
-    MASK_KEY,
-    UNET_PREFIX,
-    InterpolationNetwork,
-    KeyframeNetwork,
-)
+from .engine_config import INTERPOLATION_AUDIO_EMBEDDER, KEYFRAME_AUDIO_EMBEDDER, MASK_KEY, UNET_PREFIX
+from .networks import InterpolationNetwork, KeyframeNetwork
 
 RESOLUTION = 64  # pixels; latent 8x8
 HIDDEN = 32  # every audio encoder's hidden size
@@ -217,7 +211,7 @@ def build_vae(gen):
 
 def engine_state_dict(net, audio_embedder: int) -> dict:
     """An engine network's tensors under the released engine-file keys (the inverse of
-    :mod:`keyface.engines`' loaders): the UNet body, the learned mask (interpolation) and the audio
+    :mod:`keyface.loading`' loaders): the UNet body, the learned mask (interpolation) and the audio
     projection as ``conditioner.embedders.<audio_embedder>.*`` (absent on a bad network without one)."""
     sd = {UNET_PREFIX + k: v for k, v in net.diffusion_model.state_dict().items()}
     mask = getattr(net, "learned_mask", None)

@@ -19,6 +19,8 @@ from fractions import Fraction
 import numpy as np
 
 from ._files import create_temp_beside
+from . import validate
+from .validate import pcm_to_float
 
 AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
 
@@ -41,6 +43,25 @@ def _to_numpy(x):
     return np.asarray(x)
 
 
+def _sample_rate(value) -> int:
+    try:
+        return validate.sample_rate("audio sample_rate", value)
+    except ValueError as e:
+        raise MediaError(str(e)) from None
+
+
+def _audio_float32(audio) -> np.ndarray:
+    """A waveform as float32 numpy in -1..1: integer PCM scaled (int16 / 32768, ...), never clipped to a
+    square wave; NaN / infinite samples refused (the AAC encoder would turn them into noise or silence)."""
+    try:
+        a = pcm_to_float(_to_numpy(audio))
+    except ValueError as e:
+        raise MediaError(f"audio waveform: {e}") from None
+    if not np.isfinite(a).all():
+        raise MediaError(f"audio waveform: {int((~np.isfinite(a)).sum())} sample(s) are NaN or infinite")
+    return a
+
+
 def frames_to_uint8(frames) -> np.ndarray:
     """[n, H, W, 3] float in 0..1 (clamped) or uint8 -> contiguous uint8, truncating like the original."""
     a = _to_numpy(frames)
@@ -60,7 +81,8 @@ def fit_audio_to_frames(audio, sample_rate: int, num_frames: int) -> np.ndarray:
     """
     from .planner import audio_samples_for_frames
 
-    a = _to_numpy(audio).astype(np.float32, copy=False)
+    sample_rate = _sample_rate(sample_rate)
+    a = _audio_float32(audio)
     if a.ndim == 1:
         a = a[None]
     if a.ndim != 2:
@@ -85,6 +107,7 @@ class Mp4Writer:
 
         if width % 2 or height % 2 or width <= 0 or height <= 0:
             raise MediaError(f"H.264 yuv420p needs even, positive frame sizes, got {width}x{height}")
+        crf = validate.integer("crf", crf, 0, 51)  # libx264's range; it would clamp silently
         self.path = os.fspath(path)
         self.width, self.height, self.fps = int(width), int(height), int(fps)
         self.num_frames = None if num_frames is None else int(num_frames)
@@ -99,7 +122,7 @@ class Mp4Writer:
             if audio is not None and sample_rate:
                 # the edit lists are stored in the movie timescale (1000 by default, i.e. the audio
                 # duration rounded to ms); the AAC rate is a multiple of 25, so both tracks stay exact
-                options["movie_timescale"] = str(_aac_rate(int(sample_rate)))
+                options["movie_timescale"] = str(_aac_rate(_sample_rate(sample_rate)))
             self._container = av.open(self._tmp, mode="w", format="mp4", options=options)
             vs = self._container.add_stream("libx264", rate=self.fps)
             vs.width, vs.height, vs.pix_fmt = self.width, self.height, "yuv420p"
@@ -116,9 +139,8 @@ class Mp4Writer:
     def _setup_audio(self, audio, sample_rate, bitrate):
         import av
 
-        if sample_rate is None or int(sample_rate) <= 0:
-            raise MediaError(f"audio needs a positive sample_rate, got {sample_rate!r}")
-        a = _to_numpy(audio).astype(np.float32, copy=False)
+        sample_rate = _sample_rate(sample_rate)
+        a = _audio_float32(audio)
         if a.ndim == 1:
             a = a[None]
         if a.ndim != 2 or a.shape[1] == 0:

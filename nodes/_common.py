@@ -323,18 +323,56 @@ def first_image(image, input_name="image"):
 
 
 def first_clip(audio, input_name="audio"):
-    """(waveform [C, S] float32, sample_rate) of the first clip of an AUDIO batch (warns when it holds more)."""
+    """(waveform [C, S] float32 in -1..1, sample_rate) of the first clip of an AUDIO batch (warns when it
+    holds more). Integer PCM (int16, ...) is scaled, not just cast: a cast int16 clip would be a
+    clipped square wave in the mp4; the sample rate must be a positive integer."""
+    from ..keyface import validate
+
     try:
-        wf, sr = audio["waveform"], int(audio["sample_rate"])
+        wf, sr = audio["waveform"], audio["sample_rate"]
     except (KeyError, TypeError) as e:
         raise ValueError(f"{input_name}: expected a ComfyUI AUDIO dict with 'waveform' and 'sample_rate'") from e
+    sr = validate.sample_rate(f"{input_name}: sample_rate", sr)
+    if not hasattr(wf, "ndim"):
+        raise ValueError(f"{input_name}: expected the waveform as a tensor [batch, channels, samples], got "
+                         f"{type(wf).__name__}")
+    shape = tuple(wf.shape)
     if wf.ndim == 3:
         if wf.shape[0] > 1:
             notify(f"{input_name} holds a batch of {wf.shape[0]} clips; using the first")
         wf = wf[0]
     elif wf.ndim == 1:
         wf = wf[None]
-    if wf.ndim != 2 or wf.shape[-1] == 0 or sr <= 0:
-        raise ValueError(f"{input_name}: expected a non-empty waveform [batch, channels, samples] with a positive "
-                         f"sample rate, got shape {tuple(audio['waveform'].shape)} at {sr} Hz")
-    return wf.float(), sr
+    if wf.ndim != 2 or wf.shape[-1] == 0:
+        raise ValueError(f"{input_name}: expected a non-empty waveform [batch, channels, samples], got shape {shape}")
+    try:
+        return validate.pcm_to_float(wf), sr
+    except ValueError as e:
+        raise ValueError(f"{input_name}: {e}") from None
+
+
+# --------------------------------------------------------------------------------- widget values
+def check_widgets(node_cls, **values):
+    """Check widget values against the node's own declaration (INPUT_TYPES: type, min, max, choices).
+
+    ComfyUI checks min/max with comparisons, which NaN passes (JSON ``NaN`` in an API prompt), and
+    a node that lists an input in VALIDATE_INPUTS skips ComfyUI's checks for it; a NaN guidance scale
+    would then sample NaN latents and save a black video. The error names the input and the range.
+    """
+    from ..keyface import validate
+
+    spec = node_cls.INPUT_TYPES()
+    declared = {**spec.get("required", {}), **spec.get("optional", {})}
+    for name, value in values.items():
+        kind, opts = declared[name][0], (declared[name][1] if len(declared[name]) > 1 else {})
+        low, high = opts.get("min"), opts.get("max")
+        if kind == "FLOAT":
+            validate.number(name, value, low, high)
+        elif kind == "INT":
+            validate.integer(name, value, low, high)
+        elif kind == "BOOLEAN" and not isinstance(value, bool):
+            raise ValueError(f"{name}: expected true or false, got {value!r}")
+        elif kind == "STRING":
+            validate.text(name, value)
+        elif isinstance(kind, list) and (not isinstance(value, str) or value not in kind):
+            raise ValueError(f"{name}: expected one of {', '.join(map(str, kind))}; got {value!r}"[:400])

@@ -24,20 +24,27 @@ def _emotion_names():
     return list(NAMED_EMOTIONS)
 
 
-def _audio_duration(audio):
-    """Seconds of a ComfyUI AUDIO dict ({"waveform": [B, C, S], "sample_rate": int}), or None."""
+def _audio_duration(audio, input_name="audio"):
+    """Seconds of a ComfyUI AUDIO dict ({"waveform": [B, C, S], "sample_rate": int}, any sample dtype);
+    ValueError naming the input for anything else (a connected but broken input is not ignored)."""
+    from ..keyface import validate
+
     try:
-        wf = audio["waveform"]
-        sr = float(audio["sample_rate"])
-        return float(wf.shape[-1]) / sr if sr > 0 else None
-    except (KeyError, TypeError, AttributeError, IndexError):
-        return None
+        wf, sr = audio["waveform"], audio["sample_rate"]
+        samples = int(wf.shape[-1])
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{input_name}: expected a ComfyUI AUDIO dict with 'waveform' [batch, channels, samples] "
+                         "and 'sample_rate'") from e
+    return samples / validate.sample_rate(f"{input_name}: sample_rate", sr)
 
 
 def build_curve(emotion, curve, intensity=1.0, schedule="", duration=None):
     """The node's logic without ComfyUI: returns an EmotionCurve or raises EmotionCurveError."""
     from ..keyface import emotion as kfe
 
+    if not isinstance(emotion, str):  # an API prompt can send any JSON value (a dict is not hashable)
+        raise kfe.EmotionCurveError(f"emotion: expected {CUSTOM_CURVE!r} or an emotion name (text), got "
+                                    f"{type(emotion).__name__} {emotion!r}"[:300])
     if emotion == CUSTOM_CURVE:
         c = replace(kfe.parse_curve(curve), source=CUSTOM_CURVE)
     elif schedule is not None and str(schedule).strip():
@@ -119,6 +126,8 @@ class KeyFaceEmotion:
             intensity = 1.0
         if schedule is None:
             schedule = ""
+        if not isinstance(schedule, str):
+            return f"KeyFace Emotion schedule: expected text, got {type(schedule).__name__}"
         try:
             # Untimed multi-name schedules need the duration, known only at run time: check names only.
             build_curve(emotion, curve, intensity, schedule, duration=1.0)
@@ -128,6 +137,7 @@ class KeyFaceEmotion:
         return True
 
     def build(self, emotion, curve, intensity, schedule="", duration_hint=0.0, audio=None):
+        C.check_widgets(type(self), duration_hint=duration_hint, schedule=schedule)
         duration = _audio_duration(audio) if audio is not None else None
         source = "audio" if duration is not None else None
         if duration is None and duration_hint and duration_hint > 0:

@@ -176,6 +176,8 @@ class KeyFaceSampleKeyframes:
         import torch
         from ..keyface import emotion as kemotion, planner
 
+        C.check_widgets(type(self), seed=seed, steps=steps, ref_guidance=ref_guidance, audio_guidance=audio_guidance,
+                        fit=fit, preview=preview, attention=attention)
         n = int(audio_features.num_frames)
         plan = planner.plan_clip(n)
         identity = encode_identity(vae, image, keyframe_model.resolution, fit)
@@ -261,6 +263,8 @@ class KeyFaceInterpolate:
                     segments_per_call, attention="auto"):
         import torch
 
+        C.check_widgets(type(self), seed=seed, steps=steps, guidance=guidance, autoguidance=autoguidance,
+                        segments_per_call=segments_per_call, attention=attention)
         n_feat, n_kf = int(audio_features.num_frames), int(keyframes.num_frames)
         if n_feat != n_kf:
             raise ValueError(
@@ -300,11 +304,14 @@ def segments_from_latent(latent, input_name="latent"):
     if "keyface_num_frames" not in latent:
         raise ValueError(f"{input_name}: this LATENT does not come from KeyFace Interpolate (no keyface_num_frames); "
                          "KeyFace Decode needs the segment layout that node records")
+    from ..keyface import validate
+
     x = latent["samples"]
-    t = int(latent.get("keyface_segment_frames", SEGMENT_FRAMES))
-    if x.ndim != 4 or x.shape[0] % t:
-        raise ValueError(f"{input_name}: samples {tuple(x.shape)} are not whole {t}-frame segments")
-    return x.reshape(x.shape[0] // t, t, *x.shape[1:]) * latent_scale(), int(latent["keyface_num_frames"])
+    t = validate.integer(f"{input_name}: keyface_segment_frames", latent.get("keyface_segment_frames", SEGMENT_FRAMES), 1)
+    n = validate.integer(f"{input_name}: keyface_num_frames", latent["keyface_num_frames"], 1)
+    if not hasattr(x, "ndim") or x.ndim != 4 or x.shape[0] % t:
+        raise ValueError(f"{input_name}: samples {tuple(getattr(x, 'shape', ()))} are not whole {t}-frame segments")
+    return x.reshape(x.shape[0] // t, t, *x.shape[1:]) * latent_scale(), n
 
 
 def decode_chunks(vae, segments, num_frames, chunk_frames, progress):
@@ -345,6 +352,7 @@ class KeyFaceDecode:
     def decode(self, vae, latent, chunk_frames):
         import torch
 
+        C.check_widgets(type(self), chunk_frames=chunk_frames)
         seg, n = segments_from_latent(latent)
         frames = list(decode_chunks(vae, seg, n, chunk_frames, C.Progress()))
         return (torch.cat(frames, 0),)

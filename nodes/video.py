@@ -48,6 +48,7 @@ class KeyFaceSaveVideo:
         import folder_paths
         from ..keyface.video_io import Mp4Writer, fit_audio_to_frames
 
+        C.check_widgets(type(self), filename_prefix=filename_prefix, chunk_frames=chunk_frames, crf=crf)
         seg, n = segments_from_latent(latent)
         size = int(seg.shape[-1]) * 8, int(seg.shape[-2]) * 8
         paster = face_paster(face_crop, feather, color_match)  # None without a face_crop

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]  # comfyui_server, workflow_to_api; keyface
 
 from keyface import model_files, smoke  # noqa: E402
 
@@ -119,7 +119,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from comfy_server import ComfyServer, free_port
+    from comfyui_server import ComfyServer, free_port
     from workflow_to_api import convert
 
     run_dir = Path(os.environ.get("KEYFACE_RUN_DIR", ROOT / ".cache" / "run")).resolve()

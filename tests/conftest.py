@@ -1,8 +1,9 @@
 """Test set-up shared by every test.
 
-* ``tests/`` and the repository root are importable (``import keyface``, ``import parity_kinds``)
+* ``tests/``, ``scripts/`` and the repository root are importable (``import keyface``, ``import parity_kinds``,
+  ``import comfy_stubs``)
   through ``pythonpath`` in pyproject.toml.
-* Stub modules for ComfyUI's ``folder_paths`` / ``comfy.*`` are installed (see comfy_stubs.py) so that
+* Stub modules for ComfyUI's ``folder_paths`` / ``comfy.*`` are installed (see scripts/comfy_stubs.py) so that
   importing the pack's root ``__init__.py`` and ``nodes/`` works under pytest without ComfyUI. The
   end-to-end tests run the real ComfyUI in a subprocess and never see these stubs.
 """

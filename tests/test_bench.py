@@ -1,4 +1,4 @@
-"""keyface.bench count mode: the instrumented pipeline must match the closed form of the released
+"""bench (python -m bench) count mode: the instrumented pipeline must match the closed form of the released
 batching, decode nothing twice or in vain, and keep per-call sizes independent of the clip length.
 
 Fast (a few seconds): the network bodies are stubs, everything else is the real pipeline code at the
@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from keyface import bench
+from bench import benchmark as bench
 from keyface.planner import plan_clip
 
 

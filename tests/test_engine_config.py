@@ -102,15 +102,15 @@ def _small_keyframe_sd(**overrides):
 
 def test_assumed_head_size_is_logged(caplog):
     sd, ref = _small_keyframe_sd()
-    with caplog.at_level(logging.WARNING, logger="keyface.engines"):
+    with caplog.at_level(logging.WARNING, logger="keyface.engine_config"):
         net = load_keyframe_network(sd)
     assert net.unet_config == ref.unet_config
-    warned = [r.getMessage() for r in caplog.records if r.name == "keyface.engines"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "keyface.engine_config"]
     assert len(warned) == 1 and "num_head_channels=64 was assumed" in warned[0] and "config=" in warned[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="keyface.engines"):
+    with caplog.at_level(logging.WARNING, logger="keyface.engine_config"):
         load_keyframe_network(sd, config={"num_head_channels": 64})  # said, not assumed
-    assert not [r for r in caplog.records if r.name == "keyface.engines"]
+    assert not [r for r in caplog.records if r.name == "keyface.engine_config"]
 
 
 def test_head_size_from_a_partial_config():

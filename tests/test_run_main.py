@@ -209,7 +209,7 @@ def test_chromium_is_best_effort_except_in_ci(tmp_path, env, strict):
 @pytest.mark.parametrize("cpu", [True, False])
 def test_server_command_and_model_folders(tmp_path, cpu):
     """What run.sh hands to ComfyUI: --cpu only when asked, and every folder of the models layout."""
-    from comfy_server import ComfyServer
+    from comfyui_server import ComfyServer
 
     server = ComfyServer(tmp_path / "base", 8188, tmp_path / "models" / "keyface", cpu=cpu,
                          extra_folders={"vae": tmp_path / "models" / "vae"})

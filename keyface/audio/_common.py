@@ -84,9 +84,13 @@ def read_encoder_file(path, config=None, what="audio encoder") -> dict:
 
 def _read_json(path) -> dict:
     try:
-        return read_json_config(path, "JSON config")
+        data = read_json_config(path, "JSON config")
     except ValueError as err:
         raise CheckpointError(str(err)) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of config values (as a Hugging Face config.json "
+                              f"holds), got a {type(data).__name__}")
+    return data
 
 
 def _config_dict(config) -> dict:
@@ -173,3 +177,17 @@ def hf_encoder_keys(sd: dict, source: str, model_keys, prefix: str, what: str) -
     if "masked_spec_embed" not in model_keys:
         base.pop("masked_spec_embed", None)
     return base
+
+
+def build_from_config(build, cfg, source, what: str):
+    """``build(cfg)`` (a transformers config + model constructor); a config value of the wrong type or
+    size (``"hidden_size": "abc"``) raises a CheckpointError naming the config instead of the
+    constructor's TypeError / ValueError from deep inside transformers."""
+    try:
+        return build(cfg)
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - transformers / huggingface_hub raise their own validation errors
+        raise CheckpointError(f"{source}: its {what} config.json does not describe a usable model "
+                              f"({type(err).__name__}: {err})"[:600]) from None
+

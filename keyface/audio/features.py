@@ -52,6 +52,7 @@ import torch
 from torch.nn import functional as F
 
 from ..planner import video_frame_count
+from ..validate import pcm_to_float, sample_rate as check_sample_rate, stage_output
 from .resample import resample
 from .wav2vec2 import normalize_waveform
 
@@ -97,14 +98,10 @@ def _to_float(waveform) -> torch.Tensor:
             waveform = torch.as_tensor(waveform)
         except Exception as err:  # noqa: BLE001
             raise AudioInputError(f"audio: expected a waveform tensor, got {type(waveform).__name__} ({err})") from None
-    if waveform.dtype == torch.bool or waveform.is_complex():
-        raise AudioInputError(f"audio: expected real sample values, got dtype {waveform.dtype}")
-    if not waveform.is_floating_point():
-        if waveform.dtype == torch.uint8:
-            return (waveform.to(torch.float32) - 128.0) / 128.0
-        scale = float(torch.iinfo(waveform.dtype).max) + 1.0  # int16 PCM -> /32768 etc.
-        return waveform.to(torch.float32) / scale
-    return waveform.to(torch.float32)
+    try:
+        return pcm_to_float(waveform)  # integer PCM -> -1..1 (int16 / 32768, ...)
+    except ValueError as err:
+        raise AudioInputError(str(err)) from None
 
 
 def prepare_waveform(waveform, sample_rate) -> torch.Tensor:
@@ -141,11 +138,9 @@ def prepare_waveform(waveform, sample_rate) -> torch.Tensor:
     if x.numel() == 0:
         raise AudioInputError(f"audio: the clip is empty (shape {tuple(x.shape)})")
     try:
-        sr = int(sample_rate)
-    except (TypeError, ValueError):
-        raise AudioInputError(f"audio: sample_rate must be a positive integer, got {sample_rate!r}") from None
-    if sr <= 0 or sr != sample_rate:
-        raise AudioInputError(f"audio: sample_rate must be a positive integer, got {sample_rate!r}")
+        sr = check_sample_rate("audio: sample_rate", sample_rate)
+    except ValueError as err:
+        raise AudioInputError(str(err)) from None
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise AudioInputError(f"audio: the waveform contains {bad} NaN or infinite sample(s)")
@@ -230,6 +225,22 @@ def wav2vec2_frames(wave16k: torch.Tensor, wav2vec2) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def _finite_features(encoder: str, feats: torch.Tensor, wave: torch.Tensor) -> torch.Tensor:
+    """``feats`` if finite; else an AudioInputError naming the encoder and the waveform's amplitude
+    (float audio far outside -1..1, e.g. 1e15, overflows the encoders: their features become NaN)."""
+    if bool(torch.isfinite(feats).all()):
+        return feats
+    peak = float(wave.abs().max())
+    try:
+        stage_output(f"audio features ({encoder})", feats,
+                     f"the waveform's peak amplitude is {peak:.3g}; float audio is expected in -1..1 (integer PCM "
+                     "is scaled automatically); scale the clip down" if peak > 1.0 else
+                     "a model file with non-finite or overflowing weights")
+    except ValueError as err:
+        raise AudioInputError(f"audio: {err}") from None
+    return feats
+
+
 @torch.no_grad()
 def compute_features(waveform, sample_rate, wavlm, beats, wav2vec2, max_frames=None,
                      attention_chunk=DEFAULT_ATTENTION_CHUNK,
@@ -247,9 +258,9 @@ def compute_features(waveform, sample_rate, wavlm, beats, wav2vec2, max_frames=N
     wave = prepare_waveform(waveform, sample_rate)
     n = video_frame_count(wave.shape[0]) if trim_to_duration else num_video_frames(wave.shape[0])
     # the chunk size goes into each call: the encoders hold no per-call state, so threads may share them
-    w = wavlm_frames(wave, wavlm, attention_chunk).float().cpu()
-    b = beats_frames(wave, beats, attention_chunk).float().cpu()
-    v = wav2vec2_frames(wave, wav2vec2).float().cpu()
+    w = _finite_features("WavLM", wavlm_frames(wave, wavlm, attention_chunk).float().cpu(), wave)
+    b = _finite_features("BEATs", beats_frames(wave, beats, attention_chunk).float().cpu(), wave)
+    v = _finite_features("wav2vec2", wav2vec2_frames(wave, wav2vec2).float().cpu(), wave)
     key = [w, b]
     interp = [v, b]
     if max_frames is not None:

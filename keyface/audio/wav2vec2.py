@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import CheckpointError
-from ._common import as_batch, hf_encoder_keys, load_strict, module_device_dtype, read_encoder_file
+from ._common import as_batch, build_from_config, hf_encoder_keys, load_strict, module_device_dtype, read_encoder_file
 
 
 def normalize_waveform(waveform: torch.Tensor) -> torch.Tensor:
@@ -63,11 +63,15 @@ def load_wav2vec2(path, config=None, dtype=None, device=None, attn_implementatio
     cfg = dict(f["cfg"])
     if cfg.get("model_type", "wav2vec2") != "wav2vec2":
         raise CheckpointError(f"{path}: config.json describes a {cfg.get('model_type')!r} model, not wav2vec2")
-    hf_config = Wav2Vec2Config.from_dict(cfg)
-    for name in ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "layerdrop", "final_dropout"):
-        setattr(hf_config, name, 0.0)
-    hf_config._attn_implementation = attn_implementation
-    model = Wav2Vec2Model(hf_config)
+    def build(cfg):
+        hf_config = Wav2Vec2Config.from_dict(cfg)
+        for name in ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "layerdrop",
+                     "final_dropout"):
+            setattr(hf_config, name, 0.0)
+        hf_config._attn_implementation = attn_implementation
+        return Wav2Vec2Model(hf_config)
+
+    model = build_from_config(build, cfg, f["source"], "wav2vec2")
     sd = hf_encoder_keys(f["model"], f["source"], model.state_dict().keys(), prefix="wav2vec2.", what="wav2vec2")
     load_strict(model, sd, f["source"], "wav2vec2")
     enc = Wav2Vec2Encoder(model).eval().requires_grad_(False)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..checkpoints import CheckpointError, KeyLedger
-from ._common import as_batch, hf_encoder_keys, load_strict, module_device_dtype, read_encoder_file
+from ._common import as_batch, build_from_config, hf_encoder_keys, load_strict, module_device_dtype, read_encoder_file
 
 # unilm WavLMConfig defaults (used only for keys a cfg does not carry)
 UNILM_DEFAULTS = {
@@ -269,11 +269,14 @@ def load_wavlm(path, config=None, dtype=None, device=None) -> WavLMEncoder:
     else:
         if f["cfg"].get("model_type", "wavlm") != "wavlm":
             raise CheckpointError(f"{path}: config.json describes a {f['cfg'].get('model_type')!r} model, not WavLM")
-        hf_config = WavLMConfig.from_dict(f["cfg"])
-        for name in ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "layerdrop"):
-            setattr(hf_config, name, 0.0)
+        def build(cfg):
+            hf_config = WavLMConfig.from_dict(cfg)
+            for name in ("hidden_dropout", "attention_dropout", "activation_dropout", "feat_proj_dropout", "layerdrop"):
+                setattr(hf_config, name, 0.0)
+            return WavLMModel(hf_config)
+
         normalize = False  # HF feature extractors normalise outside the model; KeyFace feeds raw audio
-        model = WavLMModel(hf_config)
+        model = build_from_config(build, f["cfg"], f["source"], "WavLM")
         sd = hf_encoder_keys(f["model"], f["source"], model.state_dict().keys(), prefix="wavlm.", what="WavLM")
     load_strict(model, sd, f["source"], "WavLM")
     enc = WavLMEncoder(model, normalize=normalize).eval().requires_grad_(False)

@@ -1,6 +1,6 @@
 """Benchmark: cost per second of output video, peak memory, speed knobs, pack import time.
 
-``python -m keyface.bench [--mode count run knobs import] [--seconds 5 20 60] [--out-dir bench/results]``
+``python -m bench [--mode count run knobs import] [--seconds 5 20 60] [--out-dir bench/results]``
 
 Modes (each prints a table and writes ``<out-dir>/<mode>[_<device>].json``):
 
@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[1]  # bench/ is a folder of the source checkout
 
 # The original's cost per output second (spec 8.1 / 8.2, steady state).
 ORIGINAL = {
@@ -60,8 +60,8 @@ ORIGINAL = {
     "pflop_per_s": 0.957,
 }
 TARGET_FRAME_EVALS_PER_S = 640.0
-from .diffusion import UNGUIDED_LAST_STEP_SIGMA as LAST_STEP_SIGMA  # noqa: E402  (the knob's "last step only" value)
-from .planner import FPS  # noqa: E402
+from keyface.diffusion import UNGUIDED_LAST_STEP_SIGMA as LAST_STEP_SIGMA  # noqa: E402  (the knob's "last step only" value)
+from keyface.planner import FPS  # noqa: E402
 
 
 # ==================================================================================================
@@ -80,8 +80,8 @@ def closed_form(num_frames: int, steps: int = 10, autoguidance: bool = True, seg
     and the documented batching (spec 5.4 / 5.5): keyframe batches of 14 slots x 3 branches in one call
     per step; interpolation ``segments_per_call`` segments per call per network per step; one decode
     per (segment, local frame) that reaches an output frame."""
-    from .diffusion import ays_sigmas
-    from .planner import WINDOW, plan_clip
+    from keyface.diffusion import ays_sigmas
+    from keyface.planner import WINDOW, plan_clip
 
     plan = plan_clip(int(num_frames))
     nfe = len(ays_sigmas(steps)) - 1
@@ -115,7 +115,7 @@ def closed_form(num_frames: int, steps: int = 10, autoguidance: bool = True, seg
 def steady_state(steps: int = 10, autoguidance: bool = True, last_step_good_only: bool = False,
                  last_step_full_only: bool = False) -> dict:
     """Per output second for an infinitely long clip: 25/13 keyframes and segments per second."""
-    from .diffusion import ays_sigmas
+    from keyface.diffusion import ays_sigmas
 
     nfe = len(ays_sigmas(steps)) - 1
     per_s = FPS / 13.0
@@ -173,7 +173,7 @@ class Counter:
 
     def progress(self, event):
         """Use as the pipeline callback: remembers how many frames were decoded while sampling."""
-        from .pipeline import STAGE_DECODE
+        from keyface.pipeline import STAGE_DECODE
 
         if event.stage != STAGE_DECODE:
             self.decoder_rows_during_sampling = self.decoder["rows"]
@@ -220,9 +220,9 @@ def _stub_models(latent_hw=(64, 64), feature_dim=1536, seed=0):
     import torch
     from torch import nn
 
-    from .config import INTERPOLATION_UNET, KEYFRAME_UNET
-    from .engines import InterpolationNetwork, KeyframeNetwork
-    from .vae import VAE
+    from keyface.config import INTERPOLATION_UNET, KEYFRAME_UNET
+    from keyface.engines import InterpolationNetwork, KeyframeNetwork
+    from keyface.vae import VAE
 
     class StubUNet(nn.Module):
         def __init__(self, cfg):
@@ -273,7 +273,7 @@ def count_clip(num_frames: int, *, models=None, **settings) -> dict:
     return the instrumented counts plus the closed form for the same settings."""
     import torch
 
-    from . import pipeline as P
+    from keyface import pipeline as P
 
     kf, good, bad, vae = models or _stub_models()
     counter = Counter()
@@ -346,8 +346,8 @@ def measure_flops() -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .engines import build_interpolation_network, build_keyframe_network
-    from .vae import VAE
+    from keyface.engines import build_interpolation_network, build_keyframe_network
+    from keyface.vae import VAE
 
     def count(fn):
         with FlopCounterMode(display=False) as fc:
@@ -564,17 +564,19 @@ def _json_default(o):  # only for what json cannot write itself
 
 def load_tiny_models(folder, dtype=None, device="cpu"):
     """The keyface.smoke tiny random models from ``folder`` (UNets in ``dtype``; VAE in fp32)."""
-    from . import model_files as mf
+    from keyface import model_files as mf
 
-    return mf.load_diffusion_models(mf.find_models(folder), dtype=dtype, device=device)
+    from keyface.loading import load_diffusion_models
+
+    return load_diffusion_models(mf.find_models(folder), dtype=dtype, device=device)
 
 
 def build_full_size_models(dtype, device):
     """Released-size networks with random weights (torch default init) for timing on CUDA; VAE fp32."""
     import torch
 
-    from .engines import build_interpolation_network, build_keyframe_network
-    from .vae import VAE
+    from keyface.engines import build_interpolation_network, build_keyframe_network
+    from keyface.vae import VAE
 
     torch.manual_seed(0)
     kf = build_keyframe_network(dtype=dtype, device=device).eval().requires_grad_(False)
@@ -590,7 +592,7 @@ def build_full_size_models(dtype, device):
 def random_inputs(num_frames, good, kf, seed=1):
     import torch
 
-    from .pipeline import model_latent_size
+    from keyface.pipeline import model_latent_size
 
     h, w = model_latent_size(good)
     feat = kf.audio_projection.linear.weight.shape[1]
@@ -671,19 +673,19 @@ def _ru_maxrss_mb() -> float:
 
 def _node_saver(folder: str, tmp: str):
     """KeyFace Save Video (nodes/video.py, the node that writes the mp4 itself) run the way ComfyUI
-    runs it, under the ComfyUI stand-ins of ``tests/comfy_stubs.py`` (no ComfyUI needed): the pack
+    runs it, under the ComfyUI stand-ins of ``scripts/comfy_stubs.py`` (no ComfyUI needed): the pack
     is imported as a package, the VAE comes from the KeyFace VAE loader node. Returns
     ``save(latent, audio) -> path``."""
     import importlib.util
 
-    tests = REPO_ROOT / "tests"
-    if not (tests / "comfy_stubs.py").is_file():
-        raise RuntimeError("the node rows need the repository's tests/comfy_stubs.py (a source checkout)")
-    sys.path.insert(0, str(tests))
+    stubs_dir = REPO_ROOT / "scripts"
+    if not (stubs_dir / "comfy_stubs.py").is_file():
+        raise RuntimeError("the node rows need the repository's scripts/comfy_stubs.py (a source checkout)")
+    sys.path.insert(0, str(stubs_dir))
     try:
         import comfy_stubs
     finally:
-        sys.path.remove(str(tests))
+        sys.path.remove(str(stubs_dir))
     comfy_stubs.install()
     name = "keyface_pack_bench"
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "__init__.py",
@@ -710,13 +712,13 @@ def _row_inputs(output, num, good, kf, seed=2):
     random segment latents (the node only decodes and encodes), and a ComfyUI AUDIO."""
     import torch
 
-    from .planner import WINDOW, plan_clip
+    from keyface.planner import WINDOW, plan_clip
 
     audio = 0.1 * torch.randn(1, num * 640, generator=torch.Generator().manual_seed(seed))
     if output != "node":
         features, z_id = random_inputs(num, good, kf)
         return {"features": features, "z_id": z_id, "audio": audio}
-    from .pipeline import model_latent_size
+    from keyface.pipeline import model_latent_size
 
     h, w = model_latent_size(good)
     segs = plan_clip(num).num_segments
@@ -737,7 +739,7 @@ def _worker(spec: dict) -> dict:
 
     import torch
 
-    from . import pipeline as P
+    from keyface import pipeline as P
 
     torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec["device"])
@@ -837,7 +839,7 @@ WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 def _spawn_worker(spec, timeout=3600, fixed_mmap_threshold=True) -> dict:
     env = {**os.environ, **(WORKER_ENV if fixed_mmap_threshold else {})}
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    out = subprocess.run([sys.executable, "-m", "keyface.bench", "--worker", json.dumps(spec)],
+    out = subprocess.run([sys.executable, "-m", "bench", "--worker", json.dumps(spec)],
                          capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO_ROOT))
     if out.returncode != 0:
         return {**spec, "error": out.stderr[-2000:]}
@@ -850,7 +852,7 @@ RUN_OUTPUTS = ("frames", "file", "node")
 def run_run(seconds_list, out_dir, threads=1, outputs=RUN_OUTPUTS, smoke_dir=None) -> dict:
     import torch
 
-    from .smoke import write_smoke_models
+    from keyface.smoke import write_smoke_models
 
     t_start = time.perf_counter()
     results = []
@@ -944,7 +946,7 @@ def _stages(kf, good, bad, vae, z_id, features, settings):
     runs them (same settings path), keeping the latents so that they can be compared."""
     import torch
 
-    from . import pipeline as P
+    from keyface import pipeline as P
 
     kfl, seg, plan = P.sample_clip(kf, good, bad, z_id, features, settings=settings)
     with P.attention_backend(settings.attention):
@@ -955,9 +957,9 @@ def _stages(kf, good, bad, vae, z_id, features, settings):
 def run_knobs(seconds, out_dir, folder=None, threads=1, compile_unet=False) -> dict:
     import torch
 
-    from .pipeline import RenderSettings
-    from .smoke import write_smoke_models
-    from .video_io import frames_to_uint8
+    from keyface.pipeline import RenderSettings
+    from keyface.smoke import write_smoke_models
+    from keyface.video_io import frames_to_uint8
 
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -1069,12 +1071,12 @@ import importlib.util, json, os, sys, time, types
 t0 = time.perf_counter()
 import torch
 t_torch = time.perf_counter() - t0
-root, tests = sys.argv[1], sys.argv[2]
-if os.path.isfile(os.path.join(tests, "comfy_stubs.py")):
-    sys.path.insert(0, tests)
+root, stubs_dir = sys.argv[1], sys.argv[2]
+if os.path.isfile(os.path.join(stubs_dir, "comfy_stubs.py")):
+    sys.path.insert(0, stubs_dir)
     import comfy_stubs
     comfy_stubs.install()
-    sys.path.remove(tests)
+    sys.path.remove(stubs_dir)
 else:  # a minimal folder_paths, as ComfyUI has it loaded before custom nodes
     fp = types.ModuleType("folder_paths")
     fp.models_dir = "/tmp/models"; fp.folder_names_and_paths = {}; fp.filename_list_cache = {}
@@ -1101,16 +1103,16 @@ print(json.dumps({"seconds": dt, "torch_import_s": t_torch, "modules": new, "pac
 
 HEAVY_TOP = ("transformers", "torchaudio", "torchvision", "safetensors", "av", "numpy", "scipy", "PIL", "cv2",
              "librosa", "soundfile", "huggingface_hub", "tokenizers")
-HEAVY_OWN = ("keyface.unet", "keyface.engines", "keyface.vae", "keyface.pipeline", "keyface.diffusion",
+HEAVY_OWN = ("keyface.unet", "keyface.engines", "keyface.networks", "keyface.engine_config", "keyface.loading", "keyface.vae", "keyface.pipeline", "keyface.diffusion",
              "keyface.conditioning", "keyface.audio", "keyface.checkpoints", "keyface.video_io", "keyface.smoke",
-             "keyface.emotion", "keyface.bench")
+             "keyface.emotion")
 
 
 def measure_import(repeats=3, root=None) -> dict:
     root = str(root or REPO_ROOT)
     runs = []
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, root, os.path.join(root, "tests")],
+        out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, root, os.path.join(root, "scripts")],
                              capture_output=True, text=True, timeout=300, cwd="/")
         if out.returncode != 0:
             return {"error": out.stderr[-2000:]}
@@ -1133,7 +1135,7 @@ def measure_import(repeats=3, root=None) -> dict:
         "heavy_own": own,
         "new_torch_submodules": torch_new,
         "nodes": runs[-1]["nodes"],
-        "method": ("fresh interpreter; import torch first (as ComfyUI), ComfyUI stubs (tests/comfy_stubs.py) or a "
+        "method": ("fresh interpreter; import torch first (as ComfyUI), ComfyUI stubs (scripts/comfy_stubs.py) or a "
                    "minimal folder_paths installed; the repo root imported as a package named "
                    "module_path.replace('.', '_x_') via importlib spec_from_file_location(submodule_search_locations)"),
     }
@@ -1160,7 +1162,7 @@ def run_import(out_dir) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m keyface.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", nargs="+", default=["count", "import"], choices=["count", "run", "knobs", "import", "all"])
     p.add_argument("--seconds", nargs="+", type=float, default=[5, 20, 60], help="clip lengths (count, run)")
     p.add_argument("--knob-seconds", type=float, default=5.0, help="clip length of the knobs table")

@@ -14,7 +14,7 @@ by ``/object_info``:
   LoadAudio) are ignored.
 * ``widgets_values`` given as a dict (some nodes save them by name) are used by name.
 
-``python tests/workflow_to_api.py WORKFLOW.json URL`` prints the API prompt.
+``python scripts/workflow_to_api.py WORKFLOW.json URL`` prints the API prompt.
 """
 
 from __future__ import annotations
