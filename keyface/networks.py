@@ -35,8 +35,13 @@ class _EngineBase(nn.Module):
     group_name = "groups"
 
     def set_compute_dtype(self, dtype):
-        """Run the UNet in ``dtype`` (None: the weights' dtype), whatever dtype the weights are stored in."""
+        """Compute in ``dtype`` (None: the weights' dtype), whatever dtype the weights are stored in:
+        the UNet and the audio projection (whose manual-cast Linear casts its weights to the
+        features' dtype). For hosts that keep weights in a dtype the device does not compute in
+        (ComfyUI's manual cast: fp8, or bf16/fp16 on a CPU)."""
         self.compute_dtype = dtype
+        if getattr(self, "audio_projection", None) is not None:
+            self.audio_projection.set_compute_dtype(dtype)
         return self
 
     def resolved_compute_dtype(self):

@@ -44,14 +44,14 @@ from .conditioning import interpolation_conditioning, keyframe_conditioning
 from .config import ATTENTION_BACKENDS
 from .diffusion import CallSizer, ays_sigmas, interpolation_denoiser, keyframe_denoiser, sample_euler
 from .planner import FPS, WINDOW, ClipPlan, plan_clip
+from .settings import DEFAULT_CHUNK_FRAMES, DEFAULT_CRF, DEFAULT_SEED, RenderSettings, check_attention
 
 STAGE_KEYFRAMES = "keyframes"
 STAGE_INTERPOLATION = "interpolation"
 STAGE_DECODE = "decode"
 
 LATENT_CHANNELS = 4
-DEFAULT_SEED = 23  # the reference's torch.manual_seed(23) (spec 1.2)
-DEFAULT_CHUNK_FRAMES = 16
+DEFAULTS = RenderSettings()  # every default below is read from here (keyface/settings.py)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,8 +263,9 @@ def encode_identity(vae, image, device=None) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal, plan, *, seed: int = DEFAULT_SEED,
-                     steps: int = 10, ref_ratio: float = 2.0, audio_ratio: float = 5.0, guidance_min_sigma: float = 0.0,
-                     branches_per_call: int = 3, device=None, dtype=None,
+                     steps: int = DEFAULTS.keyframe_steps, ref_ratio: float = DEFAULTS.ref_ratio,
+                     audio_ratio: float = DEFAULTS.audio_ratio, guidance_min_sigma: float = DEFAULTS.guidance_min_sigma,
+                     branches_per_call: int = DEFAULTS.branches_per_call, device=None, dtype=None,
                      callback: Callable | None = None) -> torch.Tensor:
     """Sample every keyframe of the plan -> scaled latents [K, 4, h, w] (float32, CPU).
 
@@ -323,8 +324,9 @@ def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal,
 
 @torch.no_grad()
 def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan, *, seed: int = DEFAULT_SEED,
-                         steps: int = 10, scale: float = 2.0, segments_per_call: int = 2, autoguidance: bool = True,
-                         guidance_min_sigma: float = 0.0, device=None, dtype=None, callback: Callable | None = None,
+                         steps: int = DEFAULTS.interpolation_steps, scale: float = DEFAULTS.scale,
+                         segments_per_call: int = DEFAULTS.segments_per_call, autoguidance: bool = DEFAULTS.autoguidance,
+                         guidance_min_sigma: float = DEFAULTS.guidance_min_sigma, device=None, dtype=None, callback: Callable | None = None,
                          segment_indices: Sequence[int] | None = None) -> torch.Tensor:
     """Interpolate the plan's segments -> scaled latents [S, 14, 4, h, w] (float32, CPU).
 
@@ -499,12 +501,6 @@ def decode_keyframe_preview(vae, latents, *, chunk_frames: int = DEFAULT_CHUNK_F
 _NO_KERNEL = ("No viable backend for scaled_dot_product_attention", "No available kernel")
 
 
-def _check_attention(name) -> str:
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
-    return name
-
-
 @contextlib.contextmanager
 def attention_backend(name: str = "auto"):
     """Run the block's ``F.scaled_dot_product_attention`` calls (UNets and VAE) on one SDPA backend.
@@ -512,7 +508,7 @@ def attention_backend(name: str = "auto"):
     ``"auto"`` leaves the choice to torch. A backend that cannot run on this device / dtype / head
     size raises ValueError naming the setting instead of torch's generic "no kernel" error.
     """
-    member = ATTENTION_BACKENDS[_check_attention(name)]
+    member = ATTENTION_BACKENDS[check_attention(name)]
     if member is None:
         yield
         return
@@ -547,46 +543,6 @@ def compiled_unets(networks, enabled: bool = True):
     finally:
         for net, body in swapped:
             net.diffusion_model = body
-
-
-@dataclass
-class RenderSettings:
-    """Sampling settings of a render (defaults = the released inference settings, spec 7).
-
-    Speed settings that do not change the result beyond float rounding: ``segments_per_call``,
-    ``branches_per_call`` (both halved automatically on out-of-memory), ``chunk_frames``,
-    ``attention`` (SDPA backend, see :data:`ATTENTION_BACKENDS`) and ``compile`` (opt-in
-    ``torch.compile`` of the UNets). Their measured cost and effect: bench/README.md.
-    """
-
-    seed: int = DEFAULT_SEED
-    keyframe_steps: int = 10
-    interpolation_steps: int = 10
-    ref_ratio: float = 2.0
-    audio_ratio: float = 5.0
-    scale: float = 2.0
-    autoguidance: bool = True
-    segments_per_call: int = 2
-    branches_per_call: int = 3
-    chunk_frames: int = DEFAULT_CHUNK_FRAMES
-    # > 0: skip both stages' guidance at sigmas at or below it (the last AYS step is at 0.002). Saves 31.1
-    # of 660.65 UNet frame-evaluations per output second (26.9 interpolation + 4.1 keyframe); an
-    # approximation (bench/README.md), off by default.
-    guidance_min_sigma: float = 0.0
-    attention: str = "auto"
-    compile: bool = False
-
-    def __post_init__(self):
-        # checked here so that a bad value fails before any sampling, not after the keyframes
-        _check_attention(self.attention)
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be True or False, got {self.compile!r}")
-        for name, low, high in (("segments_per_call", 1, None), ("branches_per_call", 1, 3), ("chunk_frames", 1, None),
-                                ("keyframe_steps", 10, None), ("interpolation_steps", 10, None)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or int(value) != value or value < low or (high is not None and value > high):
-                span = f"{low}..{high}" if high is not None else f">= {low}"
-                raise ValueError(f"{name} must be an integer {span}, got {value!r}")
 
 
 def _features_parts(features):
@@ -680,7 +636,7 @@ def render(keyframe_network, interpolation_network, bad_network, vae, identity_l
 
 
 def render_to_file(keyframe_network, interpolation_network, bad_network, vae, identity_latent, features, path, *,
-                   audio=None, sample_rate=None, crf: int = 18, **kwargs) -> str:
+                   audio=None, sample_rate=None, crf: int = DEFAULT_CRF, **kwargs) -> str:
     """Render one clip straight into an mp4 (H.264 + AAC of ``audio`` [C, S] at ``sample_rate``).
 
     Always 25 fps: the features have one row per 40 ms frame, so another rate would desync the lips.

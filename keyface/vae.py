@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import CheckpointError, KeyLedger, read_state_dict
+from .latents import LATENT_SCALE
 from .ops import resolve
 from .unet import norm_then
 
@@ -58,7 +59,7 @@ __all__ = [
     "load_vae",
 ]
 
-SCALE_FACTOR = 0.18215
+SCALE_FACTOR = LATENT_SCALE  # the name this module has always exported
 
 # Keys of the original ddconfig that do not change the inference computation (or that we only accept at
 # the value the released model uses, checked in _check_inert).

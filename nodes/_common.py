@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import os
 
-from ..keyface import model_files
+from ..keyface import model_files, planner
 
 log = logging.getLogger("keyface")
 
 CATEGORY = "KeyFace"
 FOLDER = "keyface"  # models/keyface/ (and any "keyface:" entry of extra_model_paths.yaml)
-FPS = 25.0
+FPS = float(planner.FPS)  # the node outputs' frame rate (a FLOAT output of Encode Audio)
 
 # Secondary ComfyUI folders searched after models/keyface/ for some kinds.
 SECONDARY = model_files.SECONDARY_FOLDERS
@@ -163,14 +163,11 @@ def use_compute_dtype(network, weight_dtype, compute_dtype):
     (weights stored in a dtype the device does not compute in: fp8, or bf16/fp16 on a CPU).
 
     The engine would otherwise cast its inputs to the weight dtype (``--fp8_e4m3fn-unet`` fails,
-    ``--bf16-unet`` on a CPU computes in bf16 where ComfyUI picks fp32). The audio projection gets
-    the same compute dtype: its manual-cast Linear casts its weights to the features' dtype.
+    ``--bf16-unet`` on a CPU computes in bf16 where ComfyUI picks fp32); the library's
+    ``set_compute_dtype`` covers the UNet and the audio projection.
     """
-    if compute_dtype == weight_dtype:
-        return network
-    network.compute_dtype = compute_dtype
-    if getattr(network, "audio_projection", None) is not None:
-        network.audio_projection.compute_dtype = compute_dtype
+    if compute_dtype != weight_dtype:
+        network.set_compute_dtype(compute_dtype)
     return network
 
 
@@ -216,29 +213,11 @@ def load(patchers, memory_required=0, force_full_load=False):
     mm().load_models_gpu(list(patchers), memory_required=int(memory_required), force_full_load=force_full_load)
 
 
-# Working-memory estimates handed to load_models_gpu. They are estimates, not measurements: they
-# model the activations of one network call on ComfyUI's own estimates for the same networks, so
-# KeyFace stages make the memory manager free about as much as a native SVD workflow would.
-#
-# UNet: ComfyUI's BaseModel.memory_required (comfy/model_base.py), fused-attention case (our UNet
-# attends through scaled_dot_product_attention), with SVD_img2vid's memory_usage_factor 2.0:
-# 0.01 MiB x factor x dtype size per latent pixel of every row (batch item) of one call.
-UNET_BYTES_PER_LATENT_PIXEL = round(0.01 * 2.0 * 2**20)  # x dtype size
-# SVD VAE decoder: ComfyUI's estimate for its KL decoder (comfy/sd.py VAE memory_used_decode):
-# ~2178 x dtype size bytes per output pixel of every decoded frame.
-DECODE_BYTES_PER_PIXEL = 2178  # x dtype size
+def render_defaults():
+    """``keyface.settings.DEFAULTS`` (torch-free): the node inputs' defaults are the library's."""
+    from ..keyface.settings import DEFAULTS
 
-
-def unet_memory(rows, latent_hw, dtype) -> int:
-    """Estimated working memory (bytes) of one UNet call on ``rows`` latents of ``latent_hw``."""
-    h, w = latent_hw
-    return int(rows) * h * w * dtype.itemsize * UNET_BYTES_PER_LATENT_PIXEL
-
-
-def decode_memory(rows, latent_hw, dtype) -> int:
-    """Estimated working memory (bytes) of one VAE decoder call on ``rows`` latents of ``latent_hw``."""
-    h, w = latent_hw
-    return int(rows) * (8 * h) * (8 * w) * dtype.itemsize * DECODE_BYTES_PER_PIXEL
+    return DEFAULTS
 
 
 def attention_input():

@@ -27,6 +27,7 @@ STATE = types.SimpleNamespace(
     messages=[],        # (event, data, sid) per PromptServer.instance.send_sync
     interrupt=False,    # set True to make throw_exception_if_processing_interrupted raise
     interrupt_after=None,  # int: raise on the n-th check from now (counts down)
+    cancel_at_progress=None,  # int: a user clicks cancel when a progress bar first shows this value (or more)
     checks=0,           # how many interrupt checks ran
 )
 
@@ -38,6 +39,7 @@ def reset():
     STATE.messages.clear()
     STATE.interrupt = False
     STATE.interrupt_after = None
+    STATE.cancel_at_progress = None
     STATE.checks = 0
 
 
@@ -196,6 +198,9 @@ def _make_utils():
             value = min(value, self.total)
             self.current = value
             STATE.progress.append((self.node_id, value, self.total))
+            if STATE.cancel_at_progress is not None and value >= STATE.cancel_at_progress:
+                STATE.cancel_at_progress = None
+                STATE.interrupt = True  # as ComfyUI's /interrupt: the next check raises
 
     m.ProgressBar = ProgressBar
     return m

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -228,17 +229,21 @@ def test_encode_audio_clip_length(N, models):
     assert n == 25 and audio["waveform"][0].equal(short["waveform"][0, :, :44100])  # cut to 1.000 s
 
 
-def test_encode_audio_progress_per_encoder_and_cancel(N, models):
+def test_encode_audio_progress_inside_encoders_and_cancel(N, models):
     import comfy.model_management
 
     N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(1.0))
-    assert [p[1:] for p in comfy_stubs.STATE.progress] == [(1, 3), (2, 3), (3, 3)]
+    values = [p[1] for p in comfy_stubs.STATE.progress]
+    # one bar over the three encoders (100 steps each), moved from inside each encoder's layers
+    assert {p[2] for p in comfy_stubs.STATE.progress} == {300} and values == sorted(values) and values[-1] == 300
+    assert {v // 100 for v in values[:-1]} == {0, 1, 2}, values
+    # the user cancels while BEATs (the second encoder) runs: the node stops there, no result
     comfy_stubs.reset()
-    comfy_stubs.STATE.interrupt_after = 3  # raised between encoders (checks: before, wavlm in, wavlm out)
+    comfy_stubs.STATE.cancel_at_progress = 101
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(1.0))
-    assert len(comfy_stubs.STATE.progress) == 1
-    for m in (models["enc"].wavlm, models["enc"].beats, models["enc"].wav2vec2):  # the hooks are gone
+    assert 101 <= max(p[1] for p in comfy_stubs.STATE.progress) < 200  # wav2vec2 never reported
+    for m in (models["enc"].wavlm, models["enc"].beats, models["enc"].wav2vec2):  # no hooks are left behind
         assert not m._forward_hooks and not m._forward_pre_hooks
 
 
@@ -400,7 +405,7 @@ def clip_vae(N, smoke_dir):
 
 # -------------------------------------------------------------------------------- working memory
 def test_memory_required_scales_with_stage_shapes(N, models, clip):
-    common = importlib.import_module(PACK + ".nodes._common")
+    memory = importlib.import_module(PACK + ".keyface.memory")  # the library owns the estimates
     calls = comfy_stubs.STATE.load_calls
 
     def memory_of(patcher_owner):
@@ -408,9 +413,9 @@ def test_memory_required_scales_with_stage_shapes(N, models, clip):
 
     # keyframes: one call = 3 guidance branches x 14 frames of 8x8 latents (the smoke model's 64 px)
     N["KeyFaceSampleKeyframes"]().sample(models["kf"], models["vae"], _image(), clip["feats"], 5, 10, 2.0, 5.0, "crop")
-    assert memory_of(models["kf"].patcher) == [common.unet_memory(42, (8, 8), torch.float32)]
-    assert common.unet_memory(42, (8, 8), torch.float32) == 2 * common.unet_memory(42, (8, 8), torch.float16)
-    assert common.unet_memory(42, (64, 64), torch.float32) == 64 * common.unet_memory(42, (8, 8), torch.float32)
+    assert memory_of(models["kf"].patcher) == [memory.unet_call_bytes(42, (8, 8), torch.float32)]
+    assert memory.unet_call_bytes(42, (8, 8), torch.float32) == 2 * memory.unet_call_bytes(42, (8, 8), torch.float16)
+    assert memory.unet_call_bytes(42, (64, 64), torch.float32) == 64 * memory.unet_call_bytes(42, (8, 8), torch.float32)
 
     # interpolation: grows with segments_per_call (14 frames each)
     mem = {}
@@ -418,7 +423,7 @@ def test_memory_required_scales_with_stage_shapes(N, models, clip):
         calls.clear()
         N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, spc)
         mem[spc], = memory_of(models["it"].patchers[0])
-    assert mem[1] == common.unet_memory(14, (8, 8), torch.float32) > 0 and mem[2] == 2 * mem[1]
+    assert mem[1] == memory.unet_call_bytes(14, (8, 8), torch.float32) > 0 and mem[2] == 2 * mem[1]
 
     # decode: grows with the chunk (+ the shared keyframes decoded twice), at the output size
     lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, False, 2)
@@ -427,9 +432,9 @@ def test_memory_required_scales_with_stage_shapes(N, models, clip):
         calls.clear()
         N["KeyFaceDecode"]().decode(models["vae"], lat, chunk)
         dec[chunk], = memory_of(models["vae"].patcher)
-    assert dec[4] == common.decode_memory(4 + 0 + 1, (8, 8), torch.float32)
-    assert dec[16] == common.decode_memory(16 + 1 + 1, (8, 8), torch.float32) > dec[4]
-    assert common.decode_memory(1, (64, 64), torch.float32) == 64 * common.decode_memory(1, (8, 8), torch.float32)
+    assert dec[4] == memory.decode_call_bytes(4 + 0 + 1, (8, 8), torch.float32)
+    assert dec[16] == memory.decode_call_bytes(16 + 1 + 1, (8, 8), torch.float32) > dec[4]
+    assert memory.decode_call_bytes(1, (64, 64), torch.float32) == 64 * memory.decode_call_bytes(1, (8, 8), torch.float32)
 
 
 # ---------------------------------------------------------------------------- LATENT convention
@@ -500,3 +505,45 @@ def test_attention_input_reaches_the_samplers(pack, N, models, clip):
     if not torch.cuda.is_available():  # the memory-efficient kernel is CUDA-only
         with pytest.raises(ValueError, match="attention='efficient'"):
             N["KeyFaceSampleKeyframes"]().sample(*args, attention="efficient")
+
+
+# ------------------------------------------------------------------ cancel during Encode Audio (long)
+def _cancel_after(delay, work):
+    """Run ``work()`` in a thread, press "cancel" (ComfyUI's interrupt flag) after ``delay`` s and
+    return the seconds from the press until ``work`` stopped with the interrupt exception.
+    Fails when it is still running 10 s after the press (the clip takes minutes to encode)."""
+    import threading
+
+    import comfy.model_management
+
+    stopped = {}
+
+    def run():
+        try:
+            work()
+        except comfy.model_management.InterruptProcessingException:
+            stopped["at"] = time.perf_counter()
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            stopped["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    time.sleep(delay)
+    pressed = time.perf_counter()
+    comfy_stubs.STATE.interrupt = True
+    thread.join(timeout=10)
+    assert not thread.is_alive(), f"cancel pressed {delay} s in: still encoding 10 s later"
+    assert "error" not in stopped, stopped.get("error")
+    assert "at" in stopped, "the encode finished instead of stopping"
+    return stopped["at"] - pressed
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.5])
+def test_cancel_during_encode_audio_of_a_10_minute_clip_lands_within_a_second(N, models, delay):
+    """Issue 9.4: cancel used to wait for the running encoder to finish the whole clip (minutes on a
+    10-minute clip). The library reports between small units of encoder work and the node checks
+    the interrupt flag at each report. 0.2 s: inside WavLM's feature extractor; 1.5 s: its attention."""
+    clip = _audio(600.0)
+    comfy_stubs.reset()
+    latency = _cancel_after(delay, lambda: N["KeyFaceEncodeAudio"]().encode(models["enc"], clip))
+    assert latency < 1.0, f"cancel took {latency:.2f} s to land"

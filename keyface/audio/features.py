@@ -51,12 +51,11 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from ..planner import video_frame_count
+from ..planner import FPS, video_frame_count
 from ._common import torchaudio_part
 from .wav2vec2 import normalize_waveform
 
 SAMPLE_RATE = 16000
-FPS = 25
 SAMPLES_PER_FRAME = math.ceil(SAMPLE_RATE / FPS)  # 640
 SILENCE_THRESHOLD = 1e-5
 # Query rows per attention block in WavLM and BEATs (about 20 s of audio). Clips shorter than that
@@ -189,15 +188,15 @@ def _to_rows(feats: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def wavlm_frames(wave16k: torch.Tensor, wavlm, attention_chunk: int | None = None) -> torch.Tensor:
+def wavlm_frames(wave16k: torch.Tensor, wavlm, attention_chunk: int | None = None, progress=None) -> torch.Tensor:
     """WavLM array [F', 2, d] (F' = F rounded up to even) of a prepared mono 16 kHz clip.
-    ``attention_chunk``: see :class:`~keyface.audio.wavlm.WavLMEncoder` (None: whole clip)."""
+    ``attention_chunk``, ``progress``: see :class:`~keyface.audio.wavlm.WavLMEncoder` (None: whole clip)."""
     padded, frames = _pad_frames(wave16k, even=True)
-    return _to_rows(wavlm(padded[None], attention_chunk=attention_chunk), frames)
+    return _to_rows(wavlm(padded[None], attention_chunk=attention_chunk, progress=progress), frames)
 
 
 @torch.no_grad()
-def beats_frames(wave16k: torch.Tensor, beats, attention_chunk: int | None = None) -> torch.Tensor:
+def beats_frames(wave16k: torch.Tensor, beats, attention_chunk: int | None = None, progress=None) -> torch.Tensor:
     """BEATs array [F', 2, d] of a prepared mono 16 kHz clip (``attention_chunk`` as for WavLM).
 
     Clips shorter than 6 frames (0.24 s) give the original no BEATs token at all (it fails there);
@@ -207,15 +206,15 @@ def beats_frames(wave16k: torch.Tensor, beats, attention_chunk: int | None = Non
     padded, frames = _pad_frames(wave16k, even=True)
     if padded.shape[-1] < BEATS_MIN_SAMPLES:
         padded = F.pad(padded, (0, BEATS_MIN_SAMPLES - padded.shape[-1]))
-    return _to_rows(beats(padded[None], attention_chunk=attention_chunk), frames)
+    return _to_rows(beats(padded[None], attention_chunk=attention_chunk, progress=progress), frames)
 
 
 @torch.no_grad()
-def wav2vec2_frames(wave16k: torch.Tensor, wav2vec2) -> torch.Tensor:
+def wav2vec2_frames(wave16k: torch.Tensor, wav2vec2, progress=None) -> torch.Tensor:
     """wav2vec2 array [F, 2, d]: whole-clip normalisation, zero pad, encode, zero vector if odd."""
     normed = normalize_waveform(wave16k)
     padded, frames = _pad_frames(normed, even=False)
-    h = wav2vec2(padded[None])[0].float()  # [L, d]
+    h = wav2vec2(padded[None], progress=progress)[0].float()  # [L, d]
     if h.shape[0] % 2:
         h = torch.cat([h, h.new_zeros(1, h.shape[1])], dim=0)
     return h.reshape(-1, 2, h.shape[1])
@@ -226,10 +225,26 @@ def wav2vec2_frames(wave16k: torch.Tensor, wav2vec2) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+# Progress steps per encoder reported by compute_features (progress(done, 3 x this)).
+PROGRESS_STEPS_PER_ENCODER = 100
+
+
+def _encoder_progress(progress, index: int, count: int = 3):
+    """The ``progress(done, total)`` of encoder ``index`` of ``count``, as a share of the whole call's."""
+    if progress is None:
+        return None
+    steps = PROGRESS_STEPS_PER_ENCODER
+
+    def report(done, total):
+        progress(index * steps + (steps * done) // max(total, 1), count * steps)
+
+    return report
+
+
 @torch.no_grad()
 def compute_features(waveform, sample_rate, wavlm, beats, wav2vec2, max_frames=None,
                      attention_chunk=DEFAULT_ATTENTION_CHUNK,
-                     trim_to_duration=True) -> AudioFeatures:
+                     trim_to_duration=True, progress=None) -> AudioFeatures:
     """Raw audio -> :class:`AudioFeatures` (keyframe / interpolation arrays, one row per 25 fps frame).
 
     ``waveform``: [S], [C, S] or [1, C, S] at ``sample_rate`` (see :func:`prepare_waveform`).
@@ -239,13 +254,20 @@ def compute_features(waveform, sample_rate, wavlm, beats, wav2vec2, max_frames=N
     the module docstring); ``None`` attends over the whole clip at once, as the original. ``trim_to_duration``:
     cut to N = :func:`video_frame_count` rows (the default; see "Clip length" above) instead of the
     original's F = ceil(S / 640). Outputs are float32 on the CPU.
+
+    ``progress(done, total)`` is called after every unit of each encoder's work (a conv layer, an
+    attention block of at most :data:`~keyface.audio._common.ATTENTION_BLOCK_VALUES` scores, a
+    layer), ``total`` = 3 x :data:`PROGRESS_STEPS_PER_ENCODER`; an exception it raises (a cancel)
+    stops the encoding there, so a cancel lands within one unit (about 0.1 s on a CPU thread for the
+    test encoders, at any clip length). With ``attention_chunk=None`` WavLM runs as one call (no
+    reports inside it). The features do not depend on ``progress``.
     """
     wave = prepare_waveform(waveform, sample_rate)
     n = video_frame_count(wave.shape[0]) if trim_to_duration else num_video_frames(wave.shape[0])
     # the chunk size goes into each call: the encoders hold no per-call state, so threads may share them
-    w = wavlm_frames(wave, wavlm, attention_chunk).float().cpu()
-    b = beats_frames(wave, beats, attention_chunk).float().cpu()
-    v = wav2vec2_frames(wave, wav2vec2).float().cpu()
+    w = wavlm_frames(wave, wavlm, attention_chunk, _encoder_progress(progress, 0)).float().cpu()
+    b = beats_frames(wave, beats, attention_chunk, _encoder_progress(progress, 1)).float().cpu()
+    v = wav2vec2_frames(wave, wav2vec2, _encoder_progress(progress, 2)).float().cpu()
     key = [w, b]
     interp = [v, b]
     if max_frames is not None:
