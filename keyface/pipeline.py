@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from .conditioning import interpolation_conditioning, keyframe_conditioning
 from .config import ATTENTION_BACKENDS
 from .diffusion import CallSizer, ays_sigmas, interpolation_denoiser, keyframe_denoiser, sample_euler
+from .networks import check_latent_size, mask_latent_hw
 from .planner import FPS, WINDOW, ClipPlan, plan_clip
 from .settings import DEFAULT_CHUNK_FRAMES, DEFAULT_CRF, DEFAULT_SEED, RenderSettings, check_attention
 
@@ -121,10 +122,7 @@ def _plan_of(plan_or_n) -> ClipPlan:
 def model_latent_size(interpolation_network) -> tuple[int, int]:
     """(h, w) of the latents the interpolation network works on: its ``learned_mask`` size
     (64 x 64 for the released weights, i.e. 512 x 512 pixels)."""
-    mask = getattr(interpolation_network, "learned_mask", None)
-    if mask is None:
-        raise ValueError("the interpolation network has no learned_mask")
-    return int(mask.shape[-2]), int(mask.shape[-1])
+    return mask_latent_hw(interpolation_network)
 
 
 def model_resolution(interpolation_network) -> tuple[int, int]:
@@ -149,12 +147,8 @@ def check_identity_latent(identity_latent, interpolation_network) -> torch.Tenso
     """Return the identity latent as [1, 4, h, w]; ValueError if its size is not the model's."""
     z = _identity_latent(identity_latent)
     h, w = model_latent_size(interpolation_network)
-    if tuple(z.shape[-2:]) != (h, w):
-        raise ValueError(
-            f"identity latent is {z.shape[-2]}x{z.shape[-1]} ({8 * z.shape[-2]}x{8 * z.shape[-1]} px) but the "
-            f"interpolation model's learned mask is {h}x{w}: prepare the image at {8 * h}x{8 * w} px "
-            "(prepare_identity(image, size))"
-        )
+    check_latent_size(interpolation_network, z.shape[-2:], "identity latent",
+                                            f": prepare the image at {8 * h}x{8 * w} px (prepare_identity(image, size))")
     return z
 
 
@@ -353,12 +347,8 @@ def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan,
             f"keyframe latents hold {kf.shape[0]} keyframes but the clip plan ({plan.num_frames} frames) has "
             f"{plan.num_keyframes}: keyframes and plan must come from the same clip"
         )
-    h, w = model_latent_size(good)
-    if tuple(kf.shape[-2:]) != (h, w):
-        raise ValueError(
-            f"keyframe latents are {kf.shape[-2]}x{kf.shape[-1]} but the interpolation model's learned mask is "
-            f"{h}x{w} ({8 * h}x{8 * w} px)"
-        )
+    check_latent_size(good, kf.shape[-2:], "keyframe latents")
+    h, w = mask_latent_hw(good)
     _check_rows("interpolation audio features", interpolation_audio, plan, dims=3)
     if autoguidance and bad is None:
         raise ValueError("autoguidance needs the interpolation 'bad' network (or pass autoguidance=False)")

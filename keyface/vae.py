@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import CheckpointError, KeyLedger, read_state_dict
+from .checkpoints import CheckpointError, KeyLedger, format_keys, load_strict, read_state_dict
 from .latents import LATENT_SCALE
 from .ops import resolve
 from .unet import norm_then
@@ -712,11 +712,9 @@ def convert_diffusers_vae(sd: dict, source_name: str = "state dict") -> dict:
             if extra_mid
             else ""
         )
-        shown = "\n  ".join(unknown[:10])
-        more = f"\n  ... and {len(unknown) - 10} more" if len(unknown) > 10 else ""
         raise CheckpointError(
             f"{source_name}: {len(unknown)} key(s) of this diffusers AutoencoderKLTemporalDecoder file have no "
-            f"counterpart in the SVD first stage:\n  {shown}{more}{hint}"
+            f"counterpart in the SVD first stage:{format_keys(unknown)}{hint}"
         )
     return out
 
@@ -799,38 +797,12 @@ def load_vae(
         device=device,
         operations=operations,
     )
-    _load_strict(vae, fs, name)
+    load_strict(vae, fs, name, "first-stage architecture (SVD VAE)", hint=(
+        "A VAE file holds encoder.* / decoder.* (SVD layout), first_stage_model.* (full SVD checkpoint or "
+        "KeyFace engine file) or the diffusers AutoencoderKLTemporalDecoder keys."))
     if scale_factor is not None:
         vae.scale_factor = float(scale_factor)
     vae.eval()
     return vae
 
 
-def _load_strict(module, sd, name):
-    """Load ``sd`` into ``module``; one error naming unused, missing and mis-shaped keys."""
-    own = module.state_dict()
-    unused = [k for k in sd if k not in own]
-    missing = [k for k in own if k not in sd]
-    wrong = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
-    if unused or missing or wrong:
-        def listed(keys):
-            more = f"\n    ... and {len(keys) - 10} more" if len(keys) > 10 else ""
-            return "\n    " + "\n    ".join(keys[:10]) + more
-
-        parts = []
-        if unused:
-            parts.append(f"  {len(unused)} key(s) of the file are not used by this VAE:{listed(unused)}")
-        if missing:
-            parts.append(f"  {len(missing)} weight(s) the VAE needs are missing from the file:{listed(missing)}")
-        if wrong:
-            parts.append(
-                f"  {len(wrong)} shape mismatch(es) (file vs model):"
-                + listed([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong])
-            )
-        raise CheckpointError(
-            f"{name}: the weights do not match the first-stage architecture:\n"
-            + "\n".join(parts)
-            + "\nA VAE file holds encoder.* / decoder.* (SVD layout), first_stage_model.* (full SVD checkpoint or "
-            "KeyFace engine file) or the diffusers AutoencoderKLTemporalDecoder keys."
-        )
-    module.load_state_dict(sd, strict=True)

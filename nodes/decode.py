@@ -31,11 +31,11 @@ def decode_chunks(vae, segments, num_frames, chunk_frames, progress):
     from ..keyface.memory import decode_call_bytes, segment_decode_rows
 
     rows = segment_decode_rows(chunk_frames)
-    C.load([vae.patcher], decode_call_bytes(rows, tuple(segments.shape[-2:]), vae.dtype))
+    C.load([vae.patcher], decode_call_bytes(rows, tuple(segments.shape[-2:]), vae.compute_dtype))
     out_device = C.mm().intermediate_device()
     with torch.inference_mode():
         for chunk in pipeline.decode_segments(vae.vae, segments, num_frames, chunk_frames=int(chunk_frames),
-                                              device=vae.device, dtype=vae.dtype, callback=progress):
+                                              device=vae.device, dtype=vae.compute_dtype, callback=progress):
             C.check_interrupt()
             yield chunk.to(out_device, torch.float32)
 

@@ -14,23 +14,23 @@ from . import _common as C
 class KeyFaceVAE:
     """KEYFACE_VAE: the SVD VAE (encoder for the identity image, temporal decoder for the video)."""
 
-    def __init__(self, vae, patcher, dtype, name):
-        self.vae, self.patcher, self.dtype, self.name = vae, patcher, dtype, name
+    def __init__(self, vae, patcher, compute_dtype, name):
+        self.vae, self.patcher, self.compute_dtype, self.name = vae, patcher, compute_dtype, name
 
     @property
     def device(self):
         return self.patcher.load_device
 
     def __repr__(self):
-        return f"KeyFaceVAE({self.name}, {self.dtype})"
+        return f"KeyFaceVAE({self.name}, {self.compute_dtype})"
 
 
 class KeyFaceAudioEncoders:
     """KEYFACE_AUDIO_ENCODERS: WavLM Base+, BEATs and wav2vec2 (one object, one memory-manager group)."""
 
-    def __init__(self, wavlm, beats, wav2vec2, patchers, dtype, names):
+    def __init__(self, wavlm, beats, wav2vec2, patchers, compute_dtype, names):
         self.wavlm, self.beats, self.wav2vec2 = wavlm, beats, wav2vec2
-        self.patchers, self.dtype, self.names = patchers, dtype, names
+        self.patchers, self.compute_dtype, self.names = patchers, compute_dtype, names
 
     @property
     def device(self):
@@ -43,22 +43,22 @@ class KeyFaceAudioEncoders:
 class KeyFaceKeyframeModel:
     """KEYFACE_KEYFRAME_MODEL."""
 
-    def __init__(self, network, patcher, dtype, resolution, name):
-        self.network, self.patcher, self.dtype, self.resolution, self.name = network, patcher, dtype, resolution, name
+    def __init__(self, network, patcher, compute_dtype, resolution, name):
+        self.network, self.patcher, self.compute_dtype, self.resolution, self.name = network, patcher, compute_dtype, resolution, name
 
     @property
     def device(self):
         return self.patcher.load_device
 
     def __repr__(self):
-        return f"KeyFaceKeyframeModel({self.name}, {self.resolution}px, {self.dtype})"
+        return f"KeyFaceKeyframeModel({self.name}, {self.resolution}px, {self.compute_dtype})"
 
 
 class KeyFaceInterpolationModel:
     """KEYFACE_INTERPOLATION_MODEL: the interpolation network and its autoguidance ("bad") network."""
 
-    def __init__(self, good, bad, patchers, dtype, name, bad_name):
-        self.good, self.bad, self.patchers, self.dtype = good, bad, patchers, dtype
+    def __init__(self, good, bad, patchers, compute_dtype, name, bad_name):
+        self.good, self.bad, self.patchers, self.compute_dtype = good, bad, patchers, compute_dtype
         self.name, self.bad_name = name, bad_name
 
     @property
@@ -67,10 +67,10 @@ class KeyFaceInterpolationModel:
 
     @property
     def latent_hw(self):
-        return tuple(int(s) for s in self.good.learned_mask.shape[-2:])
+        return self.good.latent_hw
 
     def __repr__(self):
-        return f"KeyFaceInterpolationModel({self.name}, bad={self.bad_name}, {self.dtype})"
+        return f"KeyFaceInterpolationModel({self.name}, bad={self.bad_name}, {self.compute_dtype})"
 
 
 # ---------------------------------------------------------------------------------------- nodes

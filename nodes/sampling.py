@@ -99,12 +99,12 @@ class KeyFaceSampleKeyframes:
         progress = C.Progress()
         # one call = 3 guidance branches x 14 frames at the latent size
         lat_hw = tuple(identity.shape[-2:])
-        C.load([keyframe_model.patcher], memory.keyframe_call_bytes(lat_hw, keyframe_model.dtype))
+        C.load([keyframe_model.patcher], memory.keyframe_call_bytes(lat_hw, keyframe_model.compute_dtype))
         with torch.inference_mode(), _pipeline().attention_backend(attention):
             latents = _pipeline().sample_keyframes(
                 keyframe_model.network, identity.to(keyframe_model.device), audio_features.keyframe, valence, arousal,
                 plan, seed=int(seed), steps=int(steps), ref_ratio=float(ref_guidance), audio_ratio=float(audio_guidance),
-                device=keyframe_model.device, dtype=keyframe_model.dtype, callback=progress)
+                device=keyframe_model.device, dtype=keyframe_model.compute_dtype, callback=progress)
         keyframes = KeyFaceKeyframes(latents.float().cpu(), plan, identity.float().cpu(), int(seed),
                                      keyframe_model.resolution)
         return keyframes, (decode_keyframes(keyframes, vae) if preview else
@@ -136,7 +136,7 @@ def decode_keyframes(keyframes, vae, chunk_frames=None):
 
     chunk_frames = chunk_frames or C.render_defaults().chunk_frames
     lat_hw = tuple(keyframes.latents.shape[-2:])
-    C.load([vae.patcher], decode_call_bytes(min(chunk_frames, keyframes.latents.shape[0]), lat_hw, vae.dtype))
+    C.load([vae.patcher], decode_call_bytes(min(chunk_frames, keyframes.latents.shape[0]), lat_hw, vae.compute_dtype))
     C.check_interrupt()
     with torch.inference_mode():
         images = _pipeline().decode_keyframe_preview(vae.vae, keyframes.latents, chunk_frames=chunk_frames,
@@ -188,24 +188,21 @@ class KeyFaceInterpolate:
                 f"for {n_kf} frames; connect the same KeyFace Encode Audio output to both samplers")
         lat_hw = tuple(keyframes.latents.shape[-2:])
         model = interpolation_model
-        if lat_hw != model.latent_hw:
-            raise ValueError(
-                f"keyframes: latents are {lat_hw[0] * 8}x{lat_hw[1] * 8} px but this interpolation model makes "
-                f"{model.latent_hw[0] * 8}x{model.latent_hw[1] * 8} px (its learned mask is {model.latent_hw}); "
-                "use a keyframe model of the same resolution")
+        model.good.check_latent_size(lat_hw, "keyframes: the keyframe latent",
+                                     "; use a keyframe model of the same resolution")
         if autoguidance and model.bad is None:
             raise ValueError("interpolation_model: autoguidance is on but no autoguidance (bad) model was loaded")
         progress = C.Progress()
         # one call = segments_per_call x 14 frames; the good and bad networks run one after the
         # other (their weights are counted by load_models_gpu itself)
         C.load(model.patchers if autoguidance else model.patchers[:1],
-               memory.interpolation_call_bytes(segments_per_call, lat_hw, model.dtype))
+               memory.interpolation_call_bytes(segments_per_call, lat_hw, model.compute_dtype))
         with torch.inference_mode(), _pipeline().attention_backend(attention):
             seg = _pipeline().interpolate_segments(
                 model.good, model.bad if autoguidance else None, keyframes.latents.to(model.device),
                 audio_features.interpolation, keyframes.plan, seed=int(seed), steps=int(steps), scale=float(guidance),
                 segments_per_call=int(segments_per_call), autoguidance=bool(autoguidance), device=model.device,
-                dtype=model.dtype, callback=progress)
+                dtype=model.compute_dtype, callback=progress)
         seg = latents.to_raw(seg.float().cpu())  # raw VAE latents, as every ComfyUI LATENT
         s, t = seg.shape[:2]
         return ({"samples": seg.reshape(s * t, *seg.shape[2:]), "keyface_num_frames": n_kf,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .. import checkpoints
 from ..checkpoints import CheckpointError, KeyLedger, read_audio_checkpoint, read_state_dict
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -122,24 +123,9 @@ def fit_weight_norm(sd: dict, model_keys) -> dict:
 
 
 def load_strict(module: torch.nn.Module, sd: dict, source: str, what: str):
-    """``load_state_dict(strict=True)`` with a :class:`CheckpointError` naming the file on mismatch."""
-    expected = module.state_dict()
-    sd = fit_weight_norm(sd, expected.keys())
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        lines = []
-        if missing:
-            lines.append(f"missing {len(missing)}: " + ", ".join(missing[:8]))
-        if unexpected:
-            lines.append(f"unexpected {len(unexpected)}: " + ", ".join(unexpected[:8]))
-        if wrong:
-            lines.append("shape mismatch: " + "; ".join(wrong[:5]))
-        raise CheckpointError(f"{source}: does not match the {what} built from its config ({' | '.join(lines)})")
-    module.load_state_dict(sd, strict=True)
-    return module
+    """:func:`keyface.checkpoints.load_strict` after renaming weight-norm keys to the module's layout."""
+    return checkpoints.load_strict(module, fit_weight_norm(sd, module.state_dict().keys()), source,
+                                   f"{what} built from its config")
 
 
 def module_device_dtype(module: torch.nn.Module):

@@ -163,8 +163,9 @@ def prepare_waveform(waveform, sample_rate) -> torch.Tensor:
     return x.contiguous()
 
 
-def num_video_frames(num_samples_16k: int) -> int:
-    """F = ceil(S / 640): the 640-sample frames the encoders see (the original's clip length)."""
+def encoder_frame_count(num_samples_16k: int) -> int:
+    """F = ceil(S / 640): the 640-sample frames the encoders see (the original's clip length). The clip
+    KeyFace renders has :func:`keyface.planner.video_frame_count` frames (rounded) instead."""
     return -(-int(num_samples_16k) // SAMPLES_PER_FRAME)
 
 
@@ -175,7 +176,7 @@ def num_video_frames(num_samples_16k: int) -> int:
 
 def _pad_frames(wave: torch.Tensor, even: bool) -> tuple[torch.Tensor, int]:
     """Zero-pad a mono clip to whole 640-sample frames (and to an even count if ``even``)."""
-    frames = num_video_frames(wave.shape[-1])
+    frames = encoder_frame_count(wave.shape[-1])
     if even and frames % 2:
         frames += 1
     return F.pad(wave, (0, frames * SAMPLES_PER_FRAME - wave.shape[-1])), frames
@@ -263,7 +264,7 @@ def compute_features(waveform, sample_rate, wavlm, beats, wav2vec2, max_frames=N
     reports inside it). The features do not depend on ``progress``.
     """
     wave = prepare_waveform(waveform, sample_rate)
-    n = video_frame_count(wave.shape[0]) if trim_to_duration else num_video_frames(wave.shape[0])
+    n = video_frame_count(wave.shape[0]) if trim_to_duration else encoder_frame_count(wave.shape[0])
     # the chunk size goes into each call: the encoders hold no per-call state, so threads may share them
     w = wavlm_frames(wave, wavlm, attention_chunk, _encoder_progress(progress, 0)).float().cpu()
     b = beats_frames(wave, beats, attention_chunk, _encoder_progress(progress, 1)).float().cpu()
