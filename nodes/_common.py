@@ -112,23 +112,44 @@ def choices(kind: str) -> list[str]:
     return uniq
 
 
+def find_model(kind: str, name) -> str | None:
+    """Full path of combo value ``name`` (file or model folder) in the folders searched for ``kind``, or None."""
+    if not isinstance(name, str) or not name:
+        return None
+    rel = os.path.normpath(os.path.join("/", name)).lstrip("/\\")
+    for _comfy_name, directory in _folders(kind):
+        full = os.path.join(directory, rel)
+        if os.path.isfile(full) or model_files.is_model_folder(full):
+            return full
+    return None
+
+
+def missing_model_message(kind: str, name, input_name: str) -> str:
+    """What to tell the user about a model file that is not there: the input, the folders searched
+    and where to download the file."""
+    if not isinstance(name, str) or not name:
+        return f"{input_name}: no model file chosen"
+    searched = ", ".join(directory for _, directory in _folders(kind)) or "any model folder"
+    return (f"{input_name}: model '{name}' was not found in {searched} (put the KeyFace files in "
+            f"ComfyUI/models/{FOLDER}/ or add a '{FOLDER}:' entry to extra_model_paths.yaml; "
+            f"{model_files.download_hint(kind)})")
+
+
 def resolve(kind: str, name: str, input_name: str) -> str:
     """Full path of combo value ``name`` (file or model folder); ValueError naming the input."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{input_name}: no model file chosen")
-    rel = os.path.normpath(os.path.join("/", name)).lstrip("/\\")
-    searched = []
-    for _comfy_name, directory in _folders(kind):
-        searched.append(directory)
-        full = os.path.join(directory, rel)
-        if os.path.isfile(full):
-            return full
-        if model_files.is_model_folder(full):
-            return full
-    raise ValueError(
-        f"{input_name}: model '{name}' was not found in {', '.join(searched) or 'any model folder'} "
-        f"(put the KeyFace files in ComfyUI/models/{FOLDER}/ or add a '{FOLDER}:' entry to extra_model_paths.yaml)"
-    )
+    path = find_model(kind, name)
+    if path is None:
+        raise ValueError(missing_model_message(kind, name, input_name))
+    return path
+
+
+def validate_models(**inputs) -> bool | str:
+    """A loader node's VALIDATE_INPUTS: ``inputs`` = {input_name: (kind, combo value)}. ComfyUI runs it
+    for every node when a prompt is queued, before anything executes, so every missing file of the
+    workflow is reported at once (each on its node) instead of one loader at a time at run time."""
+    problems = [missing_model_message(kind, name, input_name)
+                for input_name, (kind, name) in inputs.items() if find_model(kind, name) is None]
+    return "; ".join(problems) if problems else True
 
 
 # ------------------------------------------------------------------------------ memory management

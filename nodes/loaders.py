@@ -88,6 +88,10 @@ class KeyFaceVAELoader:
             "vae_name": (C.choices("vae"), {"tooltip": "SVD VAE file from models/keyface/ or models/vae/ (svd_vae.safetensors, the diffusers AutoencoderKLTemporalDecoder file, or a full SVD checkpoint)."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, vae_name):
+        return C.validate_models(vae_name=("vae", vae_name))
+
     def load(self, vae_name):
         import comfy.ops
         from ..keyface import vae as kvae
@@ -114,6 +118,11 @@ class KeyFaceAudioEncoderLoader:
             "beats_name": (C.choices("beats"), {"tooltip": "BEATs iter3+ AS2M fine-tuned (BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt)."}),
             "wav2vec2_name": (C.choices("wav2vec2"), {"tooltip": "wav2vec2-base-960h: a Hugging Face folder with config.json and the weights."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, wavlm_name, beats_name, wav2vec2_name):
+        return C.validate_models(wavlm_name=("wavlm", wavlm_name), beats_name=("beats", beats_name),
+                                 wav2vec2_name=("wav2vec2", wav2vec2_name))
 
     def load(self, wavlm_name, beats_name, wav2vec2_name):
         import functools
@@ -149,6 +158,10 @@ class KeyFaceKeyframeModelLoader:
             "model_name": (C.choices("keyframe"), {"tooltip": "keyframe.pt (DeepSpeed file as released) or keyframe.safetensors, from models/keyface/."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name):
+        return C.validate_models(model_name=("keyframe", model_name))
+
     def load(self, model_name):
         from ..keyface import engines, model_files
 
@@ -176,6 +189,11 @@ class KeyFaceInterpolationModelLoader:
             "model_name": (C.choices("interpolation"), {"tooltip": "interpolation.pt (or .safetensors) from models/keyface/."}),
             "bad_model_name": (C.choices("interpolation_bad"), {"tooltip": "interpolation_bad.pt: the autoguidance network (D = D_bad + scale x (D_good - D_bad))."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name, bad_model_name):
+        return C.validate_models(model_name=("interpolation", model_name),
+                                 bad_model_name=("interpolation_bad", bad_model_name))
 
     def load(self, model_name, bad_model_name):
         from ..keyface import engines

@@ -187,8 +187,18 @@ def test_choices_list_released_names_and_folders(N, smoke_dir):
 
 
 def test_missing_model_names_the_input(N, smoke_dir):
-    with pytest.raises(ValueError, match="model_name"):
+    with pytest.raises(ValueError, match="model_name: model 'nope.pt' was not found.*download keyframe.pt from"):
         N["KeyFaceKeyframeModelLoader"]().load("nope.pt")
+
+
+def test_loaders_validate_every_model_file_before_running(N, smoke_dir):
+    """VALIDATE_INPUTS (run by ComfyUI for every node when a prompt is queued) names each missing file
+    of a loader with its download hint, and accepts files that are there."""
+    assert N["KeyFaceInterpolationModelLoader"].VALIDATE_INPUTS("interpolation.pt", "interpolation_bad.pt") is True
+    msg = N["KeyFaceAudioEncoderLoader"].VALIDATE_INPUTS("WavLM-Base+.pt", "gone.pt", "nowhere")
+    assert "wavlm_name" not in msg and "beats_name: model 'gone.pt' was not found" in msg
+    assert "wav2vec2_name: model 'nowhere' was not found" in msg and "facebook/wav2vec2-base-960h" in msg
+    assert N["KeyFaceVAELoader"].VALIDATE_INPUTS("../keyface/svd_vae.safetensors") is not True
 
 
 def test_interpolation_checkpoint_in_keyframe_loader(N, smoke_dir):
