@@ -75,6 +75,19 @@ def models(N, smoke_dir, one_thread):
     return {"vae": vae, "enc": enc, "kf": kf, "it": it}
 
 
+def run_node(N, class_name, **inputs):
+    """Call a node the way ComfyUI does: by input name. Every name must be one of its INPUT_TYPES and
+    every required input given, so a renamed or reordered input breaks the test, not its meaning."""
+    cls = N[class_name]
+    spec = cls.INPUT_TYPES()
+    required, optional = spec.get("required", {}), spec.get("optional", {})
+    unknown = sorted(set(inputs) - set(required) - set(optional))
+    missing = sorted(set(required) - set(inputs))
+    assert not unknown and not missing, f"{class_name}: unknown inputs {unknown}, missing {missing}"
+    return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+
 def _audio(seconds=1.0, sr=16000, batch=1):
     import torch
 
@@ -297,19 +310,28 @@ def test_crop_and_pad_differ_never_squash(N, models, clip):
     assert (pad[:, :10] - pad[:, 10:11]).abs().max() < 1e-6
 
 
-def test_progress_bars_and_interrupt_checks(N, models, clip):
-    kfs, _ = N["KeyFaceSampleKeyframes"]().sample(models["kf"], models["vae"], _image(), clip["feats"], 5, 10, 2.0, 5.0, "pad")
+def test_progress_bars_and_cancel_at_the_next_step(N, models, clip):
+    import comfy.model_management
+
+    inputs = dict(keyframe_model=models["kf"], vae=models["vae"], image=_image(), audio_features=clip["feats"],
+                  seed=5, steps=10, ref_guidance=2.0, audio_guidance=5.0, fit="pad", preview=False)
+    run_node(N, "KeyFaceSampleKeyframes", **inputs)
     prog = comfy_stubs.STATE.progress
-    assert prog, "no ProgressBar updates"
-    assert prog[-1][1] == prog[-1][2]  # finished at total
-    assert comfy_stubs.STATE.checks >= len(prog)
+    assert len(prog) > 1 and prog[-1][1] == prog[-1][2]  # step by step, finished at total
     assert comfy_stubs.STATE.loaded, "load_models_gpu was not called"
+    # cancel pressed when the bar shows the first step: the node stops there (no later step reported)
+    comfy_stubs.reset()
+    comfy_stubs.STATE.cancel_at_progress = 1
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        run_node(N, "KeyFaceSampleKeyframes", **inputs)
+    assert [p[1] for p in comfy_stubs.STATE.progress] == [1]
 
 
 def test_features_from_other_clip_rejected(N, models, clip):
     other, _, _, _ = N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(2.0))
     with pytest.raises(ValueError, match="audio_features"):
-        N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], other, 5, 10, 2.0, True, 2)
+        run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=other,
+            seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=2)
 
 
 def test_interpolate_decode_save(N, models, clip, tmp_path):
@@ -317,7 +339,8 @@ def test_interpolate_decode_save(N, models, clip, tmp_path):
 
     from keyface.video_io import probe_mp4
 
-    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 2)
+    lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
+        seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=2)
     s = clip["kfs"].plan.num_segments
     assert lat["samples"].shape == (s * 14, 4, 8, 8) and lat["keyface_num_frames"] == clip["n"]
     assert any(p[2] for p in comfy_stubs.STATE.progress)
@@ -346,11 +369,14 @@ def test_cancel_mid_decode_leaves_no_file(N, models, clip, tmp_path):
     import comfy.model_management
     import folder_paths
 
-    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, False, 2)
+    lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
+        seed=5, steps=10, guidance=2.0, autoguidance=False, segments_per_call=2)
     folder_paths.output_directory = str(tmp_path)
-    comfy_stubs.STATE.interrupt_after = 3  # the third interrupt check raises (mid-decode)
+    comfy_stubs.reset()
+    comfy_stubs.STATE.cancel_at_progress = 1  # cancel once the first chunk is written
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         N["KeyFaceSaveVideo"]().save(models["vae"], lat, clip["audio"], "kf/cancel", 4, 23)
+    assert [p[1] for p in comfy_stubs.STATE.progress] == [1]  # stopped mid-decode, not at the end
     leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert leftovers == [], leftovers
 
@@ -358,9 +384,12 @@ def test_cancel_mid_decode_leaves_no_file(N, models, clip, tmp_path):
 def test_cancel_mid_sampling(N, models, clip):
     import comfy.model_management
 
-    comfy_stubs.STATE.interrupt_after = 2
+    comfy_stubs.reset()
+    comfy_stubs.STATE.cancel_at_progress = 1
     with pytest.raises(comfy.model_management.InterruptProcessingException):
-        N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 1)
+        run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
+            seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=1)
+    assert [p[1] for p in comfy_stubs.STATE.progress] == [1]  # no step after the cancel
     assert comfy_stubs.STATE.interrupt is False  # the flag is consumed, as in ComfyUI
 
 
@@ -401,7 +430,8 @@ def test_manual_cast_computes_in_comfy_compute_dtype(N, smoke_dir, clip, monkeyp
                 assert n.audio_projection.compute_dtype == torch.float32
         kfs, _ = N["KeyFaceSampleKeyframes"]().sample(kf, clip_vae(N, smoke_dir), _image(), clip["feats"], 5, 10,
                                                       2.0, 5.0, "crop")
-        lat, = N["KeyFaceInterpolate"]().interpolate(it, kfs, clip["feats"], 5, 10, 2.0, True, 2)
+        lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=it, keyframes=kfs, audio_features=clip["feats"],
+            seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=2)
     finally:
         for h in hooks:
             h.remove()
@@ -422,7 +452,8 @@ def test_memory_required_scales_with_stage_shapes(N, models, clip):
         return [c["memory_required"] for c in calls if patcher_owner in c["models"]]
 
     # keyframes: one call = 3 guidance branches x 14 frames of 8x8 latents (the smoke model's 64 px)
-    N["KeyFaceSampleKeyframes"]().sample(models["kf"], models["vae"], _image(), clip["feats"], 5, 10, 2.0, 5.0, "crop")
+    run_node(N, "KeyFaceSampleKeyframes", keyframe_model=models["kf"], vae=models["vae"], image=_image(), audio_features=clip["feats"],
+        seed=5, steps=10, ref_guidance=2.0, audio_guidance=5.0, fit="crop", preview=False)
     assert memory_of(models["kf"].patcher) == [memory.unet_call_bytes(42, (8, 8), torch.float32)]
     assert memory.unet_call_bytes(42, (8, 8), torch.float32) == 2 * memory.unet_call_bytes(42, (8, 8), torch.float16)
     assert memory.unet_call_bytes(42, (64, 64), torch.float32) == 64 * memory.unet_call_bytes(42, (8, 8), torch.float32)
@@ -431,12 +462,14 @@ def test_memory_required_scales_with_stage_shapes(N, models, clip):
     mem = {}
     for spc in (1, 2):
         calls.clear()
-        N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, spc)
+        run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
+            seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=spc)
         mem[spc], = memory_of(models["it"].patchers[0])
     assert mem[1] == memory.unet_call_bytes(14, (8, 8), torch.float32) > 0 and mem[2] == 2 * mem[1]
 
     # decode: grows with the chunk (+ the shared keyframes decoded twice), at the output size
-    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, False, 2)
+    lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
+        seed=5, steps=10, guidance=2.0, autoguidance=False, segments_per_call=2)
     dec = {}
     for chunk in (4, 16):
         calls.clear()
@@ -453,7 +486,8 @@ def test_latent_holds_raw_vae_latents(N, models, clip):
     divides the sampler's latents by 0.18215 and Decode multiplies them back."""
     pipeline = importlib.import_module(PACK + ".keyface.pipeline")
     scale = importlib.import_module(PACK + ".keyface.vae").SCALE_FACTOR
-    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 2)
+    lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
+        seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=2)
     it = models["it"]
     sampled = pipeline.interpolate_segments(it.good, it.bad, clip["kfs"].latents, clip["feats"].interpolation,
                                             clip["kfs"].plan, seed=5, steps=10, scale=2.0, segments_per_call=2)
@@ -474,10 +508,10 @@ def test_keyframe_preview_progress_and_cancel(pack, models, clip):
     images = sampling.decode_keyframes(clip["kfs"], models["vae"], chunk_frames=1)
     assert images.shape[0] == k and [p[1:] for p in comfy_stubs.STATE.progress] == [(i, k) for i in range(1, k + 1)]
     comfy_stubs.reset()
-    comfy_stubs.STATE.interrupt_after = 2  # the check after the first chunk (before it is reported)
+    comfy_stubs.STATE.cancel_at_progress = 1  # cancel once the first chunk is shown
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         sampling.decode_keyframes(clip["kfs"], models["vae"], chunk_frames=1)
-    assert comfy_stubs.STATE.checks == 2 and not comfy_stubs.STATE.progress  # no chunk decoded after it
+    assert [p[1:] for p in comfy_stubs.STATE.progress] == [(1, k)]  # no chunk decoded after it
 
 
 def test_save_video_audio_is_exactly_the_video_length(N, models, clip, tmp_path):
@@ -486,7 +520,8 @@ def test_save_video_audio_is_exactly_the_video_length(N, models, clip, tmp_path)
 
     from keyface.video_io import probe_mp4
 
-    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, False, 2)
+    lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
+        seed=5, steps=10, guidance=2.0, autoguidance=False, segments_per_call=2)
     folder_paths.output_directory = str(tmp_path)
     n, sr = clip["n"], 16000
     for seconds in (0.9, 1.3):
@@ -508,7 +543,8 @@ def test_attention_input_reaches_the_samplers(pack, N, models, clip):
     args = (models["kf"], models["vae"], _image(), clip["feats"], 5, 10, 2.0, 5.0, "crop")
     math_kfs, _ = N["KeyFaceSampleKeyframes"]().sample(*args, attention="math")
     assert torch.allclose(math_kfs.latents, clip["kfs"].latents, atol=1e-4)
-    lat_auto, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 2)
+    lat_auto, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
+        seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=2)
     lat_math, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 2,
                                                       attention="math")
     assert torch.allclose(lat_auto["samples"], lat_math["samples"], atol=1e-4)
