@@ -26,9 +26,7 @@ STATE = types.SimpleNamespace(
     load_calls=[],      # dict(models, memory_required, force_full_load) per load_models_gpu call
     messages=[],        # (event, data, sid) per PromptServer.instance.send_sync
     interrupt=False,    # set True to make throw_exception_if_processing_interrupted raise
-    interrupt_after=None,  # int: raise on the n-th check from now (counts down)
     cancel_at_progress=None,  # int: a user clicks cancel when a progress bar first shows this value (or more)
-    checks=0,           # how many interrupt checks ran
 )
 
 
@@ -38,9 +36,7 @@ def reset():
     STATE.load_calls.clear()
     STATE.messages.clear()
     STATE.interrupt = False
-    STATE.interrupt_after = None
     STATE.cancel_at_progress = None
-    STATE.checks = 0
 
 
 # --------------------------------------------------------------------------------- folder_paths
@@ -147,12 +143,6 @@ def _make_model_management():
     m.load_models_gpu = load_models_gpu
 
     def throw_exception_if_processing_interrupted():
-        STATE.checks += 1
-        if STATE.interrupt_after is not None:
-            STATE.interrupt_after -= 1
-            if STATE.interrupt_after <= 0:
-                STATE.interrupt_after = None
-                STATE.interrupt = True
         if STATE.interrupt:
             STATE.interrupt = False
             raise InterruptProcessingException()
