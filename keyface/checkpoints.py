@@ -364,7 +364,7 @@ def _tensor_dict(sd, path, where) -> dict:
                               f"{format_keys([repr(k) for k in bad])}")
     bad_keys = [k for k in sd if not isinstance(k, str)]
     if bad_keys:
-        raise CheckpointError(f"{path}: state dict keys must be strings{where}, found {bad_keys[:5]!r}")
+        raise CheckpointError(f"{path}: state dict keys must be strings{where}, found:{format_keys(map(repr, bad_keys))}")
     return dict(sd)
 
 
@@ -470,7 +470,7 @@ def read_audio_checkpoint(path) -> dict:
 
 def _audio_from_obj(obj, path) -> dict:
     if not (isinstance(obj, dict) and "cfg" in obj and "model" in obj):
-        found = sorted(map(str, obj))[:10] if isinstance(obj, dict) else type(obj).__name__
+        found = f"the keys:{format_keys(sorted(map(str, obj)))}" if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path}: expected a unilm checkpoint {{'cfg': ..., 'model': ...}}, found {found}")
     cfg = obj["cfg"]
     if isinstance(cfg, SimpleNamespace) or type(cfg).__name__ == "Namespace":

@@ -779,10 +779,9 @@ def load_vae(
     enc_sd = {k[len("encoder."):]: v for k, v in fs.items() if k.startswith("encoder.")}
     has_quant_conv = any(k.startswith("quant_conv.") for k in fs)
     if not dec_sd:
-        shown = ", ".join(list(fs)[:5])
         raise CheckpointError(
             f"{name}: no VAE decoder weights found (expected decoder.*, first_stage_model.decoder.* or the "
-            f"diffusers AutoencoderKLTemporalDecoder layout); the file starts with: {shown}"
+            f"diffusers AutoencoderKLTemporalDecoder layout); the file starts with:{format_keys(list(fs))}"
         )
 
     dec_cfg = decoder_config or _infer_decoder_config(dec_sd)
