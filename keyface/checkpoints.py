@@ -630,17 +630,51 @@ def _strip_forward_module(sd: dict) -> dict:
     return out
 
 
+KEYS_SHOWN = 10  # how many keys an error message lists before "... and N more"
+_NESTED = "\n    "  # indent of a key list inside an indented message part
+
+
+def format_keys(keys, indent: str = "\n  ") -> str:
+    """The first KEYS_SHOWN of ``keys``, each after ``indent``, then "... and N more" when there are more."""
+    keys = [str(k) for k in keys]
+    more = f"{indent}... and {len(keys) - KEYS_SHOWN} more" if len(keys) > KEYS_SHOWN else ""
+    return "".join(indent + k for k in keys[:KEYS_SHOWN]) + more
+
+
+def load_strict(module, sd: dict, source: str, what: str, hint: str = "", assign: bool = False):
+    """Load ``sd`` into ``module`` with every key accounted for, or raise one :class:`CheckpointError`
+    naming ``source`` and listing the file's unused keys, the module's missing ones and shape
+    mismatches. ``assign``: take the tensors as they are (a module built on ``meta``)."""
+    own = module.state_dict()
+    unused = [k for k in sd if k not in own]
+    missing = [k for k in own if k not in sd]
+    wrong = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
+    if unused or missing or wrong:
+        parts = []
+        if unused:
+            parts.append(f"  {len(unused)} key(s) of the file are not used by the {what}:{format_keys(unused, _NESTED)}")
+        if missing:
+            parts.append(f"  {len(missing)} weight(s) the {what} needs are missing from the file:"
+                         f"{format_keys(missing, _NESTED)}")
+        if wrong:
+            shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]
+            parts.append(f"  {len(wrong)} shape mismatch(es) (file vs model):{format_keys(shapes, _NESTED)}")
+        raise CheckpointError(f"{source}: the weights do not match the {what}:\n" + "\n".join(parts)
+                              + (f"\n{hint}" if hint else ""))
+    module.load_state_dict(sd, strict=True, assign=assign)
+    return module
+
+
 def _tensor_dict(sd, path, where) -> dict:
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors{where}, found {type(sd).__name__}")
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        shown = ", ".join(repr(k) for k in bad[:10])
-        more = f" (+{len(bad) - 10} more)" if len(bad) > 10 else ""
-        raise CheckpointError(f"{path}: expected only tensors{where}, but these entries are not tensors: {shown}{more}")
+        raise CheckpointError(f"{path}: expected only tensors{where}, but these entries are not tensors:"
+                              f"{format_keys([repr(k) for k in bad])}")
     bad_keys = [k for k in sd if not isinstance(k, str)]
     if bad_keys:
-        raise CheckpointError(f"{path}: state dict keys must be strings{where}, found {bad_keys[:5]!r}")
+        raise CheckpointError(f"{path}: state dict keys must be strings{where}, found:{format_keys(map(repr, bad_keys))}")
     return dict(sd)
 
 
@@ -746,7 +780,7 @@ def read_audio_checkpoint(path) -> dict:
 
 def _audio_from_obj(obj, path) -> dict:
     if not (isinstance(obj, dict) and "cfg" in obj and "model" in obj):
-        found = sorted(map(str, obj))[:10] if isinstance(obj, dict) else type(obj).__name__
+        found = f"the keys:{format_keys(sorted(map(str, obj)))}" if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path}: expected a unilm checkpoint {{'cfg': ..., 'model': ...}}, found {found}")
     cfg = obj["cfg"]
     if isinstance(cfg, SimpleNamespace) or type(cfg).__name__ == "Namespace":
@@ -809,10 +843,8 @@ class KeyLedger:
         left = self.leftover()
         if not left:
             return
-        shown = "\n  ".join(left[:10])
-        more = f"\n  ... and {len(left) - 10} more" if len(left) > 10 else ""
         raise CheckpointError(
-            f"{self.source_name}: {len(left)} key(s) of the file are not used by this model:\n  {shown}{more}"
+            f"{self.source_name}: {len(left)} key(s) of the file are not used by this model:{format_keys(left)}"
             + (f"\n{hint}" if hint else "")
         )
 

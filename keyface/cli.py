@@ -18,6 +18,7 @@ import time
 
 from .config import ATTENTION_BACKENDS  # torch-free, like this module's top level
 from .face.cli_args import add_face_arguments, check_face_args, face_from_args  # torch-free at import
+from .settings import DEFAULT_CRF, DEFAULTS
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -34,8 +35,8 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--models", required=True, help="models folder (keyframe, interpolation, interpolation_bad, vae, "
                                                    "WavLM, BEATs, wav2vec2)")
     r.add_argument("--out", required=True, help="output .mp4 (written atomically)")
-    r.add_argument("--seed", type=int, default=23)
-    r.add_argument("--steps", type=int, default=10, help="sampling steps of both stages (10 = 11 evaluations)")
+    r.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    r.add_argument("--steps", type=int, default=DEFAULTS.keyframe_steps, help="sampling steps of both stages (10 = 11 evaluations)")
     r.add_argument("--keyframe-steps", type=int, default=None, help="override --steps for the keyframes")
     r.add_argument("--interpolation-steps", type=int, default=None, help="override --steps for the interpolation")
     emo = r.add_mutually_exclusive_group()
@@ -43,25 +44,26 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="named emotion (e.g. happy) or a schedule of names the emotion module accepts")
     emo.add_argument("--emotion-curve", default=None, help="emotion curve JSON file (valence/arousal over time)")
     r.add_argument("--intensity", type=float, default=None, help="emotion intensity 0..2 (default: the curve's)")
-    r.add_argument("--ref-ratio", type=float, default=2.0, help="keyframe identity guidance")
-    r.add_argument("--audio-ratio", type=float, default=5.0, help="keyframe audio guidance")
-    r.add_argument("--scale", type=float, default=2.0, help="interpolation autoguidance scale")
+    r.add_argument("--ref-ratio", type=float, default=DEFAULTS.ref_ratio, help="keyframe identity guidance")
+    r.add_argument("--audio-ratio", type=float, default=DEFAULTS.audio_ratio, help="keyframe audio guidance")
+    r.add_argument("--scale", type=float, default=DEFAULTS.scale, help="interpolation autoguidance scale")
     r.add_argument("--no-autoguidance", action="store_true", help="interpolate with the main network only")
     r.add_argument("--unguided-last-step", action="store_true",
                    help="skip both stages' guidance at the last step (sigma 0.002): about 5%% fewer UNet evaluations, "
                         "an approximation (see bench/README.md)")
-    r.add_argument("--segments-per-call", type=int, default=2,
+    r.add_argument("--segments-per-call", type=int, default=DEFAULTS.segments_per_call,
                    help="interpolation segments (14 frames each) per UNet call; halved automatically if a call runs "
                         "out of memory. Same result; more is faster on a big GPU and needs more memory")
-    r.add_argument("--branches-per-call", type=int, choices=(1, 2, 3), default=3,
+    r.add_argument("--branches-per-call", type=int, choices=(1, 2, 3), default=DEFAULTS.branches_per_call,
                    help="keyframe guidance branches per UNet call; halved automatically on out-of-memory. Same result")
-    r.add_argument("--attention", choices=tuple(ATTENTION_BACKENDS), default="auto",
+    r.add_argument("--attention", choices=tuple(ATTENTION_BACKENDS), default=DEFAULTS.attention,
                    help="scaled-dot-product attention backend (auto: torch picks per call). Same result up to "
                         "rounding; a backend this device cannot run is an error")
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the UNets (opt-in): the first calls compile (minutes), then faster sampling; "
                         "same result up to rounding")
-    r.add_argument("--chunk-frames", type=int, default=16, help="most frames per VAE decode call; on a GPU fewer when its free memory cannot hold that many "
+    r.add_argument("--chunk-frames", type=int, default=DEFAULTS.chunk_frames,
+                   help="most frames per VAE decode call; on a GPU fewer when its free memory cannot hold that many "
                         "(see keyface.vae.decode_memory)")
     r.add_argument("--identity-mode", choices=("crop", "pad"), default="crop",
                    help="square the identity image by centre crop or by padding")
@@ -69,7 +71,7 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="UNet weight dtype (default: fp16 on CUDA, fp32 elsewhere); the VAE and audio encoders "
                         "stay fp32")
-    r.add_argument("--crf", type=int, default=18, help="H.264 quality (lower = better)")
+    r.add_argument("--crf", type=int, default=DEFAULT_CRF, help="H.264 quality (lower = better)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     r.add_argument("--quiet", action="store_true")
     add_face_arguments(r)
@@ -215,7 +217,7 @@ def _settings(args):
         ref_ratio=args.ref_ratio, audio_ratio=args.audio_ratio, scale=args.scale,
         autoguidance=not args.no_autoguidance, segments_per_call=args.segments_per_call,
         branches_per_call=args.branches_per_call,
-        guidance_min_sigma=UNGUIDED_LAST_STEP_SIGMA if args.unguided_last_step else 0.0,
+        guidance_min_sigma=UNGUIDED_LAST_STEP_SIGMA if args.unguided_last_step else DEFAULTS.guidance_min_sigma,
         chunk_frames=args.chunk_frames, attention=args.attention, compile=args.compile,
     )
     try:

@@ -12,9 +12,10 @@ import math
 import torch
 from torch import nn
 
+from .latents import LATENT_SCALE
 from .ops import resolve
 
-SCALE_FACTOR = 0.18215
+SCALE_FACTOR = LATENT_SCALE
 EMOTION_DIM = 256
 
 
@@ -31,8 +32,14 @@ class AudioProjection(nn.Module):
         self.feature_dim = feature_dim
         self.linear = ops.Linear(feature_dim, context_dim, bias=True, dtype=dtype, device=device)
         #: dtype the features are projected in; None -> the weights' dtype. Hosts that store weights in
-        #: a dtype the device cannot compute in (ComfyUI manual cast: fp8, bf16 on a CPU) set it.
+        #: a dtype the device cannot compute in (ComfyUI manual cast: fp8, bf16 on a CPU) set it with
+        #: :meth:`set_compute_dtype` (usually through the engine's own).
         self.compute_dtype = None
+
+    def set_compute_dtype(self, dtype):
+        """Project in ``dtype`` (None: the weights' dtype), whatever dtype the weights are stored in."""
+        self.compute_dtype = dtype
+        return self
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         if audio.dim() != 4 or audio.shape[-1] != self.feature_dim:

@@ -10,6 +10,7 @@ keys this module does not know.
 from dataclasses import dataclass, fields, replace
 from typing import Optional, Tuple, Union
 
+from .planner import WINDOW
 from . import validate
 
 # Bounds of the UNet sizes a config may set (the released UNet: 320 channels, context 1024). Wider
@@ -73,7 +74,7 @@ class UNetConfig:
     transformer_depth_middle: Optional[int] = None
     context_dim: int = 1024
     audio_dim: int = 1024
-    num_frames: int = 14
+    num_frames: int = WINDOW
     video_kernel_size: Tuple[int, int, int] = (3, 1, 1)
     max_ddpm_temb_period: int = 10000
 

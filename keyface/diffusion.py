@@ -12,12 +12,14 @@ import logging
 import torch
 
 from .conditioning import keyframe_unconditional
+from .planner import WINDOW
+from .settings import DEFAULTS
 
 log = logging.getLogger(__name__)
 
 # AYSDiscretization base list (spec 5.2)
 AYS_BASE_SIGMAS = (700.0, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002)
-FRAMES_PER_VIDEO = 14
+FRAMES_PER_VIDEO = WINDOW  # rows of one video / segment in a batched call
 
 
 def ays_sigmas(num_steps: int) -> torch.Tensor:
@@ -175,8 +177,9 @@ def _unguided(sigma, guidance_min_sigma: float) -> bool:
     return guidance_min_sigma > 0 and float(torch.as_tensor(sigma).max()) <= guidance_min_sigma
 
 
-def keyframe_denoiser(network, cond, uc=None, ref_ratio: float = 2.0, audio_ratio: float = 5.0,
-                      guidance_min_sigma: float = 0.0, branches_per_call=3):
+def keyframe_denoiser(network, cond, uc=None, ref_ratio: float = DEFAULTS.ref_ratio,
+                      audio_ratio: float = DEFAULTS.audio_ratio, guidance_min_sigma: float = DEFAULTS.guidance_min_sigma,
+                      branches_per_call=DEFAULTS.branches_per_call):
     """AudioRefMultiCondGuider around the keyframe engine (spec 5.4).
 
     Branches [u: uc concat, uc crossattn, c vector | id: c concat, uc crossattn, c vector | full: c],
@@ -224,8 +227,9 @@ def keyframe_denoiser(network, cond, uc=None, ref_ratio: float = 2.0, audio_rati
     return denoise
 
 
-def interpolation_denoiser(good, bad, cond: dict, scale: float = 2.0, segments_per_call=2, autoguidance: bool = True,
-                           guidance_min_sigma: float = 0.0):
+def interpolation_denoiser(good, bad, cond: dict, scale: float = DEFAULTS.scale,
+                           segments_per_call=DEFAULTS.segments_per_call, autoguidance: bool = DEFAULTS.autoguidance,
+                           guidance_min_sigma: float = DEFAULTS.guidance_min_sigma):
     """KarrasGuider autoguidance around the two interpolation networks (spec 5.5).
 
     D = D_bad + scale (D_good - D_bad); both networks get the same (main engine's) conditioning.

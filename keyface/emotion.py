@@ -42,6 +42,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
+from .planner import FPS
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -438,7 +440,7 @@ def as_curve(emotion) -> EmotionCurve | None:
     raise EmotionCurveError(f"expected an emotion curve, name or schedule, got {type(emotion).__name__}")
 
 
-def per_frame_emotion(curve, num_frames: int, fps: float = 25.0, intensity: float | None = None):
+def per_frame_emotion(curve, num_frames: int, fps: float = FPS, intensity: float | None = None):
     """Per-frame (valence [N], arousal [N]) float32 tensors, frame i sampled at t = i / fps.
 
     ``curve`` is an :class:`EmotionCurve` (the ``KEYFACE_EMOTION`` value), ``None`` (neutral: zeros,

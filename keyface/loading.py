@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from . import model_files
-from .checkpoints import CheckpointError, KeyLedger, read_state_dict
+from .checkpoints import CheckpointError, KeyLedger, format_keys, load_strict, read_state_dict
 from .conditioning import AudioProjection
 from .engine_config import (
     BAD_NETWORK_PREFIX,
@@ -92,16 +92,13 @@ def _materialise(module: nn.Module, tensors: dict, name: str, dtype, device):
     module is returned in eval mode without gradients (inference only)."""
     if dtype is not None:
         tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
-    try:
-        module.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{name}: the weights do not fit the network: {err}") from None
+    load_strict(module, tensors, name, f"{type(module).__name__} built from its config", assign=True)
     # non-persistent buffers are not in any state dict: they must not stay on meta
     leftovers = [
         n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta and n not in tensors
     ]
     if leftovers:
-        raise CheckpointError(f"{name}: no weights for {leftovers[:10]}")
+        raise CheckpointError(f"{name}: no weights for:{format_keys(leftovers)}")
     if device is not None:
         module.to(device)
     return module.eval().requires_grad_(False)

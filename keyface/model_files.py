@@ -79,6 +79,24 @@ DEFAULT_NAMES = {
     VAE: "svd_vae.safetensors",
 }
 
+# Where each released file comes from (README "Models" has the full download commands).
+SOURCES = {
+    KEYFRAME: "Hugging Face toninio19/keyface, checkpoints/keyframe.pt",
+    INTERPOLATION: "Hugging Face toninio19/keyface, checkpoints/interpolation.pt",
+    INTERPOLATION_BAD: "Hugging Face toninio19/keyface, checkpoints/interpolation_bad.pt",
+    WAVLM: "Hugging Face toninio19/keyface, checkpoints/WavLM-Base+.pt",
+    BEATS: "Hugging Face toninio19/keyface, checkpoints/BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt",
+    WAV2VEC2: "Hugging Face facebook/wav2vec2-base-960h (config.json + model.safetensors, as a folder)",
+    VAE: "Hugging Face stabilityai/stable-video-diffusion-img2vid, vae/diffusion_pytorch_model.safetensors "
+         "(gated: accept the licence), saved as svd_vae.safetensors",
+}
+
+
+def download_hint(kind: str) -> str:
+    """One line saying where the released ``kind`` file comes from and under which name to keep it."""
+    return f"download {DEFAULT_NAMES[kind]} from {SOURCES[kind]} (README, section Models)"
+
+
 WEIGHT_EXTENSIONS = (".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".sft")
 DEFAULT_RESOLUTION = 512
 

@@ -25,6 +25,24 @@ RELEASED_AUDIO_FEATURE_DIM = 1536  # [WavLM|BEATs] or [wav2vec2|BEATs], spec 2.1
 RELEASED_MASK_HW = (64, 64)  # 512x512 pixels / 8, spec 4.3
 
 
+def mask_latent_hw(network) -> tuple[int, int]:
+    """(h, w) of an interpolation network's ``learned_mask``: the latent size it works at."""
+    mask = getattr(network, "learned_mask", None)
+    if mask is None:
+        raise ValueError("the interpolation network has no learned_mask")
+    return int(mask.shape[-2]), int(mask.shape[-1])
+
+
+def check_latent_size(network, latent_hw, what: str, fix: str = ""):
+    """ValueError naming ``what`` unless latents of ``latent_hw`` fit the interpolation network's
+    learned mask (the one size check every caller uses); ``fix`` says what to do instead."""
+    h, w = mask_latent_hw(network)
+    lh, lw = (int(s) for s in latent_hw)
+    if (lh, lw) != (h, w):
+        raise ValueError(f"{what} is {lh}x{lw} ({8 * lh}x{8 * lw} px) but the interpolation model's learned "
+                         f"mask is {h}x{w} ({8 * h}x{8 * w} px){fix}")
+
+
 class _EngineBase(nn.Module):
     """What both engines share: the compute dtype and the engine denoiser D (spec 5.1)."""
 
@@ -35,8 +53,13 @@ class _EngineBase(nn.Module):
     group_name = "groups"
 
     def set_compute_dtype(self, dtype):
-        """Run the UNet in ``dtype`` (None: the weights' dtype), whatever dtype the weights are stored in."""
+        """Compute in ``dtype`` (None: the weights' dtype), whatever dtype the weights are stored in:
+        the UNet and the audio projection (whose manual-cast Linear casts its weights to the
+        features' dtype). For hosts that keep weights in a dtype the device does not compute in
+        (ComfyUI's manual cast: fp8, or bf16/fp16 on a CPU)."""
         self.compute_dtype = dtype
+        if getattr(self, "audio_projection", None) is not None:
+            self.audio_projection.set_compute_dtype(dtype)
         return self
 
     def resolved_compute_dtype(self):
@@ -128,19 +151,22 @@ class InterpolationNetwork(_EngineBase):
                 audio_feature_dim, unet_config.context_dim, dtype=dtype, device=device, operations=operations
             )
 
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        """(h, w) of the latents this network works on: its learned mask's size (64 x 64 released = 512 px)."""
+        return mask_latent_hw(self)
+
+    def check_latent_size(self, latent_hw, what: str, fix: str = ""):
+        check_latent_size(self, latent_hw, what, fix)
+
     def unet_input(self, x_scaled_in, concat, frames: int):
         """InterpolationWrapper input: [c_in x (4) | start, M x (T-2), end (4) | mask 1, 0 x (T-2), 1 (1)]."""
         rows, c, h, w = x_scaled_in.shape
         segments = concat.shape[0]
         if rows != segments * frames:
             raise ValueError(f"interpolation: {rows} rows for {segments} segments of {frames} frames")
+        self.check_latent_size((h, w), "interpolation latents")
         mask = self.learned_mask
-        if tuple(mask.shape[-2:]) != (h, w):
-            raise ValueError(
-                f"interpolation: latent size {h}x{w} does not match the model's learned mask "
-                f"{mask.shape[-2]}x{mask.shape[-1]} (the released model works at "
-                f"{mask.shape[-2] * 8}x{mask.shape[-1] * 8} pixels)"
-            )
         concat = concat.to(x_scaled_in)
         start, end = concat[:, :c], concat[:, c:]
         middle = mask.to(x_scaled_in)[None, None].expand(segments, frames - 2, c, h, w)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
@@ -43,7 +42,10 @@ import torch.nn.functional as F
 from .conditioning import interpolation_conditioning, keyframe_conditioning
 from .config import ATTENTION_BACKENDS
 from .diffusion import CallSizer, ays_sigmas, interpolation_denoiser, keyframe_denoiser, sample_euler
-from .planner import FPS, STEP, WINDOW, ClipPlan, plan_clip
+from .memory import segment_decode_rows
+from .networks import check_latent_size, mask_latent_hw
+from .planner import FPS, WINDOW, ClipPlan, plan_clip
+from .settings import DEFAULT_CHUNK_FRAMES, DEFAULT_CRF, DEFAULT_SEED, RenderSettings, check_attention
 from .vae import decode_memory
 from .validate import finite, integer, number, stage_output
 
@@ -56,11 +58,10 @@ LATENT_CHANNELS = 4
 _SAMPLING_CAUSES = ("a model file with non-finite weights, or activations overflowing the network's dtype (fp16 "
                     "weights: try bf16 or fp32)")
 _DECODE_CAUSES = "a VAE file with non-finite weights, or the decoder overflowing its dtype (try fp32)"
-DEFAULT_SEED = 23  # the reference's torch.manual_seed(23) (spec 1.2)
-DEFAULT_CHUNK_FRAMES = 16  # frames per decoder call, at most (fewer when the free memory says so)
 # Share of the free memory a decoder call may plan for: the rest absorbs allocator fragmentation,
 # the chunk's outputs and the estimate's error (keyface.vae.decode_memory).
 DECODE_MEMORY_FRACTION = 0.8
+DEFAULTS = RenderSettings()  # every default below is read from here (keyface/settings.py)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,10 +131,7 @@ def _plan_of(plan_or_n) -> ClipPlan:
 def model_latent_size(interpolation_network) -> tuple[int, int]:
     """(h, w) of the latents the interpolation network works on: its ``learned_mask`` size
     (64 x 64 for the released weights, i.e. 512 x 512 pixels)."""
-    mask = getattr(interpolation_network, "learned_mask", None)
-    if mask is None:
-        raise ValueError("the interpolation network has no learned_mask")
-    return int(mask.shape[-2]), int(mask.shape[-1])
+    return mask_latent_hw(interpolation_network)
 
 
 def model_resolution(interpolation_network) -> tuple[int, int]:
@@ -158,12 +156,8 @@ def check_identity_latent(identity_latent, interpolation_network) -> torch.Tenso
     """Return the identity latent as [1, 4, h, w]; ValueError if its size is not the model's."""
     z = _identity_latent(identity_latent)
     h, w = model_latent_size(interpolation_network)
-    if tuple(z.shape[-2:]) != (h, w):
-        raise ValueError(
-            f"identity latent is {z.shape[-2]}x{z.shape[-1]} ({8 * z.shape[-2]}x{8 * z.shape[-1]} px) but the "
-            f"interpolation model's learned mask is {h}x{w}: prepare the image at {8 * h}x{8 * w} px "
-            "(prepare_identity(image, size))"
-        )
+    check_latent_size(interpolation_network, z.shape[-2:], "identity latent",
+                                            f": prepare the image at {8 * h}x{8 * w} px (prepare_identity(image, size))")
     return z
 
 
@@ -274,8 +268,9 @@ def encode_identity(vae, image, device=None) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal, plan, *, seed: int = DEFAULT_SEED,
-                     steps: int = 10, ref_ratio: float = 2.0, audio_ratio: float = 5.0, guidance_min_sigma: float = 0.0,
-                     branches_per_call: int = 3, device=None, dtype=None,
+                     steps: int = DEFAULTS.keyframe_steps, ref_ratio: float = DEFAULTS.ref_ratio,
+                     audio_ratio: float = DEFAULTS.audio_ratio, guidance_min_sigma: float = DEFAULTS.guidance_min_sigma,
+                     branches_per_call: int = DEFAULTS.branches_per_call, device=None, dtype=None,
                      callback: Callable | None = None) -> torch.Tensor:
     """Sample every keyframe of the plan -> scaled latents [K, 4, h, w] (float32, CPU).
 
@@ -336,8 +331,9 @@ def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal,
 
 @torch.no_grad()
 def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan, *, seed: int = DEFAULT_SEED,
-                         steps: int = 10, scale: float = 2.0, segments_per_call: int = 2, autoguidance: bool = True,
-                         guidance_min_sigma: float = 0.0, device=None, dtype=None, callback: Callable | None = None,
+                         steps: int = DEFAULTS.interpolation_steps, scale: float = DEFAULTS.scale,
+                         segments_per_call: int = DEFAULTS.segments_per_call, autoguidance: bool = DEFAULTS.autoguidance,
+                         guidance_min_sigma: float = DEFAULTS.guidance_min_sigma, device=None, dtype=None, callback: Callable | None = None,
                          segment_indices: Sequence[int] | None = None) -> torch.Tensor:
     """Interpolate the plan's segments -> scaled latents [S, 14, 4, h, w] (float32, CPU).
 
@@ -366,12 +362,8 @@ def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan,
             f"keyframe latents hold {kf.shape[0]} keyframes but the clip plan ({plan.num_frames} frames) has "
             f"{plan.num_keyframes}: keyframes and plan must come from the same clip"
         )
-    h, w = model_latent_size(good)
-    if tuple(kf.shape[-2:]) != (h, w):
-        raise ValueError(
-            f"keyframe latents are {kf.shape[-2]}x{kf.shape[-1]} but the interpolation model's learned mask is "
-            f"{h}x{w} ({8 * h}x{8 * w} px)"
-        )
+    check_latent_size(good, kf.shape[-2:], "keyframe latents")
+    h, w = mask_latent_hw(good)
     finite("keyframe latents", kf, "sample the keyframes again")
     _check_rows("interpolation audio features", interpolation_audio, plan, dims=3)
     if autoguidance and bad is None:
@@ -429,9 +421,9 @@ def _decode_rows(vae, latents: torch.Tensor, device, dtype) -> torch.Tensor:
 
 
 def decode_rows_for(chunk_frames: int) -> int:
-    """Latent rows one decoder call on ``chunk_frames`` consecutive output frames decodes at most: the
-    frames plus a second copy of each shared keyframe among them (one per 13 frames)."""
-    return int(chunk_frames) + int(chunk_frames) // STEP + 1
+    """Latent rows one decoder call on ``chunk_frames`` consecutive output frames decodes at most
+    (keyface.memory.segment_decode_rows)."""
+    return segment_decode_rows(chunk_frames)
 
 
 def free_device_memory(device) -> int | None:
@@ -563,12 +555,6 @@ def decode_keyframe_preview(vae, latents, *, chunk_frames: int = DEFAULT_CHUNK_F
 _NO_KERNEL = ("No viable backend for scaled_dot_product_attention", "No available kernel")
 
 
-def _check_attention(name) -> str:
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
-    return name
-
-
 @contextlib.contextmanager
 def attention_backend(name: str = "auto"):
     """Run the block's ``F.scaled_dot_product_attention`` calls (UNets and VAE) on one SDPA backend.
@@ -576,7 +562,7 @@ def attention_backend(name: str = "auto"):
     ``"auto"`` leaves the choice to torch. A backend that cannot run on this device / dtype / head
     size raises ValueError naming the setting instead of torch's generic "no kernel" error.
     """
-    member = ATTENTION_BACKENDS[_check_attention(name)]
+    member = ATTENTION_BACKENDS[check_attention(name)]
     if member is None:
         yield
         return
@@ -611,50 +597,6 @@ def compiled_unets(networks, enabled: bool = True):
     finally:
         for net, body in swapped:
             net.diffusion_model = body
-
-
-@dataclass
-class RenderSettings:
-    """Sampling settings of a render (defaults = the released inference settings, spec 7).
-
-    Speed settings that do not change the result beyond float rounding: ``segments_per_call``,
-    ``branches_per_call`` (both halved automatically on out-of-memory), ``chunk_frames``,
-    ``attention`` (SDPA backend, see :data:`ATTENTION_BACKENDS`) and ``compile`` (opt-in
-    ``torch.compile`` of the UNets). Their measured cost and effect: bench/README.md.
-    """
-
-    seed: int = DEFAULT_SEED
-    keyframe_steps: int = 10
-    interpolation_steps: int = 10
-    ref_ratio: float = 2.0
-    audio_ratio: float = 5.0
-    scale: float = 2.0
-    autoguidance: bool = True
-    segments_per_call: int = 2
-    branches_per_call: int = 3
-    chunk_frames: int = DEFAULT_CHUNK_FRAMES
-    # > 0: skip both stages' guidance at sigmas at or below it (the last AYS step is at 0.002). Saves 31.1
-    # of 660.65 UNet frame-evaluations per output second (26.9 interpolation + 4.1 keyframe); an
-    # approximation (bench/README.md), off by default.
-    guidance_min_sigma: float = 0.0
-    attention: str = "auto"
-    compile: bool = False
-
-    def __post_init__(self):
-        # checked here so that a bad value fails before any sampling, not after the keyframes
-        _check_attention(self.attention)
-        for name in ("ref_ratio", "audio_ratio", "scale"):
-            number(name, getattr(self, name))  # NaN / inf guidance would sample NaN latents: a black video
-        number("guidance_min_sigma", self.guidance_min_sigma, low=0.0)
-        integer("seed", self.seed, low=0)
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be True or False, got {self.compile!r}")
-        for name, low, high in (("segments_per_call", 1, None), ("branches_per_call", 1, 3), ("chunk_frames", 1, None),
-                                ("keyframe_steps", 10, None), ("interpolation_steps", 10, None)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or int(value) != value or value < low or (high is not None and value > high):
-                span = f"{low}..{high}" if high is not None else f">= {low}"
-                raise ValueError(f"{name} must be an integer {span}, got {value!r}")
 
 
 def _features_parts(features):
@@ -748,7 +690,7 @@ def render(keyframe_network, interpolation_network, bad_network, vae, identity_l
 
 
 def render_to_file(keyframe_network, interpolation_network, bad_network, vae, identity_latent, features, path, *,
-                   audio=None, sample_rate=None, crf: int = 18, frame_filter: Callable | None = None,
+                   audio=None, sample_rate=None, crf: int = DEFAULT_CRF, frame_filter: Callable | None = None,
                    **kwargs) -> str:
     """Render one clip straight into an mp4 (H.264 + AAC of ``audio`` [C, S] at ``sample_rate``).
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from . import model_files as mf
+from .planner import WINDOW
 from .engine_config import INTERPOLATION_AUDIO_EMBEDDER, KEYFRAME_AUDIO_EMBEDDER, MASK_KEY, UNET_PREFIX
 from .networks import InterpolationNetwork, KeyframeNetwork
 
@@ -51,7 +52,7 @@ UNET_PARAMS = {
     "transformer_depth": 1,
     "context_dim": CONTEXT_DIM,
     "audio_dim": CONTEXT_DIM,
-    "num_frames": 14,
+    "num_frames": WINDOW,
     "video_kernel_size": [3, 1, 1],
     # the released architecture switches (the original VideoUNet's defaults differ)
     "num_classes": "sequential",

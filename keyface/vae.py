@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import CheckpointError, KeyLedger, read_state_dict
+from .checkpoints import CheckpointError, KeyLedger, format_keys, load_strict, read_state_dict
+from .latents import LATENT_SCALE
 from .ops import resolve
 from .unet import norm_then
 
@@ -53,14 +54,13 @@ __all__ = [
     "Encoder",
     "VideoDecoder",
     "VAE",
-    "DECODE_BYTES_PER_PIXEL",
     "configs_from_first_stage",
     "convert_diffusers_vae",
     "decode_memory",
     "load_vae",
 ]
 
-SCALE_FACTOR = 0.18215
+SCALE_FACTOR = LATENT_SCALE  # the name this module has always exported
 
 # Keys of the original ddconfig that do not change the inference computation (or that we only accept at
 # the value the released model uses, checked in _check_inert).
@@ -417,13 +417,12 @@ class VideoDecoder(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-# Peak working memory of one decoder call, per output pixel of every decoded frame and per byte of the
-# compute dtype, for the released decoder (ch x ch_mult[0] = 128 channels at full resolution).
+# keyface.memory.DECODE_BYTES_PER_PIXEL: peak working memory of one decoder call, per output pixel of
+# every decoded frame and per byte of the compute dtype, for the released decoder (ch x ch_mult[0] = 128 channels at full resolution).
 # ComfyUI's estimate for this decoder (comfy/sd.py, VAE memory_used_decode); measured here on the CPU
 # in float32 (random weights, one thread): 7.13 KB per pixel at 256 px (1 frame), 7.46 KB at 128 px
 # (4 frames), i.e. 1780-1870 per dtype byte, below this estimate. At 512 px the estimate gives 2.28 GB
 # per frame in float32 and 1.14 GB in float16 (computed, not measured at that size).
-DECODE_BYTES_PER_PIXEL = 2178  # x dtype size
 _RELEASED_FULL_RES_CHANNELS = SVD_DECODER.ch * SVD_DECODER.ch_mult[0]
 
 
@@ -431,11 +430,11 @@ def decode_memory(config: DecoderConfig, rows: int, latent_hw, dtype) -> int:
     """Estimated peak working memory (bytes) of one decoder call on ``rows`` latents of ``latent_hw``
     (h, w) computing in ``dtype``: the released decoder's per-pixel figure, scaled by this decoder's
     channel count at full resolution (where the largest activations are) and its upsampling factor."""
-    h, w = (int(v) for v in latent_hw)
-    scale = 2 ** (len(config.ch_mult) - 1)
-    channels = config.ch * config.ch_mult[0] / _RELEASED_FULL_RES_CHANNELS
-    per_pixel = DECODE_BYTES_PER_PIXEL * torch.empty((), dtype=dtype).element_size() * channels
-    return int(rows * (scale * h) * (scale * w) * per_pixel)
+    from .memory import decode_call_bytes
+
+    return decode_call_bytes(rows, latent_hw, torch.empty((), dtype=dtype).element_size(),
+                             width_ratio=config.ch * config.ch_mult[0] / _RELEASED_FULL_RES_CHANNELS,
+                             upscale=2 ** (len(config.ch_mult) - 1))
 
 
 class VAE(nn.Module):
@@ -734,11 +733,9 @@ def convert_diffusers_vae(sd: dict, source_name: str = "state dict") -> dict:
             if extra_mid
             else ""
         )
-        shown = "\n  ".join(unknown[:10])
-        more = f"\n  ... and {len(unknown) - 10} more" if len(unknown) > 10 else ""
         raise CheckpointError(
             f"{source_name}: {len(unknown)} key(s) of this diffusers AutoencoderKLTemporalDecoder file have no "
-            f"counterpart in the SVD first stage:\n  {shown}{more}{hint}"
+            f"counterpart in the SVD first stage:{format_keys(unknown)}{hint}"
         )
     return out
 
@@ -803,10 +800,9 @@ def load_vae(
     enc_sd = {k[len("encoder."):]: v for k, v in fs.items() if k.startswith("encoder.")}
     has_quant_conv = any(k.startswith("quant_conv.") for k in fs)
     if not dec_sd:
-        shown = ", ".join(list(fs)[:5])
         raise CheckpointError(
             f"{name}: no VAE decoder weights found (expected decoder.*, first_stage_model.decoder.* or the "
-            f"diffusers AutoencoderKLTemporalDecoder layout); the file starts with: {shown}"
+            f"diffusers AutoencoderKLTemporalDecoder layout); the file starts with:{format_keys(list(fs))}"
         )
 
     dec_cfg = decoder_config or _infer_decoder_config(dec_sd)
@@ -821,38 +817,12 @@ def load_vae(
         device=device,
         operations=operations,
     )
-    _load_strict(vae, fs, name)
+    load_strict(vae, fs, name, "first-stage architecture (SVD VAE)", hint=(
+        "A VAE file holds encoder.* / decoder.* (SVD layout), first_stage_model.* (full SVD checkpoint or "
+        "KeyFace engine file) or the diffusers AutoencoderKLTemporalDecoder keys."))
     if scale_factor is not None:
         vae.scale_factor = float(scale_factor)
     vae.eval()
     return vae
 
 
-def _load_strict(module, sd, name):
-    """Load ``sd`` into ``module``; one error naming unused, missing and mis-shaped keys."""
-    own = module.state_dict()
-    unused = [k for k in sd if k not in own]
-    missing = [k for k in own if k not in sd]
-    wrong = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
-    if unused or missing or wrong:
-        def listed(keys):
-            more = f"\n    ... and {len(keys) - 10} more" if len(keys) > 10 else ""
-            return "\n    " + "\n    ".join(keys[:10]) + more
-
-        parts = []
-        if unused:
-            parts.append(f"  {len(unused)} key(s) of the file are not used by this VAE:{listed(unused)}")
-        if missing:
-            parts.append(f"  {len(missing)} weight(s) the VAE needs are missing from the file:{listed(missing)}")
-        if wrong:
-            parts.append(
-                f"  {len(wrong)} shape mismatch(es) (file vs model):"
-                + listed([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong])
-            )
-        raise CheckpointError(
-            f"{name}: the weights do not match the first-stage architecture:\n"
-            + "\n".join(parts)
-            + "\nA VAE file holds encoder.* / decoder.* (SVD layout), first_stage_model.* (full SVD checkpoint or "
-            "KeyFace engine file) or the diffusers AutoencoderKLTemporalDecoder keys."
-        )
-    module.load_state_dict(sd, strict=True)

@@ -21,6 +21,8 @@ import numpy as np
 from ._files import create_temp_beside
 from . import validate
 from .validate import pcm_to_float
+from .planner import FPS
+from .settings import DEFAULT_CRF
 
 AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
 
@@ -101,8 +103,8 @@ class Mp4Writer:
     AAC cannot store are resampled to 48 kHz; more than 2 channels are averaged to mono.
     """
 
-    def __init__(self, path, width: int, height: int, fps: int = 25, audio=None, sample_rate: int | None = None,
-                 num_frames: int | None = None, crf: int = 18, preset: str = "medium", audio_bitrate: int = 128000):
+    def __init__(self, path, width: int, height: int, fps: int = FPS, audio=None, sample_rate: int | None = None,
+                 num_frames: int | None = None, crf: int = DEFAULT_CRF, preset: str = "medium", audio_bitrate: int = 128000):
         import av
 
         if width % 2 or height % 2 or width <= 0 or height <= 0:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import os
 
-from ..keyface import model_files
+from ..keyface import model_files, planner
 
 log = logging.getLogger("keyface")
 
 CATEGORY = "KeyFace"
 FOLDER = "keyface"  # models/keyface/ (and any "keyface:" entry of extra_model_paths.yaml)
-FPS = 25.0
+FPS = float(planner.FPS)  # the node outputs' frame rate (a FLOAT output of Encode Audio)
 
 # Secondary ComfyUI folders searched after models/keyface/ for some kinds.
 SECONDARY = model_files.SECONDARY_FOLDERS
@@ -112,23 +112,44 @@ def choices(kind: str) -> list[str]:
     return uniq
 
 
+def find_model(kind: str, name) -> str | None:
+    """Full path of combo value ``name`` (file or model folder) in the folders searched for ``kind``, or None."""
+    if not isinstance(name, str) or not name:
+        return None
+    rel = os.path.normpath(os.path.join("/", name)).lstrip("/\\")
+    for _comfy_name, directory in _folders(kind):
+        full = os.path.join(directory, rel)
+        if os.path.isfile(full) or model_files.is_model_folder(full):
+            return full
+    return None
+
+
+def missing_model_message(kind: str, name, input_name: str) -> str:
+    """What to tell the user about a model file that is not there: the input, the folders searched
+    and where to download the file."""
+    if not isinstance(name, str) or not name:
+        return f"{input_name}: no model file chosen"
+    searched = ", ".join(directory for _, directory in _folders(kind)) or "any model folder"
+    return (f"{input_name}: model '{name}' was not found in {searched} (put the KeyFace files in "
+            f"ComfyUI/models/{FOLDER}/ or add a '{FOLDER}:' entry to extra_model_paths.yaml; "
+            f"{model_files.download_hint(kind)})")
+
+
 def resolve(kind: str, name: str, input_name: str) -> str:
     """Full path of combo value ``name`` (file or model folder); ValueError naming the input."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{input_name}: no model file chosen")
-    rel = os.path.normpath(os.path.join("/", name)).lstrip("/\\")
-    searched = []
-    for _comfy_name, directory in _folders(kind):
-        searched.append(directory)
-        full = os.path.join(directory, rel)
-        if os.path.isfile(full):
-            return full
-        if model_files.is_model_folder(full):
-            return full
-    raise ValueError(
-        f"{input_name}: model '{name}' was not found in {', '.join(searched) or 'any model folder'} "
-        f"(put the KeyFace files in ComfyUI/models/{FOLDER}/ or add a '{FOLDER}:' entry to extra_model_paths.yaml)"
-    )
+    path = find_model(kind, name)
+    if path is None:
+        raise ValueError(missing_model_message(kind, name, input_name))
+    return path
+
+
+def validate_models(**inputs) -> bool | str:
+    """A loader node's VALIDATE_INPUTS: ``inputs`` = {input_name: (kind, combo value)}. ComfyUI runs it
+    for every node when a prompt is queued, before anything executes, so every missing file of the
+    workflow is reported at once (each on its node) instead of one loader at a time at run time."""
+    problems = [missing_model_message(kind, name, input_name)
+                for input_name, (kind, name) in inputs.items() if find_model(kind, name) is None]
+    return "; ".join(problems) if problems else True
 
 
 # ------------------------------------------------------------------------------ memory management
@@ -163,14 +184,11 @@ def use_compute_dtype(network, weight_dtype, compute_dtype):
     (weights stored in a dtype the device does not compute in: fp8, or bf16/fp16 on a CPU).
 
     The engine would otherwise cast its inputs to the weight dtype (``--fp8_e4m3fn-unet`` fails,
-    ``--bf16-unet`` on a CPU computes in bf16 where ComfyUI picks fp32). The audio projection gets
-    the same compute dtype: its manual-cast Linear casts its weights to the features' dtype.
+    ``--bf16-unet`` on a CPU computes in bf16 where ComfyUI picks fp32); the library's
+    ``set_compute_dtype`` covers the UNet and the audio projection.
     """
-    if compute_dtype == weight_dtype:
-        return network
-    network.compute_dtype = compute_dtype
-    if getattr(network, "audio_projection", None) is not None:
-        network.audio_projection.compute_dtype = compute_dtype
+    if compute_dtype != weight_dtype:
+        network.set_compute_dtype(compute_dtype)
     return network
 
 
@@ -216,35 +234,26 @@ def load(patchers, memory_required=0, force_full_load=False):
     mm().load_models_gpu(list(patchers), memory_required=int(memory_required), force_full_load=force_full_load)
 
 
-# Working-memory estimates handed to load_models_gpu. They are estimates, not measurements: they
-# model the activations of one network call on ComfyUI's own estimates for the same networks, so
-# KeyFace stages make the memory manager free about as much as a native SVD workflow would.
-#
-# UNet: ComfyUI's BaseModel.memory_required (comfy/model_base.py), fused-attention case (our UNet
-# attends through scaled_dot_product_attention), with SVD_img2vid's memory_usage_factor 2.0:
-# 0.01 MiB x factor x dtype size per latent pixel of every row (batch item) of one call.
-UNET_BYTES_PER_LATENT_PIXEL = round(0.01 * 2.0 * 2**20)  # x dtype size
-# The VAE decoder's estimate is the library's (keyface.vae.decode_memory): it sizes decode chunks too.
-
-
-def unet_memory(rows, latent_hw, dtype) -> int:
-    """Estimated working memory (bytes) of one UNet call on ``rows`` latents of ``latent_hw``."""
-    h, w = latent_hw
-    return int(rows) * h * w * dtype.itemsize * UNET_BYTES_PER_LATENT_PIXEL
-
-
 def decode_memory(vae, rows, latent_hw) -> int:
     """Estimated working memory (bytes) of one decoder call of ``vae`` (a KEYFACE_VAE) on ``rows``
-    latents of ``latent_hw``: the library's estimate (keyface.vae.decode_memory)."""
+    latents of ``latent_hw``: the library's estimate (keyface.vae.decode_memory), handed to
+    load_models_gpu."""
     from ..keyface.vae import decode_memory as estimate
 
-    return estimate(vae.vae.decoder.config, rows, latent_hw, vae.dtype)
+    return estimate(vae.vae.decoder.config, rows, latent_hw, vae.compute_dtype)
 
 
 def free_memory(device) -> int:
     """What ComfyUI's memory manager reports free on ``device`` (VRAM plus torch's unused cache; RAM
     on the CPU): the decoders size their chunks to it."""
     return int(mm().get_free_memory(device))
+
+
+def render_defaults():
+    """``keyface.settings.DEFAULTS`` (torch-free): the node inputs' defaults are the library's."""
+    from ..keyface.settings import DEFAULTS
+
+    return DEFAULTS
 
 
 def attention_input():

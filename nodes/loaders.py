@@ -14,23 +14,23 @@ from . import _common as C
 class KeyFaceVAE:
     """KEYFACE_VAE: the SVD VAE (encoder for the identity image, temporal decoder for the video)."""
 
-    def __init__(self, vae, patcher, dtype, name):
-        self.vae, self.patcher, self.dtype, self.name = vae, patcher, dtype, name
+    def __init__(self, vae, patcher, compute_dtype, name):
+        self.vae, self.patcher, self.compute_dtype, self.name = vae, patcher, compute_dtype, name
 
     @property
     def device(self):
         return self.patcher.load_device
 
     def __repr__(self):
-        return f"KeyFaceVAE({self.name}, {self.dtype})"
+        return f"KeyFaceVAE({self.name}, {self.compute_dtype})"
 
 
 class KeyFaceAudioEncoders:
     """KEYFACE_AUDIO_ENCODERS: WavLM Base+, BEATs and wav2vec2 (one object, one memory-manager group)."""
 
-    def __init__(self, wavlm, beats, wav2vec2, patchers, dtype, names):
+    def __init__(self, wavlm, beats, wav2vec2, patchers, compute_dtype, names):
         self.wavlm, self.beats, self.wav2vec2 = wavlm, beats, wav2vec2
-        self.patchers, self.dtype, self.names = patchers, dtype, names
+        self.patchers, self.compute_dtype, self.names = patchers, compute_dtype, names
 
     @property
     def device(self):
@@ -43,22 +43,22 @@ class KeyFaceAudioEncoders:
 class KeyFaceKeyframeModel:
     """KEYFACE_KEYFRAME_MODEL."""
 
-    def __init__(self, network, patcher, dtype, resolution, name):
-        self.network, self.patcher, self.dtype, self.resolution, self.name = network, patcher, dtype, resolution, name
+    def __init__(self, network, patcher, compute_dtype, resolution, name):
+        self.network, self.patcher, self.compute_dtype, self.resolution, self.name = network, patcher, compute_dtype, resolution, name
 
     @property
     def device(self):
         return self.patcher.load_device
 
     def __repr__(self):
-        return f"KeyFaceKeyframeModel({self.name}, {self.resolution}px, {self.dtype})"
+        return f"KeyFaceKeyframeModel({self.name}, {self.resolution}px, {self.compute_dtype})"
 
 
 class KeyFaceInterpolationModel:
     """KEYFACE_INTERPOLATION_MODEL: the interpolation network and its autoguidance ("bad") network."""
 
-    def __init__(self, good, bad, patchers, dtype, name, bad_name):
-        self.good, self.bad, self.patchers, self.dtype = good, bad, patchers, dtype
+    def __init__(self, good, bad, patchers, compute_dtype, name, bad_name):
+        self.good, self.bad, self.patchers, self.compute_dtype = good, bad, patchers, compute_dtype
         self.name, self.bad_name = name, bad_name
 
     @property
@@ -67,10 +67,10 @@ class KeyFaceInterpolationModel:
 
     @property
     def latent_hw(self):
-        return tuple(int(s) for s in self.good.learned_mask.shape[-2:])
+        return self.good.latent_hw
 
     def __repr__(self):
-        return f"KeyFaceInterpolationModel({self.name}, bad={self.bad_name}, {self.dtype})"
+        return f"KeyFaceInterpolationModel({self.name}, bad={self.bad_name}, {self.compute_dtype})"
 
 
 # ---------------------------------------------------------------------------------------- nodes
@@ -87,6 +87,10 @@ class KeyFaceVAELoader:
         return {"required": {
             "vae_name": (C.choices("vae"), {"tooltip": "SVD VAE file from models/keyface/ or models/vae/ (svd_vae.safetensors, the diffusers AutoencoderKLTemporalDecoder file, or a full SVD checkpoint)."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, vae_name):
+        return C.validate_models(vae_name=("vae", vae_name))
 
     def load(self, vae_name):
         import comfy.ops
@@ -114,6 +118,11 @@ class KeyFaceAudioEncoderLoader:
             "beats_name": (C.choices("beats"), {"tooltip": "BEATs iter3+ AS2M fine-tuned (BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt)."}),
             "wav2vec2_name": (C.choices("wav2vec2"), {"tooltip": "wav2vec2-base-960h: a Hugging Face folder with config.json and the weights."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, wavlm_name, beats_name, wav2vec2_name):
+        return C.validate_models(wavlm_name=("wavlm", wavlm_name), beats_name=("beats", beats_name),
+                                 wav2vec2_name=("wav2vec2", wav2vec2_name))
 
     def load(self, wavlm_name, beats_name, wav2vec2_name):
         import functools
@@ -149,6 +158,10 @@ class KeyFaceKeyframeModelLoader:
             "model_name": (C.choices("keyframe"), {"tooltip": "keyframe.pt (DeepSpeed file as released) or keyframe.safetensors, from models/keyface/."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name):
+        return C.validate_models(model_name=("keyframe", model_name))
+
     def load(self, model_name):
         from ..keyface import engines, model_files
 
@@ -176,6 +189,11 @@ class KeyFaceInterpolationModelLoader:
             "model_name": (C.choices("interpolation"), {"tooltip": "interpolation.pt (or .safetensors) from models/keyface/."}),
             "bad_model_name": (C.choices("interpolation_bad"), {"tooltip": "interpolation_bad.pt: the autoguidance network (D = D_bad + scale x (D_good - D_bad))."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name, bad_model_name):
+        return C.validate_models(model_name=("interpolation", model_name),
+                                 bad_model_name=("interpolation_bad", bad_model_name))
 
     def load(self, model_name, bad_model_name):
         from ..keyface import engines

@@ -1,4 +1,5 @@
-"""Audio encoding, keyframe sampling, interpolation and decoding nodes.
+"""The two sampling nodes: keyframes (stage 1) and interpolation (stage 2). Encode Audio: nodes/audio.py;
+Decode: nodes/decode.py.
 
 Data passed between nodes:
 
@@ -9,8 +10,7 @@ Data passed between nodes:
   ``preview`` output only when its ``preview`` input is on.
 * ``LATENT`` out of *KeyFace Interpolate*: ``{"samples": [S*14, 4, h, w]}`` - every interpolation
   segment's 14 frames in order, as *raw* SVD VAE latents like every ComfyUI LATENT (the samplers
-  work on latents x 0.18215; the node divides by it, and KeyFace Decode / Save Video multiply it
-  back), so native VAE Decode / VAE Encode agree on what the samples mean - plus
+  work on scaled latents; ``keyface.latents.to_raw`` / ``to_scaled`` convert), so native VAE Decode / VAE Encode agree on what the samples mean - plus
   ``keyface_num_frames`` (N) and ``keyface_segment_frames`` (14). Consecutive segments share their
   boundary keyframe, so a native VAE Decode shows those frames twice; *KeyFace Decode* merges
   them (pixel mean) and trims to exactly N frames.
@@ -18,12 +18,9 @@ Data passed between nodes:
 
 from __future__ import annotations
 
-import contextlib
-
 from . import _common as C
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-SEGMENT_FRAMES = 14
 PREVIEW_OFF_SIZE = 64  # the placeholder preview when it is off (nothing decoded)
 
 
@@ -48,88 +45,6 @@ def _pipeline():
     return pipeline
 
 
-def latent_scale():
-    """The SVD VAE's latent scale factor (0.18215): sampler latents = raw VAE latents x this."""
-    from ..keyface.vae import SCALE_FACTOR
-
-    return SCALE_FACTOR
-
-
-def clip_audio(waveform, sample_rate, num_frames):
-    """The audio of exactly ``num_frames`` video frames, as a single-item AUDIO batch at its own
-    rate: the clip cut, or padded with silence, to round(N x sample_rate / 25) samples (the rule
-    every KeyFace output follows, ``keyface.video_io.fit_audio_to_frames``)."""
-    import torch
-    from ..keyface.video_io import fit_audio_to_frames
-
-    fitted = torch.from_numpy(fit_audio_to_frames(waveform, sample_rate, num_frames))
-    # a copy: a cut mono clip would otherwise share memory with the input AUDIO of another node
-    return {"waveform": fitted[None].clone(), "sample_rate": int(sample_rate)}
-
-
-@contextlib.contextmanager
-def encoder_progress(encoders):
-    """One ComfyUI progress step and an interrupt check per audio encoder (forward hooks: the
-    library's ``compute_features`` runs all three encoders in one call)."""
-    import comfy.utils
-
-    bar = comfy.utils.ProgressBar(len(encoders))
-    done = []
-
-    def finished(*_):
-        done.append(1)
-        bar.update_absolute(len(done), len(encoders))
-        C.check_interrupt()
-
-    handles = [m.register_forward_pre_hook(lambda *_: C.check_interrupt()) for m in encoders]
-    handles += [m.register_forward_hook(finished) for m in encoders]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-# ------------------------------------------------------------------------------------ encode audio
-class KeyFaceEncodeAudio:
-    DESCRIPTION = ("Computes KeyFace's per-video-frame audio features (WavLM+BEATs for keyframes, wav2vec2+BEATs "
-                   "for interpolation) and the clip length in frames, round(seconds x 25). Also returns the clip "
-                   "(first item of a batch) cut or padded to exactly that many frames, and the fps, for Create Video.")
-    CATEGORY = C.CATEGORY
-    FUNCTION = "encode"
-    RETURN_TYPES = ("KEYFACE_AUDIO_FEATURES", "INT", "AUDIO", "FLOAT")
-    RETURN_NAMES = ("audio_features", "frame_count", "audio", "fps")
-    OUTPUT_TOOLTIPS = (
-        "Audio features for Sample Keyframes and Interpolate.",
-        "Number of video frames the clip will have: round(seconds x 25), within half a frame of the audio.",
-        "The clip cut, or padded with silence, to exactly frame_count / 25 s (feed it to Create Video with fps).",
-        "Frames per second of the KeyFace video (25).",
-    )
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "audio_encoders": ("KEYFACE_AUDIO_ENCODERS", {"tooltip": "From KeyFace Load Audio Encoders."}),
-            "audio": ("AUDIO", {"tooltip": "Speech (any sample rate, mono or stereo; the first clip of a batch is used)."}),
-        }}
-
-    def encode(self, audio_encoders, audio):
-        import torch
-        from ..keyface.audio import compute_features
-
-        waveform, sr = C.first_clip(audio)
-        enc = audio_encoders
-        # fully: WavLM and wav2vec2 have torch layers, which a partial (lowvram) load would leave
-        # on the CPU. One call, so loading one cannot partially unload another.
-        C.load(enc.patchers, force_full_load=True)
-        C.check_interrupt()
-        with torch.inference_mode(), encoder_progress([enc.wavlm, enc.beats, enc.wav2vec2]):
-            # the encoders move the clip to their own device and dtype
-            feats = compute_features(waveform, sr, enc.wavlm, enc.beats, enc.wav2vec2)
-        n = int(feats.num_frames)  # the features are float32 on the CPU (intermediate device)
-        return (feats, n, clip_audio(waveform, sr, n), C.FPS)
-
-
 # --------------------------------------------------------------------------------- sample keyframes
 class KeyFaceSampleKeyframes:
     DESCRIPTION = ("Stage 1: samples one keyframe every 13 video frames (0.52 s) from the identity image, the "
@@ -146,19 +61,20 @@ class KeyFaceSampleKeyframes:
 
     @classmethod
     def INPUT_TYPES(cls):
+        D = C.render_defaults()
         return {
             "required": {
                 "keyframe_model": ("KEYFACE_KEYFRAME_MODEL", {"tooltip": "From KeyFace Load Keyframe Model."}),
                 "vae": ("KEYFACE_VAE", {"tooltip": "From KeyFace Load VAE (its encoder makes the identity latent)."}),
                 "image": ("IMAGE", {"tooltip": "The portrait. Only the first image of a batch is used (a warning is logged otherwise)."}),
                 "audio_features": ("KEYFACE_AUDIO_FEATURES", {"tooltip": "From KeyFace Encode Audio."}),
-                "seed": ("INT", {"default": 23, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                "seed": ("INT", {"default": D.seed, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "Noise seed (the reference uses 23). Noise is drawn on the CPU, so a seed gives the same result on any device."}),
-                "steps": ("INT", {"default": 10, "min": 10, "max": 100,
+                "steps": ("INT", {"default": D.keyframe_steps, "min": 10, "max": 100,
                                   "tooltip": "Sampling steps: 10 as released (= its 11 AYS sigmas, 11 network evaluations); more interpolate the schedule."}),
-                "ref_guidance": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                "ref_guidance": ("FLOAT", {"default": D.ref_ratio, "min": 0.0, "max": 20.0, "step": 0.1,
                                            "tooltip": "Identity (reference) guidance scale, 2.0 as released."}),
-                "audio_guidance": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                "audio_guidance": ("FLOAT", {"default": D.audio_ratio, "min": 0.0, "max": 20.0, "step": 0.1,
                                              "tooltip": "Audio guidance scale, 5.0 as released."}),
                 "fit": (["crop", "pad"], {"default": "crop",
                                           "tooltip": "How a non-square portrait becomes square: centre-crop, or pad the short side (border pixels repeated). Never squashed."}),
@@ -174,7 +90,7 @@ class KeyFaceSampleKeyframes:
     def sample(self, keyframe_model, vae, image, audio_features, seed, steps, ref_guidance, audio_guidance, fit,
                preview=False, emotion=None, attention="auto"):
         import torch
-        from ..keyface import emotion as kemotion, planner
+        from ..keyface import emotion as kemotion, memory, planner
 
         C.check_widgets(type(self), seed=seed, steps=steps, ref_guidance=ref_guidance, audio_guidance=audio_guidance,
                         fit=fit, preview=preview, attention=attention)
@@ -185,12 +101,12 @@ class KeyFaceSampleKeyframes:
         progress = C.Progress()
         # one call = 3 guidance branches x 14 frames at the latent size
         lat_hw = tuple(identity.shape[-2:])
-        C.load([keyframe_model.patcher], C.unet_memory(3 * planner.WINDOW, lat_hw, keyframe_model.dtype))
+        C.load([keyframe_model.patcher], memory.keyframe_call_bytes(lat_hw, keyframe_model.compute_dtype))
         with torch.inference_mode(), _pipeline().attention_backend(attention):
             latents = _pipeline().sample_keyframes(
                 keyframe_model.network, identity.to(keyframe_model.device), audio_features.keyframe, valence, arousal,
                 plan, seed=int(seed), steps=int(steps), ref_ratio=float(ref_guidance), audio_ratio=float(audio_guidance),
-                device=keyframe_model.device, dtype=keyframe_model.dtype, callback=progress)
+                device=keyframe_model.device, dtype=keyframe_model.compute_dtype, callback=progress)
         keyframes = KeyFaceKeyframes(latents.float().cpu(), plan, identity.float().cpu(), int(seed),
                                      keyframe_model.resolution)
         return keyframes, (decode_keyframes(keyframes, vae) if preview else
@@ -213,11 +129,12 @@ def encode_identity(vae, image, resolution, fit, input_name="image"):
         return pipeline.encode_identity(vae.vae, pixels, device=vae.device).float().cpu()
 
 
-def decode_keyframes(keyframes, vae, chunk_frames=16):
+def decode_keyframes(keyframes, vae, chunk_frames=None):
     """IMAGE [K, H, W, 3] of the keyframes (one VAE decode each, ``chunk_frames`` per call), on the
     intermediate device; a progress step and an interrupt check per chunk."""
     import torch
 
+    chunk_frames = chunk_frames or C.render_defaults().chunk_frames
     lat_hw = tuple(keyframes.latents.shape[-2:])
     C.load([vae.patcher], C.decode_memory(vae, min(chunk_frames, keyframes.latents.shape[0]), lat_hw))
     C.check_interrupt()
@@ -242,18 +159,19 @@ class KeyFaceInterpolate:
 
     @classmethod
     def INPUT_TYPES(cls):
+        D = C.render_defaults()
         return {"required": {
             "interpolation_model": ("KEYFACE_INTERPOLATION_MODEL", {"tooltip": "From KeyFace Load Interpolation Model."}),
             "keyframes": ("KEYFACE_KEYFRAMES", {"tooltip": "From KeyFace Sample Keyframes."}),
             "audio_features": ("KEYFACE_AUDIO_FEATURES", {"tooltip": "The same features the keyframes were sampled with."}),
-            "seed": ("INT", {"default": 23, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+            "seed": ("INT", {"default": D.seed, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                              "tooltip": "Noise seed for the interpolation stage."}),
-            "steps": ("INT", {"default": 10, "min": 10, "max": 100, "tooltip": "Sampling steps (10 as released)."}),
-            "guidance": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 20.0, "step": 0.1,
+            "steps": ("INT", {"default": D.interpolation_steps, "min": 10, "max": 100, "tooltip": "Sampling steps (10 as released)."}),
+            "guidance": ("FLOAT", {"default": D.scale, "min": 0.0, "max": 20.0, "step": 0.1,
                                    "tooltip": "Autoguidance scale: D = D_bad + guidance x (D_good - D_bad); 2.0 as released."}),
-            "autoguidance": ("BOOLEAN", {"default": True,
+            "autoguidance": ("BOOLEAN", {"default": D.autoguidance,
                                          "tooltip": "Off: the interpolation network alone (half the cost, lower quality)."}),
-            "segments_per_call": ("INT", {"default": 2, "min": 1, "max": 64,
+            "segments_per_call": ("INT", {"default": D.segments_per_call, "min": 1, "max": 64,
                                           "tooltip": "Segments (14 frames each) per network call: more is faster on a big GPU and needs more memory (a call that runs out of memory is retried in halves). Does not change the result."}),
         }, "optional": {
             "attention": C.attention_input(),
@@ -262,6 +180,7 @@ class KeyFaceInterpolate:
     def interpolate(self, interpolation_model, keyframes, audio_features, seed, steps, guidance, autoguidance,
                     segments_per_call, attention="auto"):
         import torch
+        from ..keyface import latents, memory
 
         C.check_widgets(type(self), seed=seed, steps=steps, guidance=guidance, autoguidance=autoguidance,
                         segments_per_call=segments_per_call, attention=attention)
@@ -272,101 +191,32 @@ class KeyFaceInterpolate:
                 f"for {n_kf} frames; connect the same KeyFace Encode Audio output to both samplers")
         lat_hw = tuple(keyframes.latents.shape[-2:])
         model = interpolation_model
-        if lat_hw != model.latent_hw:
-            raise ValueError(
-                f"keyframes: latents are {lat_hw[0] * 8}x{lat_hw[1] * 8} px but this interpolation model makes "
-                f"{model.latent_hw[0] * 8}x{model.latent_hw[1] * 8} px (its learned mask is {model.latent_hw}); "
-                "use a keyframe model of the same resolution")
+        model.good.check_latent_size(lat_hw, "keyframes: the keyframe latent",
+                                     "; use a keyframe model of the same resolution")
         if autoguidance and model.bad is None:
             raise ValueError("interpolation_model: autoguidance is on but no autoguidance (bad) model was loaded")
         progress = C.Progress()
         # one call = segments_per_call x 14 frames; the good and bad networks run one after the
         # other (their weights are counted by load_models_gpu itself)
-        memory = C.unet_memory(int(segments_per_call) * SEGMENT_FRAMES, lat_hw, model.dtype)
-        C.load(model.patchers if autoguidance else model.patchers[:1], memory)
+        C.load(model.patchers if autoguidance else model.patchers[:1],
+               memory.interpolation_call_bytes(segments_per_call, lat_hw, model.compute_dtype))
         with torch.inference_mode(), _pipeline().attention_backend(attention):
             seg = _pipeline().interpolate_segments(
                 model.good, model.bad if autoguidance else None, keyframes.latents.to(model.device),
                 audio_features.interpolation, keyframes.plan, seed=int(seed), steps=int(steps), scale=float(guidance),
                 segments_per_call=int(segments_per_call), autoguidance=bool(autoguidance), device=model.device,
-                dtype=model.dtype, callback=progress)
-        seg = seg.float().cpu() / latent_scale()  # raw VAE latents, as every ComfyUI LATENT
+                dtype=model.compute_dtype, callback=progress)
+        seg = latents.to_raw(seg.float().cpu())  # raw VAE latents, as every ComfyUI LATENT
         s, t = seg.shape[:2]
         return ({"samples": seg.reshape(s * t, *seg.shape[2:]), "keyface_num_frames": n_kf,
                  "keyface_segment_frames": int(t)},)
 
 
-def segments_from_latent(latent, input_name="latent"):
-    """([S, 14, 4, h, w] sampler-scaled latents, N) from a KeyFace Interpolate LATENT (raw VAE
-    latents); ValueError naming the input otherwise."""
-    if not isinstance(latent, dict) or "samples" not in latent:
-        raise ValueError(f"{input_name}: expected a LATENT dict")
-    if "keyface_num_frames" not in latent:
-        raise ValueError(f"{input_name}: this LATENT does not come from KeyFace Interpolate (no keyface_num_frames); "
-                         "KeyFace Decode needs the segment layout that node records")
-    from ..keyface import validate
-
-    x = latent["samples"]
-    t = validate.integer(f"{input_name}: keyface_segment_frames", latent.get("keyface_segment_frames", SEGMENT_FRAMES), 1)
-    n = validate.integer(f"{input_name}: keyface_num_frames", latent["keyface_num_frames"], 1)
-    if not hasattr(x, "ndim") or x.ndim != 4 or x.shape[0] % t:
-        raise ValueError(f"{input_name}: samples {tuple(getattr(x, 'shape', ()))} are not whole {t}-frame segments")
-    return x.reshape(x.shape[0] // t, t, *x.shape[1:]) * latent_scale(), n
-
-
-def decode_chunks(vae, segments, num_frames, chunk_frames, progress):
-    """Iterator of decoded frame chunks [n, H, W, 3] (0..1, on the intermediate device) of
-    ``segments_from_latent``'s ([S, 14, 4, h, w], N)."""
-    import torch
-
-    pipeline = _pipeline()
-    # ask the memory manager for the user's chunk; the library then fits the chunk to what is free
-    C.load([vae.patcher], C.decode_memory(vae, pipeline.decode_rows_for(chunk_frames), tuple(segments.shape[-2:])))
-    out_device = C.mm().intermediate_device()
-    with torch.inference_mode():
-        for chunk in pipeline.decode_segments(vae.vae, segments, num_frames, chunk_frames=int(chunk_frames),
-                                              device=vae.device, dtype=vae.dtype, callback=progress,
-                                              free_memory=C.free_memory(vae.device)):
-            C.check_interrupt()
-            yield chunk.to(out_device, torch.float32)
-
-
-class KeyFaceDecode:
-    DESCRIPTION = ("Decodes KeyFace Interpolate's latents with the SVD temporal decoder in fixed chunks (moved to "
-                   "the CPU one by one), merges the frames segments share, and returns exactly frame_count frames.")
-    CATEGORY = C.CATEGORY
-    FUNCTION = "decode"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("images",)
-    OUTPUT_TOOLTIPS = ("The video frames (25 fps), as many as KeyFace Encode Audio's frame_count.",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "vae": ("KEYFACE_VAE", {"tooltip": "From KeyFace Load VAE."}),
-            "latent": ("LATENT", {"tooltip": "From KeyFace Interpolate."}),
-            "chunk_frames": ("INT", {"default": 16, "min": 1, "max": 256,
-                                     "tooltip": "Most frames per decoder call (each frame is decoded on its own, decoding_t = 1 as released, so this changes memory use and speed, not the result). Fewer are decoded per call when the free memory ComfyUI reports cannot hold this many."}),
-        }}
-
-    def decode(self, vae, latent, chunk_frames):
-        import torch
-
-        C.check_widgets(type(self), chunk_frames=chunk_frames)
-        seg, n = segments_from_latent(latent)
-        frames = list(decode_chunks(vae, seg, n, chunk_frames, C.Progress()))
-        return (torch.cat(frames, 0),)
-
-
 NODE_CLASS_MAPPINGS = {
-    "KeyFaceEncodeAudio": KeyFaceEncodeAudio,
     "KeyFaceSampleKeyframes": KeyFaceSampleKeyframes,
     "KeyFaceInterpolate": KeyFaceInterpolate,
-    "KeyFaceDecode": KeyFaceDecode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "KeyFaceEncodeAudio": "KeyFace Encode Audio",
     "KeyFaceSampleKeyframes": "KeyFace Sample Keyframes",
     "KeyFaceInterpolate": "KeyFace Interpolate",
-    "KeyFaceDecode": "KeyFace Decode",
 }

@@ -11,8 +11,8 @@ import logging
 import os
 
 from . import _common as C
+from .decode import decode_chunks, segments_from_latent
 from .face import _paste_inputs, face_paster
-from .sampling import decode_chunks, segments_from_latent
 
 log = logging.getLogger("keyface")
 
@@ -29,14 +29,16 @@ class KeyFaceSaveVideo:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..keyface.settings import DEFAULT_CRF  # torch-free
+
         return {"required": {
             "vae": ("KEYFACE_VAE", {"tooltip": "From KeyFace Load VAE."}),
             "latent": ("LATENT", {"tooltip": "From KeyFace Interpolate."}),
             "audio": ("AUDIO", {"tooltip": "The speech (e.g. KeyFace Encode Audio's audio output)."}),
             "filename_prefix": ("STRING", {"default": "keyface/KeyFace", "tooltip": "Output file prefix, relative to the output folder."}),
-            "chunk_frames": ("INT", {"default": 16, "min": 1, "max": 256,
+            "chunk_frames": ("INT", {"default": C.render_defaults().chunk_frames, "min": 1, "max": 256,
                                      "tooltip": "Most frames per decoder call (memory/speed only; frames are decoded one by one as released). Fewer per call when the free memory ComfyUI reports cannot hold this many."}),
-            "crf": ("INT", {"default": 18, "min": 0, "max": 51, "tooltip": "H.264 quality (lower = better, bigger)."}),
+            "crf": ("INT", {"default": DEFAULT_CRF, "min": 0, "max": 51, "tooltip": "H.264 quality (lower = better, bigger)."}),
         }, "optional": {
             "face_crop": ("KEYFACE_CROP", {"tooltip": "From KeyFace Detect & Crop Face: each chunk is pasted back "
                                                       "into the original photo, so the video has the photo's size."}),

@@ -26,8 +26,7 @@ STATE = types.SimpleNamespace(
     load_calls=[],      # dict(models, memory_required, force_full_load) per load_models_gpu call
     messages=[],        # (event, data, sid) per PromptServer.instance.send_sync
     interrupt=False,    # set True to make throw_exception_if_processing_interrupted raise
-    interrupt_after=None,  # int: raise on the n-th check from now (counts down)
-    checks=0,           # how many interrupt checks ran
+    cancel_at_progress=None,  # int: a user clicks cancel when a progress bar first shows this value (or more)
     free_memory=64 << 30,  # what get_free_memory reports (bytes)
     free_memory_asked=[],  # devices get_free_memory was asked about
 )
@@ -39,8 +38,7 @@ def reset():
     STATE.load_calls.clear()
     STATE.messages.clear()
     STATE.interrupt = False
-    STATE.interrupt_after = None
-    STATE.checks = 0
+    STATE.cancel_at_progress = None
     STATE.free_memory = 64 << 30
     STATE.free_memory_asked.clear()
 
@@ -155,12 +153,6 @@ def _make_model_management():
     m.get_free_memory = get_free_memory
 
     def throw_exception_if_processing_interrupted():
-        STATE.checks += 1
-        if STATE.interrupt_after is not None:
-            STATE.interrupt_after -= 1
-            if STATE.interrupt_after <= 0:
-                STATE.interrupt_after = None
-                STATE.interrupt = True
         if STATE.interrupt:
             STATE.interrupt = False
             raise InterruptProcessingException()
@@ -206,6 +198,9 @@ def _make_utils():
             value = min(value, self.total)
             self.current = value
             STATE.progress.append((self.node_id, value, self.total))
+            if STATE.cancel_at_progress is not None and value >= STATE.cancel_at_progress:
+                STATE.cancel_at_progress = None
+                STATE.interrupt = True  # as ComfyUI's /interrupt: the next check raises
 
     m.ProgressBar = ProgressBar
     return m

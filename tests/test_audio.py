@@ -154,9 +154,9 @@ class _Spy(torch.nn.Module):
         self.inner = inner
         self.calls = []
 
-    def forward(self, x, attention_chunk=None):
+    def forward(self, x, attention_chunk=None, progress=None):
         self.calls.append(attention_chunk)
-        return self.inner(x, attention_chunk=attention_chunk)
+        return self.inner(x, attention_chunk=attention_chunk, progress=progress)
 
 
 def test_attention_chunk_is_passed_to_each_call(encoders):

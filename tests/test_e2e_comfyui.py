@@ -217,6 +217,39 @@ def test_keyframe_checkpoint_in_interpolation_loader(comfy_server):
     assert err["exception_type"].endswith("CheckpointError"), err
 
 
+MODEL_INPUTS = {
+    "KeyFaceVAELoader": ("vae_name",),
+    "KeyFaceAudioEncoderLoader": ("wavlm_name", "beats_name", "wav2vec2_name"),
+    "KeyFaceKeyframeModelLoader": ("model_name",),
+    "KeyFaceInterpolationModelLoader": ("model_name", "bad_model_name"),
+}
+
+
+def test_every_missing_model_is_reported_when_queued(comfy_server):
+    """Issue 11.10: with model files missing, queueing the workflow is refused with one error per
+    loader naming every missing file and where to download it, before anything runs (it used to fail
+    at run time on the first loader, then on the next one after that was fixed, ...)."""
+    server = comfy_server
+    prompt = convert(_load("keyface_talking_head.json"), server.object_info())
+    for class_type, inputs in MODEL_INPUTS.items():
+        for name in inputs:
+            prompt[_node_id(prompt, class_type)]["inputs"][name] = f"absent_{name}.pt"
+    before = set(server.get("/history"))
+    r = server.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+    assert r.status_code == 400, r.text[:2000]
+    node_errors = r.json()["node_errors"]
+    for class_type, inputs in MODEL_INPUTS.items():
+        node = _node_id(prompt, class_type)
+        assert node in node_errors, (class_type, sorted(node_errors))
+        text = " ".join(e["details"] for e in node_errors[node]["errors"])
+        for name in inputs:
+            assert f"{name}: model 'absent_{name}.pt' was not found" in text, text
+        assert text.count("download ") >= len(inputs), text  # each missing file says where it comes from
+    keyframe_text = " ".join(e["details"] for e in node_errors[_node_id(prompt, "KeyFaceKeyframeModelLoader")]["errors"])
+    assert "download keyframe.pt from Hugging Face toninio19/keyface" in keyframe_text
+    assert set(server.get("/history")) == before  # nothing was queued, so nothing ran
+
+
 def test_workflow_templates_served(comfy_server):
     listing = comfy_server.get("/api/workflow_templates")
     names = [n for v in listing.values() for n in v] if isinstance(listing, dict) else listing

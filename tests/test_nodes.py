@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,19 @@ def models(N, smoke_dir, one_thread):
     kf, = N["KeyFaceKeyframeModelLoader"]().load("keyframe.pt")
     it, = N["KeyFaceInterpolationModelLoader"]().load("interpolation.pt", "interpolation_bad.pt")
     return {"vae": vae, "enc": enc, "kf": kf, "it": it}
+
+
+def run_node(N, class_name, **inputs):
+    """Call a node the way ComfyUI does: by input name. Every name must be one of its INPUT_TYPES and
+    every required input given, so a renamed or reordered input breaks the test, not its meaning."""
+    cls = N[class_name]
+    spec = cls.INPUT_TYPES()
+    required, optional = spec.get("required", {}), spec.get("optional", {})
+    unknown = sorted(set(inputs) - set(required) - set(optional))
+    missing = sorted(set(required) - set(inputs))
+    assert not unknown and not missing, f"{class_name}: unknown inputs {unknown}, missing {missing}"
+    return getattr(cls(), cls.FUNCTION)(**inputs)
+
 
 
 def _audio(seconds=1.0, sr=16000, batch=1):
@@ -186,8 +200,18 @@ def test_choices_list_released_names_and_folders(N, smoke_dir):
 
 
 def test_missing_model_names_the_input(N, smoke_dir):
-    with pytest.raises(ValueError, match="model_name"):
+    with pytest.raises(ValueError, match="model_name: model 'nope.pt' was not found.*download keyframe.pt from"):
         N["KeyFaceKeyframeModelLoader"]().load("nope.pt")
+
+
+def test_loaders_validate_every_model_file_before_running(N, smoke_dir):
+    """VALIDATE_INPUTS (run by ComfyUI for every node when a prompt is queued) names each missing file
+    of a loader with its download hint, and accepts files that are there."""
+    assert N["KeyFaceInterpolationModelLoader"].VALIDATE_INPUTS("interpolation.pt", "interpolation_bad.pt") is True
+    msg = N["KeyFaceAudioEncoderLoader"].VALIDATE_INPUTS("WavLM-Base+.pt", "gone.pt", "nowhere")
+    assert "wavlm_name" not in msg and "beats_name: model 'gone.pt' was not found" in msg
+    assert "wav2vec2_name: model 'nowhere' was not found" in msg and "facebook/wav2vec2-base-960h" in msg
+    assert N["KeyFaceVAELoader"].VALIDATE_INPUTS("../keyface/svd_vae.safetensors") is not True
 
 
 def test_interpolation_checkpoint_in_keyframe_loader(N, smoke_dir):
@@ -232,17 +256,21 @@ def test_encode_audio_clip_length(N, models):
     assert n == feats.num_frames == 1 and audio["waveform"].shape == (1, 1, 1764)
 
 
-def test_encode_audio_progress_per_encoder_and_cancel(N, models):
+def test_encode_audio_progress_inside_encoders_and_cancel(N, models):
     import comfy.model_management
 
     N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(1.0))
-    assert [p[1:] for p in comfy_stubs.STATE.progress] == [(1, 3), (2, 3), (3, 3)]
+    values = [p[1] for p in comfy_stubs.STATE.progress]
+    # one bar over the three encoders (100 steps each), moved from inside each encoder's layers
+    assert {p[2] for p in comfy_stubs.STATE.progress} == {300} and values == sorted(values) and values[-1] == 300
+    assert {v // 100 for v in values[:-1]} == {0, 1, 2}, values
+    # the user cancels while BEATs (the second encoder) runs: the node stops there, no result
     comfy_stubs.reset()
-    comfy_stubs.STATE.interrupt_after = 3  # raised between encoders (checks: before, wavlm in, wavlm out)
+    comfy_stubs.STATE.cancel_at_progress = 101
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(1.0))
-    assert len(comfy_stubs.STATE.progress) == 1
-    for m in (models["enc"].wavlm, models["enc"].beats, models["enc"].wav2vec2):  # the hooks are gone
+    assert 101 <= max(p[1] for p in comfy_stubs.STATE.progress) < 200  # wav2vec2 never reported
+    for m in (models["enc"].wavlm, models["enc"].beats, models["enc"].wav2vec2):  # no hooks are left behind
         assert not m._forward_hooks and not m._forward_pre_hooks
 
 
@@ -286,19 +314,28 @@ def test_crop_and_pad_differ_never_squash(N, models, clip):
     assert (pad[:, :10] - pad[:, 10:11]).abs().max() < 1e-6
 
 
-def test_progress_bars_and_interrupt_checks(N, models, clip):
-    kfs, _ = N["KeyFaceSampleKeyframes"]().sample(models["kf"], models["vae"], _image(), clip["feats"], 5, 10, 2.0, 5.0, "pad")
+def test_progress_bars_and_cancel_at_the_next_step(N, models, clip):
+    import comfy.model_management
+
+    inputs = dict(keyframe_model=models["kf"], vae=models["vae"], image=_image(), audio_features=clip["feats"],
+                  seed=5, steps=10, ref_guidance=2.0, audio_guidance=5.0, fit="pad", preview=False)
+    run_node(N, "KeyFaceSampleKeyframes", **inputs)
     prog = comfy_stubs.STATE.progress
-    assert prog, "no ProgressBar updates"
-    assert prog[-1][1] == prog[-1][2]  # finished at total
-    assert comfy_stubs.STATE.checks >= len(prog)
+    assert len(prog) > 1 and prog[-1][1] == prog[-1][2]  # step by step, finished at total
     assert comfy_stubs.STATE.loaded, "load_models_gpu was not called"
+    # cancel pressed when the bar shows the first step: the node stops there (no later step reported)
+    comfy_stubs.reset()
+    comfy_stubs.STATE.cancel_at_progress = 1
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        run_node(N, "KeyFaceSampleKeyframes", **inputs)
+    assert [p[1] for p in comfy_stubs.STATE.progress] == [1]
 
 
 def test_features_from_other_clip_rejected(N, models, clip):
     other, _, _, _ = N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(2.0))
     with pytest.raises(ValueError, match="audio_features"):
-        N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], other, 5, 10, 2.0, True, 2)
+        run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=other,
+            seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=2)
 
 
 def test_interpolate_decode_save(N, models, clip, tmp_path):
@@ -306,7 +343,8 @@ def test_interpolate_decode_save(N, models, clip, tmp_path):
 
     from keyface.video_io import probe_mp4
 
-    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 2)
+    lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
+        seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=2)
     s = clip["kfs"].plan.num_segments
     assert lat["samples"].shape == (s * 14, 4, 8, 8) and lat["keyface_num_frames"] == clip["n"]
     assert any(p[2] for p in comfy_stubs.STATE.progress)
@@ -335,11 +373,14 @@ def test_cancel_mid_decode_leaves_no_file(N, models, clip, tmp_path):
     import comfy.model_management
     import folder_paths
 
-    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, False, 2)
+    lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
+        seed=5, steps=10, guidance=2.0, autoguidance=False, segments_per_call=2)
     folder_paths.output_directory = str(tmp_path)
-    comfy_stubs.STATE.interrupt_after = 3  # the third interrupt check raises (mid-decode)
+    comfy_stubs.reset()
+    comfy_stubs.STATE.cancel_at_progress = 1  # cancel once the first chunk is written
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         N["KeyFaceSaveVideo"]().save(models["vae"], lat, clip["audio"], "kf/cancel", 4, 23)
+    assert [p[1] for p in comfy_stubs.STATE.progress] == [1]  # stopped mid-decode, not at the end
     leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert leftovers == [], leftovers
 
@@ -347,9 +388,12 @@ def test_cancel_mid_decode_leaves_no_file(N, models, clip, tmp_path):
 def test_cancel_mid_sampling(N, models, clip):
     import comfy.model_management
 
-    comfy_stubs.STATE.interrupt_after = 2
+    comfy_stubs.reset()
+    comfy_stubs.STATE.cancel_at_progress = 1
     with pytest.raises(comfy.model_management.InterruptProcessingException):
-        N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 1)
+        run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
+            seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=1)
+    assert [p[1] for p in comfy_stubs.STATE.progress] == [1]  # no step after the cancel
     assert comfy_stubs.STATE.interrupt is False  # the flag is consumed, as in ComfyUI
 
 
@@ -390,7 +434,8 @@ def test_manual_cast_computes_in_comfy_compute_dtype(N, smoke_dir, clip, monkeyp
                 assert n.audio_projection.compute_dtype == torch.float32
         kfs, _ = N["KeyFaceSampleKeyframes"]().sample(kf, clip_vae(N, smoke_dir), _image(), clip["feats"], 5, 10,
                                                       2.0, 5.0, "crop")
-        lat, = N["KeyFaceInterpolate"]().interpolate(it, kfs, clip["feats"], 5, 10, 2.0, True, 2)
+        lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=it, keyframes=kfs, audio_features=clip["feats"],
+            seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=2)
     finally:
         for h in hooks:
             h.remove()
@@ -404,34 +449,38 @@ def clip_vae(N, smoke_dir):
 
 # -------------------------------------------------------------------------------- working memory
 def test_memory_required_scales_with_stage_shapes(N, models, clip):
-    common = importlib.import_module(PACK + ".nodes._common")
+    memory = importlib.import_module(PACK + ".keyface.memory")  # the library owns the estimates
     calls = comfy_stubs.STATE.load_calls
 
     def memory_of(patcher_owner):
         return [c["memory_required"] for c in calls if patcher_owner in c["models"]]
 
     # keyframes: one call = 3 guidance branches x 14 frames of 8x8 latents (the smoke model's 64 px)
-    N["KeyFaceSampleKeyframes"]().sample(models["kf"], models["vae"], _image(), clip["feats"], 5, 10, 2.0, 5.0, "crop")
-    assert memory_of(models["kf"].patcher) == [common.unet_memory(42, (8, 8), torch.float32)]
-    assert common.unet_memory(42, (8, 8), torch.float32) == 2 * common.unet_memory(42, (8, 8), torch.float16)
-    assert common.unet_memory(42, (64, 64), torch.float32) == 64 * common.unet_memory(42, (8, 8), torch.float32)
+    run_node(N, "KeyFaceSampleKeyframes", keyframe_model=models["kf"], vae=models["vae"], image=_image(), audio_features=clip["feats"],
+        seed=5, steps=10, ref_guidance=2.0, audio_guidance=5.0, fit="crop", preview=False)
+    assert memory_of(models["kf"].patcher) == [memory.unet_call_bytes(42, (8, 8), torch.float32)]
+    assert memory.unet_call_bytes(42, (8, 8), torch.float32) == 2 * memory.unet_call_bytes(42, (8, 8), torch.float16)
+    assert memory.unet_call_bytes(42, (64, 64), torch.float32) == 64 * memory.unet_call_bytes(42, (8, 8), torch.float32)
 
     # interpolation: grows with segments_per_call (14 frames each)
     mem = {}
     for spc in (1, 2):
         calls.clear()
-        N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, spc)
+        run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
+            seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=spc)
         mem[spc], = memory_of(models["it"].patchers[0])
-    assert mem[1] == common.unet_memory(14, (8, 8), torch.float32) > 0 and mem[2] == 2 * mem[1]
+    assert mem[1] == memory.unet_call_bytes(14, (8, 8), torch.float32) > 0 and mem[2] == 2 * mem[1]
 
     # decode: grows with the chunk (+ the shared keyframes decoded twice), at the output size
-    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, False, 2)
+    lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
+        seed=5, steps=10, guidance=2.0, autoguidance=False, segments_per_call=2)
     dec = {}
     for chunk in (4, 16):
         calls.clear()
         N["KeyFaceDecode"]().decode(models["vae"], lat, chunk)
         dec[chunk], = memory_of(models["vae"].patcher)
     vae = models["vae"]
+    common = importlib.import_module(PACK + ".nodes._common")
     assert dec[4] == common.decode_memory(vae, 4 + 0 + 1, (8, 8))
     assert dec[16] == common.decode_memory(vae, 16 + 1 + 1, (8, 8)) > dec[4]
     assert common.decode_memory(vae, 1, (64, 64)) == 64 * common.decode_memory(vae, 1, (8, 8))
@@ -444,7 +493,7 @@ def test_decode_chunks_fit_the_free_memory_comfyui_reports(N, models, clip):
     pipeline = importlib.import_module(PACK + ".keyface.pipeline")
     lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, False, 2)
     vae = models["vae"]
-    per_row = vae_module.decode_memory(vae.vae.decoder.config, 1, (8, 8), vae.dtype)
+    per_row = vae_module.decode_memory(vae.vae.decoder.config, 1, (8, 8), vae.compute_dtype)
     calls = []
     real = vae.vae.decode
 
@@ -476,7 +525,8 @@ def test_latent_holds_raw_vae_latents(N, models, clip):
     divides the sampler's latents by 0.18215 and Decode multiplies them back."""
     pipeline = importlib.import_module(PACK + ".keyface.pipeline")
     scale = importlib.import_module(PACK + ".keyface.vae").SCALE_FACTOR
-    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 2)
+    lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
+        seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=2)
     it = models["it"]
     sampled = pipeline.interpolate_segments(it.good, it.bad, clip["kfs"].latents, clip["feats"].interpolation,
                                             clip["kfs"].plan, seed=5, steps=10, scale=2.0, segments_per_call=2)
@@ -497,10 +547,10 @@ def test_keyframe_preview_progress_and_cancel(pack, models, clip):
     images = sampling.decode_keyframes(clip["kfs"], models["vae"], chunk_frames=1)
     assert images.shape[0] == k and [p[1:] for p in comfy_stubs.STATE.progress] == [(i, k) for i in range(1, k + 1)]
     comfy_stubs.reset()
-    comfy_stubs.STATE.interrupt_after = 2  # the check after the first chunk (before it is reported)
+    comfy_stubs.STATE.cancel_at_progress = 1  # cancel once the first chunk is shown
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         sampling.decode_keyframes(clip["kfs"], models["vae"], chunk_frames=1)
-    assert comfy_stubs.STATE.checks == 2 and not comfy_stubs.STATE.progress  # no chunk decoded after it
+    assert [p[1:] for p in comfy_stubs.STATE.progress] == [(1, k)]  # no chunk decoded after it
 
 
 def test_save_video_audio_is_exactly_the_video_length(N, models, clip, tmp_path):
@@ -509,7 +559,8 @@ def test_save_video_audio_is_exactly_the_video_length(N, models, clip, tmp_path)
 
     from keyface.video_io import probe_mp4
 
-    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, False, 2)
+    lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
+        seed=5, steps=10, guidance=2.0, autoguidance=False, segments_per_call=2)
     folder_paths.output_directory = str(tmp_path)
     n, sr = clip["n"], 16000
     for seconds in (0.9, 1.3):
@@ -531,10 +582,53 @@ def test_attention_input_reaches_the_samplers(pack, N, models, clip):
     args = (models["kf"], models["vae"], _image(), clip["feats"], 5, 10, 2.0, 5.0, "crop")
     math_kfs, _ = N["KeyFaceSampleKeyframes"]().sample(*args, attention="math")
     assert torch.allclose(math_kfs.latents, clip["kfs"].latents, atol=1e-4)
-    lat_auto, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 2)
+    lat_auto, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
+        seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=2)
     lat_math, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 2,
                                                       attention="math")
     assert torch.allclose(lat_auto["samples"], lat_math["samples"], atol=1e-4)
     if not torch.cuda.is_available():  # the memory-efficient kernel is CUDA-only
         with pytest.raises(ValueError, match="attention='efficient'"):
             N["KeyFaceSampleKeyframes"]().sample(*args, attention="efficient")
+
+
+# ------------------------------------------------------------------ cancel during Encode Audio (long)
+def _cancel_after(delay, work):
+    """Run ``work()`` in a thread, press "cancel" (ComfyUI's interrupt flag) after ``delay`` s and
+    return the seconds from the press until ``work`` stopped with the interrupt exception.
+    Fails when it is still running 10 s after the press (the clip takes minutes to encode)."""
+    import threading
+
+    import comfy.model_management
+
+    stopped = {}
+
+    def run():
+        try:
+            work()
+        except comfy.model_management.InterruptProcessingException:
+            stopped["at"] = time.perf_counter()
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            stopped["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    time.sleep(delay)
+    pressed = time.perf_counter()
+    comfy_stubs.STATE.interrupt = True
+    thread.join(timeout=10)
+    assert not thread.is_alive(), f"cancel pressed {delay} s in: still encoding 10 s later"
+    assert "error" not in stopped, stopped.get("error")
+    assert "at" in stopped, "the encode finished instead of stopping"
+    return stopped["at"] - pressed
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.5])
+def test_cancel_during_encode_audio_of_a_10_minute_clip_lands_within_a_second(N, models, delay):
+    """Issue 9.4: cancel used to wait for the running encoder to finish the whole clip (minutes on a
+    10-minute clip). The library reports between small units of encoder work and the node checks
+    the interrupt flag at each report. 0.2 s: inside WavLM's feature extractor; 1.5 s: its attention."""
+    clip = _audio(600.0)
+    comfy_stubs.reset()
+    latency = _cancel_after(delay, lambda: N["KeyFaceEncodeAudio"]().encode(models["enc"], clip))
+    assert latency < 1.0, f"cancel took {latency:.2f} s to land"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .. import checkpoints
 from ..checkpoints import CheckpointError, KeyLedger, read_audio_checkpoint, read_state_dict
 from ..model_files import read_json_config
 
@@ -126,24 +127,9 @@ def fit_weight_norm(sd: dict, model_keys) -> dict:
 
 
 def load_strict(module: torch.nn.Module, sd: dict, source: str, what: str):
-    """``load_state_dict(strict=True)`` with a :class:`CheckpointError` naming the file on mismatch."""
-    expected = module.state_dict()
-    sd = fit_weight_norm(sd, expected.keys())
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        lines = []
-        if missing:
-            lines.append(f"missing {len(missing)}: " + ", ".join(missing[:8]))
-        if unexpected:
-            lines.append(f"unexpected {len(unexpected)}: " + ", ".join(unexpected[:8]))
-        if wrong:
-            lines.append("shape mismatch: " + "; ".join(wrong[:5]))
-        raise CheckpointError(f"{source}: does not match the {what} built from its config ({' | '.join(lines)})")
-    module.load_state_dict(sd, strict=True)
-    return module
+    """:func:`keyface.checkpoints.load_strict` after renaming weight-norm keys to the module's layout."""
+    return checkpoints.load_strict(module, fit_weight_norm(sd, module.state_dict().keys()), source,
+                                   f"{what} built from its config")
 
 
 def module_device_dtype(module: torch.nn.Module):
@@ -191,3 +177,149 @@ def build_from_config(build, cfg, source, what: str):
         raise CheckpointError(f"{source}: its {what} config.json does not describe a usable model "
                               f"({type(err).__name__}: {err})"[:600]) from None
 
+# --------------------------------------------------------------------------------------------------
+# Work units: progress and cancel checks inside one encoder call
+# --------------------------------------------------------------------------------------------------
+
+# Attention scores per block of query rows, at most (heads x rows x keys values). A block is also
+# the unit between two progress/cancel checks: about 0.1 s on one CPU thread for the test encoders,
+# whatever the clip length (a 10-minute clip has 30000 keys). Per-row arithmetic does not depend on
+# how many rows a block has, so the result is the same for any block size (tests check equality).
+ATTENTION_BLOCK_VALUES = 1 << 22
+
+
+def spans(total: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) of consecutive pieces of ``size`` covering ``range(total)``; a last piece shorter
+    than half of ``size`` is joined to the one before it. Tiny pieces are avoided because BLAS / FFT
+    libraries may switch kernels (and rounding) for them, e.g. one row of a matrix product."""
+    total, size = int(total), max(1, int(size))
+    starts = list(range(0, max(total, 1), size))
+    if len(starts) > 1 and total - starts[-1] < max(1, size // 2):
+        starts.pop()
+    return [(s, starts[i + 1] if i + 1 < len(starts) else max(total, 1)) for i, s in enumerate(starts)]
+
+
+def attention_block_rows(chunk, heads: int, keys: int) -> int:
+    """Query rows per attention block: ``chunk`` capped so a block holds ATTENTION_BLOCK_VALUES scores."""
+    return max(1, min(int(chunk), ATTENTION_BLOCK_VALUES // max(1, heads * keys)))
+
+
+def conv_output_length(length: int, kernels, strides) -> int:
+    """Output length of stacked unpadded 1-D convolutions (the encoders' feature extractors)."""
+    for k, s in zip(kernels, strides):
+        length = (int(length) - int(k)) // int(s) + 1
+    return max(int(length), 0)
+
+
+def attention_units(layers: int, heads: int, tokens: int, chunk) -> int:
+    """Units of work of ``layers`` transformer layers run with attention blocks (see
+    :func:`attention_block_rows`): the blocks of each layer plus one for the rest of the layer."""
+    rows = attention_block_rows(chunk, heads, tokens) if chunk else max(tokens, 1)
+    return layers * (len(spans(tokens, rows)) + 1)
+
+
+class WorkCounter:
+    """Counts an encoder call's units of work and reports ``report(done, total)`` after each one.
+
+    ``report`` is the caller's progress callback: an exception it raises (a cancel) stops the encoder
+    between two units. ``None``: no reporting. Each encoder announces its whole ``total`` with
+    :meth:`expect` before its first unit, so the reported fraction only grows."""
+
+    def __init__(self, report=None, total: int = 0):
+        self.report = report
+        self.done = 0
+        self.total = total
+
+    def expect(self, more: int):
+        self.total += int(more)
+
+    def tick(self):
+        self.done += 1
+        if self.report is not None:
+            self.report(self.done, max(self.total, self.done))
+
+
+# Output positions per convolution call when a feature extractor layer runs in time chunks (a
+# unit of work): a few tenths of a second on one CPU thread for the first layers of a 10-minute clip.
+CONV_CHUNK_OUTPUTS = 1 << 16
+
+
+def conv_chunks(length_out: int) -> list[tuple[int, int]]:
+    """(start, end) output positions of each chunk of a layer with ``length_out`` outputs."""
+    return spans(length_out, CONV_CHUNK_OUTPUTS)
+
+
+def _normalises_over_time(layer) -> bool:
+    return isinstance(getattr(layer, "layer_norm", None), torch.nn.GroupNorm)
+
+
+def conv_units(length: int, conv_layers) -> int:
+    """Units of work of :func:`run_conv_layers` on ``length`` input samples."""
+    units = 0
+    for layer in conv_layers:
+        k, s = layer.conv.kernel_size[0], layer.conv.stride[0]
+        length = (int(length) - k) // s + 1
+        units += len(conv_chunks(length)) * (2 if _normalises_over_time(layer) else 1)
+    return units
+
+
+def _in_time_chunks(fn, conv, h, counter):
+    """``fn`` (local in time: a convolution, then per-time-step ops) over output chunks; each chunk
+    reads exactly the input its receptive field covers, so the outputs are those of one call."""
+    k, s = conv.kernel_size[0], conv.stride[0]
+    length_out = (h.shape[-1] - k) // s + 1
+    parts = []
+    for o0, o1 in conv_chunks(length_out):
+        parts.append(fn(h[..., o0 * s:(o1 - 1) * s + k]))
+        if counter is not None:
+            counter.tick()
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+
+def _group_norm_in_chunks(layer, h, counter: WorkCounter | None):
+    """conv -> GroupNorm (statistics over the whole time axis) -> activation, in time chunks: the
+    statistics are summed chunk by chunk in float64, then each chunk is normalised and activated.
+    Same function as the layer; the rounding differs from torch's GroupNorm kernel by ~1e-7
+    (relative), far inside the audio parity tolerance (tests/test_audio_progress.py)."""
+    norm = layer.layer_norm
+    k, s = layer.conv.kernel_size[0], layer.conv.stride[0]
+    length_out = (h.shape[-1] - k) // s + 1
+    b, groups = h.shape[0], norm.num_groups
+    total = torch.zeros(b, groups, dtype=torch.float64, device=h.device)
+    squares = torch.zeros_like(total)
+    parts = []
+    for o0, o1 in conv_chunks(length_out):
+        y = layer.conv(h[..., o0 * s:(o1 - 1) * s + k])
+        g = y.reshape(b, groups, -1).double()
+        total += g.sum(-1)
+        squares += (g * g).sum(-1)
+        parts.append(y)
+        if counter is not None:
+            counter.tick()
+    count = (norm.num_channels // groups) * length_out
+    mean = total / count
+    rstd = torch.rsqrt((squares / count - mean * mean).clamp_min(0) + norm.eps)
+    per_channel = norm.num_channels // groups
+    mean = mean.repeat_interleave(per_channel, dim=1)[..., None].to(parts[0].dtype)
+    rstd = rstd.repeat_interleave(per_channel, dim=1)[..., None].to(parts[0].dtype)
+    weight = norm.weight[None, :, None] if norm.affine else 1.0
+    bias = norm.bias[None, :, None] if norm.affine else 0.0
+    for i, y in enumerate(parts):
+        parts[i] = layer.activation((y - mean) * rstd * weight + bias)
+        if counter is not None:
+            counter.tick()
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+
+def run_conv_layers(conv_layers, x, counter: WorkCounter | None):
+    """``transformers``' feature encoder (``hidden = input[:, None]``, then each conv layer: conv,
+    optional norm, activation), each layer in time chunks (:data:`CONV_CHUNK_OUTPUTS`, one unit of
+    work each). Layers whose norm works per time step are run chunk by chunk as they are; a
+    GroupNorm normalises over the whole time axis (see :func:`_group_norm_in_chunks`)."""
+    h = x[:, None]
+    for layer in conv_layers:
+        if _normalises_over_time(layer):
+            h = _group_norm_in_chunks(layer, h, counter)
+        else:
+            h = _in_time_chunks(layer, layer.conv, h, counter)
+    return h

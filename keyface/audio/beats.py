@@ -30,12 +30,26 @@ from torch.nn import functional as F
 
 from ..checkpoints import CheckpointError, KeyLedger
 from ..ops import resolve
-from ._common import as_batch, load_strict, module_device_dtype, read_encoder_file, torchaudio_part
+from ._common import (
+    WorkCounter,
+    as_batch,
+    attention_block_rows,
+    attention_units,
+    spans,
+    load_strict,
+    module_device_dtype,
+    read_encoder_file,
+    torchaudio_part,
+)
 
 log = logging.getLogger(__name__)
 
 FBANK_MEAN = 15.41663
 FBANK_STD = 6.55582
+FBANK_BINS = 128
+FBANK_WINDOW = 400  # samples: 25 ms at 16 kHz
+FBANK_SHIFT = 160  # samples: 10 ms
+FBANK_CHUNK_FRAMES = 1 << 13  # frames per fbank call (82 s of audio; a unit of work)
 
 
 @dataclass
@@ -82,15 +96,30 @@ class BEATsConfig:
         return c
 
 
-def kaldi_fbank(waveform: torch.Tensor) -> torch.Tensor:
-    """Normalised BEATs input features: ``[B, S]`` float waveform in [-1, 1] -> ``[B, Tf, 128]`` float32."""
+def kaldi_fbank(waveform: torch.Tensor, counter: WorkCounter | None = None) -> torch.Tensor:
+    """Normalised BEATs input features: ``[B, S]`` float waveform in [-1, 1] -> ``[B, Tf, 128]`` float32.
+
+    Computed :data:`FBANK_CHUNK_FRAMES` frames at a time (one unit of work of ``counter`` each): every
+    Kaldi fbank step (DC offset, pre-emphasis, window, FFT, mel) works on one 25 ms frame, so each
+    chunk, read with the samples its frames cover, gives the frames of one call over the clip."""
     kaldi = torchaudio_part("compliance.kaldi")  # imported here so `import keyface` stays light
 
     out = []
     for w in as_batch(waveform).to(torch.float32):
-        fb = kaldi.fbank(w[None] * 2 ** 15, num_mel_bins=128, sample_frequency=16000, frame_length=25, frame_shift=10)
-        out.append(fb)
+        scaled = w[None] * 2 ** 15
+        parts = []
+        for f0, f1 in fbank_chunks(w.shape[-1]):
+            parts.append(kaldi.fbank(scaled[:, f0 * FBANK_SHIFT:(f1 - 1) * FBANK_SHIFT + FBANK_WINDOW],
+                                     num_mel_bins=FBANK_BINS, sample_frequency=16000, frame_length=25, frame_shift=10))
+            if counter is not None:
+                counter.tick()
+        out.append(torch.cat(parts, dim=0) if len(parts) > 1 else parts[0])
     return (torch.stack(out) - FBANK_MEAN) / (2 * FBANK_STD)
+
+
+def fbank_chunks(num_samples: int) -> list[tuple[int, int]]:
+    """(first, end) fbank frames of each chunk of a clip of ``num_samples`` (edges snipped, as Kaldi)."""
+    return spans(max(1, (int(num_samples) - FBANK_WINDOW) // FBANK_SHIFT + 1), FBANK_CHUNK_FRAMES)
 
 
 def _relative_buckets(rel: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -163,8 +192,9 @@ class _SelfAttention(nn.Module):
         idx = _relative_buckets(kpos - qpos, self.num_buckets, self.max_distance).to(table.weight.device)
         return table(idx).permute(2, 0, 1)
 
-    def forward(self, x, table, chunk=None):
-        """x [B, T, C]; ``table`` the shared bias embedding (or None); ``chunk`` query rows per block."""
+    def forward(self, x, table, chunk=None, counter: WorkCounter | None = None):
+        """x [B, T, C]; ``table`` the shared bias embedding (or None); ``chunk`` query rows per block
+        (one unit of work of ``counter`` each)."""
         b, t, c = x.shape
         h, hd = self.num_heads, self.head_dim
         q = self.q_proj(x).view(b, t, h, hd).transpose(1, 2)  # [B, H, T, hd], projected incl. bias
@@ -179,10 +209,8 @@ class _SelfAttention(nn.Module):
         # before adding the bias: softmax-equivalent; the same arithmetic is kept here
         alpha = 32.0
         qs = q * (self.scaling / alpha)
-        step = t if not chunk else int(chunk)
         outs = []
-        for q0 in range(0, t, step):
-            q1 = min(t, q0 + step)
+        for q0, q1 in spans(t, chunk or t):
             s = torch.matmul(qs[:, :, q0:q1], k.transpose(-1, -2))
             s = (s - s.amax(dim=-1, keepdim=True)) * alpha
             if table is not None:
@@ -192,6 +220,8 @@ class _SelfAttention(nn.Module):
                 s = s + bias
             p = torch.softmax(s.float(), dim=-1).to(v.dtype)
             outs.append(torch.matmul(p, v))
+            if counter is not None:
+                counter.tick()
         o = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
         return self.out_proj(o.transpose(1, 2).reshape(b, t, c))
 
@@ -208,8 +238,8 @@ class _Layer(nn.Module):
         self.final_layer_norm = ops.LayerNorm(d, **kw)
         self.alpha = math.pow(2 * cfg.encoder_layers, 0.25) if cfg.deep_norm else 1.0
 
-    def forward(self, x, table, chunk=None):
-        x = self.self_attn_layer_norm(x * self.alpha + self.self_attn(x, table, chunk))
+    def forward(self, x, table, chunk=None, counter: WorkCounter | None = None):
+        x = self.self_attn_layer_norm(x * self.alpha + self.self_attn(x, table, chunk, counter))
         y = self.fc2(F.gelu(self.fc1(x).float()).to(x.dtype))
         return self.final_layer_norm(x * self.alpha + y)
 
@@ -224,12 +254,16 @@ class _Encoder(nn.Module):
             [_Layer(cfg, cfg.relative_position_embedding and i == 0, ops, **kw) for i in range(cfg.encoder_layers)]
         )
 
-    def forward(self, x, chunk=None):
+    def forward(self, x, chunk=None, counter: WorkCounter | None = None):
         x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
         x = self.layer_norm(x)
         table = getattr(self.layers[0].self_attn, "relative_attention_bias", None) if len(self.layers) else None
+        if chunk and len(self.layers):
+            chunk = attention_block_rows(chunk, self.layers[0].self_attn.num_heads, x.shape[1])
         for layer in self.layers:
-            x = layer(x, table, chunk)
+            x = layer(x, table, chunk, counter)
+            if counter is not None:
+                counter.tick()
         return x
 
 
@@ -261,10 +295,18 @@ class BEATs(nn.Module):
     def hidden_size(self) -> int:
         return self.cfg.encoder_embed_dim
 
-    def fbank(self, waveform: torch.Tensor) -> torch.Tensor:
-        return kaldi_fbank(waveform)
+    def num_tokens(self, num_samples: int) -> int:
+        """Tokens of a clip of ``num_samples`` (16 kHz): fbank frames (25 ms / 10 ms, edges snipped)
+        cut to whole patches, times the patches across the 128 mel bins."""
+        frames = max(0, (int(num_samples) - FBANK_WINDOW) // FBANK_SHIFT + 1)
+        p = self.cfg.input_patch_size
+        return (frames // p) * (FBANK_BINS // p)
 
-    def forward_fbank(self, fbank: torch.Tensor, attention_chunk: int | None = None) -> torch.Tensor:
+    def fbank(self, waveform: torch.Tensor, counter: WorkCounter | None = None) -> torch.Tensor:
+        return kaldi_fbank(waveform, counter)
+
+    def forward_fbank(self, fbank: torch.Tensor, attention_chunk: int | None = None,
+                      counter: WorkCounter | None = None) -> torch.Tensor:
         """Normalised fbank [B, Tf, 128] -> tokens [B, T' * F', C] (time-major)."""
         device, dtype = module_device_dtype(self)
         x = self.patch_embedding(fbank.to(device=device, dtype=dtype)[:, None])  # [B, E, T', F']
@@ -272,11 +314,19 @@ class BEATs(nn.Module):
         x = self.layer_norm(x)
         if self.post_extract_proj is not None:
             x = self.post_extract_proj(x)
-        return self.encoder(x, attention_chunk)
+        return self.encoder(x, attention_chunk, counter)
 
-    def forward(self, waveform: torch.Tensor, attention_chunk: int | None = None) -> torch.Tensor:
+    def forward(self, waveform: torch.Tensor, attention_chunk: int | None = None, progress=None) -> torch.Tensor:
+        """``progress(done, total)`` after each unit of work (the fbank, an attention block, a layer);
+        an exception it raises stops the call there (cancel)."""
         device, _ = module_device_dtype(self)
-        return self.forward_fbank(self.fbank(as_batch(waveform).to(device)), attention_chunk)
+        wave = as_batch(waveform).to(device)
+        counter = WorkCounter(progress)
+        counter.expect(len(fbank_chunks(wave.shape[-1])) * wave.shape[0]
+                       + attention_units(len(self.encoder.layers), self.cfg.encoder_attention_heads,
+                                         self.num_tokens(wave.shape[-1]), attention_chunk))
+        fbank = self.fbank(wave, counter)
+        return self.forward_fbank(fbank, attention_chunk, counter)
 
 
 def convert_state_dict(sd: dict, cfg: BEATsConfig, source="BEATs checkpoint") -> dict:

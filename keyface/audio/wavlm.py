@@ -21,7 +21,21 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..checkpoints import CheckpointError, KeyLedger
-from ._common import as_batch, build_from_config, hf_encoder_keys, load_strict, module_device_dtype, read_encoder_file
+from ._common import (
+    WorkCounter,
+    as_batch,
+    build_from_config,
+    attention_block_rows,
+    attention_units,
+    conv_output_length,
+    conv_units,
+    hf_encoder_keys,
+    load_strict,
+    module_device_dtype,
+    read_encoder_file,
+    run_conv_layers,
+    spans,
+)
 
 # unilm WavLMConfig defaults (used only for keys a cfg does not carry)
 UNILM_DEFAULTS = {
@@ -184,8 +198,12 @@ class WavLMEncoder(nn.Module):
     relative-position bias, its gated copy and the attention weights for the whole sequence
     (heads x L x L each, L = 50 per second of audio). An int runs the same layers with the attention
     computed in blocks of that many query rows (bias rows built per block), so long clips need
-    memory proportional to L x chunk instead of L^2. Same function; rounding differs by ~1e-6. It is
-    an argument of each call, not module state, so threads may share a module.
+    memory proportional to L x chunk instead of L^2 (blocks are made smaller still for long clips,
+    see :func:`~keyface.audio._common.attention_block_rows`). Same function; rounding differs by
+    ~1e-6. It is an argument of each call, not module state, so threads may share a module.
+
+    ``progress``: ``progress(done, total)`` after each unit of work (a conv layer, an attention block,
+    a feed-forward), chunked path only; an exception it raises stops the call there (cancel).
     """
 
     def __init__(self, model, normalize: bool = False):
@@ -197,20 +215,24 @@ class WavLMEncoder(nn.Module):
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
-    def forward(self, waveform: torch.Tensor, attention_chunk: int | None = None) -> torch.Tensor:
+    def forward(self, waveform: torch.Tensor, attention_chunk: int | None = None, progress=None) -> torch.Tensor:
         device, dtype = module_device_dtype(self)
         x = as_batch(waveform).to(device=device, dtype=torch.float32)
         if self.normalize:
             x = F.layer_norm(x, x.shape)
         x = x.to(dtype)
         if attention_chunk:
-            return self._forward_chunked(x, int(attention_chunk))
+            return self._forward_chunked(x, int(attention_chunk), WorkCounter(progress))
         return self.model(x).last_hidden_state
 
-    def _forward_chunked(self, x, chunk):
+    def _forward_chunked(self, x, chunk, counter: WorkCounter):
         m = self.model
-        h, _ = m.feature_projection(m.feature_extractor(x).transpose(1, 2))
         enc = m.encoder
+        tokens = conv_output_length(x.shape[-1], m.config.conv_kernel, m.config.conv_stride)
+        counter.expect(conv_units(x.shape[-1], m.feature_extractor.conv_layers)
+                       + attention_units(len(enc.layers), m.config.num_attention_heads, tokens, chunk))
+        h, _ = m.feature_projection(run_conv_layers(m.feature_extractor.conv_layers, x, counter).transpose(1, 2))
+        rows = attention_block_rows(chunk, m.config.num_attention_heads, h.shape[1])
         h = h + enc.pos_conv_embed(h)
         stable = bool(m.config.do_stable_layer_norm)
         if not stable:
@@ -218,18 +240,19 @@ class WavLMEncoder(nn.Module):
         owner = enc.layers[0].attention  # owns the bucket table shared by every layer
         for layer in enc.layers:
             if stable:
-                h = h + _chunked_attention(layer.attention, owner, layer.layer_norm(h), chunk)
+                h = h + _chunked_attention(layer.attention, owner, layer.layer_norm(h), rows, counter)
                 h = h + layer.feed_forward(layer.final_layer_norm(h))
             else:
-                h = layer.layer_norm(h + _chunked_attention(layer.attention, owner, h, chunk))
+                h = layer.layer_norm(h + _chunked_attention(layer.attention, owner, h, rows, counter))
                 h = layer.final_layer_norm(h + layer.feed_forward(h))
+            counter.tick()
         if stable:
             h = enc.layer_norm(h)
         return h
 
 
-def _chunked_attention(attn, owner, h, chunk):
-    """``WavLMAttention`` (no mask, eval) with the query rows processed ``chunk`` at a time."""
+def _chunked_attention(attn, owner, h, chunk, counter: WorkCounter):
+    """``WavLMAttention`` (no mask, eval) with the query rows processed ``chunk`` at a time (one unit of work each)."""
     b, t, c = h.shape
     nh, hd = attn.num_heads, attn.head_dim
     # gate from the un-projected layer input, per head (as transformers / unilm WavLM)
@@ -241,12 +264,12 @@ def _chunked_attention(attn, owner, h, chunk):
     v = attn.v_proj(h).view(b, t, nh, hd).transpose(1, 2)
     kpos = torch.arange(t, device=h.device)[None, :]
     outs = []
-    for q0 in range(0, t, chunk):
-        q1 = min(t, q0 + chunk)
+    for q0, q1 in spans(t, chunk):
         qpos = torch.arange(q0, q1, device=h.device)[:, None]
         bias = owner.rel_attn_embed(owner._relative_positions_bucket(kpos - qpos)).permute(2, 0, 1)  # [H, n, T]
         s = gate[:, :, q0:q1] * bias[None].to(q.dtype) + torch.matmul(q[:, :, q0:q1], k.transpose(-1, -2))
         outs.append(torch.matmul(torch.softmax(s, dim=-1), v))
+        counter.tick()
     o = torch.cat(outs, dim=2).transpose(1, 2).reshape(b, t, c)
     return attn.out_proj(o)
 
