@@ -156,10 +156,12 @@ class KeyFaceSampleKeyframes:
                                  "tooltip": "Noise seed (the reference uses 23). Noise is drawn on the CPU, so a seed gives the same result on any device."}),
                 "steps": ("INT", {"default": 10, "min": 10, "max": 100,
                                   "tooltip": "Sampling steps: 10 as released (= its 11 AYS sigmas, 11 network evaluations); more interpolate the schedule."}),
-                "ref_guidance": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 20.0, "step": 0.1,
-                                           "tooltip": "Identity (reference) guidance scale, 2.0 as released."}),
-                "audio_guidance": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 20.0, "step": 0.1,
-                                             "tooltip": "Audio guidance scale, 5.0 as released."}),
+                # Guidance scales are named <what it guides towards>_scale on both samplers (see
+                # js/input_renames.js for the old names, migrated when a saved workflow loads).
+                "reference_scale": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                              "tooltip": "Identity (reference portrait) guidance scale, 2.0 as released. Was 'ref_guidance'."}),
+                "audio_scale": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                          "tooltip": "Audio guidance scale, 5.0 as released. Was 'audio_guidance'."}),
                 "fit": (["crop", "pad"], {"default": "crop",
                                           "tooltip": "How a non-square portrait becomes square: centre-crop, or pad the short side (border pixels repeated). Never squashed."}),
                 "preview": ("BOOLEAN", {"default": False,
@@ -171,7 +173,7 @@ class KeyFaceSampleKeyframes:
             },
         }
 
-    def sample(self, keyframe_model, vae, image, audio_features, seed, steps, ref_guidance, audio_guidance, fit,
+    def sample(self, keyframe_model, vae, image, audio_features, seed, steps, reference_scale, audio_scale, fit,
                preview=False, emotion=None, attention="auto"):
         import torch
         from ..keyface import emotion as kemotion, planner
@@ -187,7 +189,7 @@ class KeyFaceSampleKeyframes:
         with torch.inference_mode(), _pipeline().attention_backend(attention):
             latents = _pipeline().sample_keyframes(
                 keyframe_model.network, identity.to(keyframe_model.device), audio_features.keyframe, valence, arousal,
-                plan, seed=int(seed), steps=int(steps), ref_ratio=float(ref_guidance), audio_ratio=float(audio_guidance),
+                plan, seed=int(seed), steps=int(steps), ref_ratio=float(reference_scale), audio_ratio=float(audio_scale),
                 device=keyframe_model.device, dtype=keyframe_model.dtype, callback=progress)
         keyframes = KeyFaceKeyframes(latents.float().cpu(), plan, identity.float().cpu(), int(seed),
                                      keyframe_model.resolution)
@@ -246,8 +248,8 @@ class KeyFaceInterpolate:
             "seed": ("INT", {"default": 23, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                              "tooltip": "Noise seed for the interpolation stage."}),
             "steps": ("INT", {"default": 10, "min": 10, "max": 100, "tooltip": "Sampling steps (10 as released)."}),
-            "guidance": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 20.0, "step": 0.1,
-                                   "tooltip": "Autoguidance scale: D = D_bad + guidance x (D_good - D_bad); 2.0 as released."}),
+            "autoguidance_scale": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                             "tooltip": "Autoguidance scale: D = D_bad + scale x (D_good - D_bad); 2.0 as released. Was 'guidance'."}),
             "autoguidance": ("BOOLEAN", {"default": True,
                                          "tooltip": "Off: the interpolation network alone (half the cost, lower quality)."}),
             "segments_per_call": ("INT", {"default": 2, "min": 1, "max": 64,
@@ -256,7 +258,7 @@ class KeyFaceInterpolate:
             "attention": C.attention_input(),
         }}
 
-    def interpolate(self, interpolation_model, keyframes, audio_features, seed, steps, guidance, autoguidance,
+    def interpolate(self, interpolation_model, keyframes, audio_features, seed, steps, autoguidance_scale, autoguidance,
                     segments_per_call, attention="auto"):
         import torch
 
@@ -282,7 +284,7 @@ class KeyFaceInterpolate:
         with torch.inference_mode(), _pipeline().attention_backend(attention):
             seg = _pipeline().interpolate_segments(
                 model.good, model.bad if autoguidance else None, keyframes.latents.to(model.device),
-                audio_features.interpolation, keyframes.plan, seed=int(seed), steps=int(steps), scale=float(guidance),
+                audio_features.interpolation, keyframes.plan, seed=int(seed), steps=int(steps), scale=float(autoguidance_scale),
                 segments_per_call=int(segments_per_call), autoguidance=bool(autoguidance), device=model.device,
                 dtype=model.dtype, callback=progress)
         seg = seg.float().cpu() / latent_scale()  # raw VAE latents, as every ComfyUI LATENT
