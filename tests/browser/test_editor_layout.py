@@ -48,7 +48,9 @@ def test_plot_follows_resize_and_zoom(kf_page):
     # resize the node with the mouse, from its bottom-right corner
     size0 = kf.js("window.__kf.canvasSize()")
     rect = kf.js("window.__kf.nodeRect()")
-    x, y = rect["x"] + rect["width"] - 3, rect["y"] + rect["height"] - 3
+    kf.page.mouse.click(rect["x"] + rect["width"] / 2, rect["y"] + 10)  # select it (by the title bar)
+    kf.settle(200)
+    x, y = rect["x"] + rect["width"] - 2, rect["y"] + rect["height"] - 2
     kf.page.mouse.move(x, y)
     kf.page.mouse.down()
     kf.page.mouse.move(x + 80, y + 40, steps=4)
