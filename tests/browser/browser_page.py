@@ -60,7 +60,6 @@ def node_of(workflow, class_type):
 JS_HELPERS = r"""
 window.__kf = {
   app: () => window.comfyAPI.app.app,
-  vue: () => !!window.comfyAPI.app.app.ui?.settings?.getSettingValue?.("Comfy.VueNodes.Enabled"),
   node: (type = "KeyFaceEmotion") => window.comfyAPI.app.app.graph.nodes.find(n => n.type === type),
   editor: () => window.__kf.node().keyfaceEmotionEditor,
   widget: (name) => window.__kf.node().widgets.find(w => w.name === name),

@@ -34,6 +34,7 @@ def _with_old_names(workflow):
     return wf, str(keyframes["id"]), str(interp["id"]), [str(encode["id"]), fps_slot]
 
 
+@pytest.mark.parametrize("renderer", ["classic"], indirect=True)  # the migration runs before either renders
 def test_old_input_names_load(kf_page):
     kf = kf_page
     wf, keyframes_id, interp_id, fps_link = _with_old_names(load_workflow(TALKING_HEAD_WORKFLOW))
