@@ -844,6 +844,10 @@ class EmotionEditor {
       const [t, v] = this.curve[this.selected.series][this.selected.index] ?? [0, 0];
       parts.push(`${this.selected.series} #${this.selected.index + 1}: ${fmt(t)} s, ${fmt(v, 3)}`);
     }
+    if ((this.emotionWidget?.value ?? CUSTOM) === CUSTOM && (this.scheduleWidget?.value ?? "").trim()) {
+      // the node refuses a schedule beside the drawn curve (nodes/emotion.py build_curve): say so now
+      parts.push("schedule is set: clear it, or pick a named emotion to use it");
+    }
     if (this.curve.warnings?.length) parts.push(this.curve.warnings.join("; "));
     if (this.message) parts.push(this.message);
     this.status.classList.toggle("kf-error", !!this.error);

@@ -67,6 +67,12 @@ def test_curve_text(kf_page):
     kf.type_curve(json.dumps(after))
     assert kf.curve_from_prompt()[0] == after
 
+    # ---- a schedule typed beside the drawn curve: the editor says the run will refuse it
+    kf.js("() => window.__kf.setWidget('schedule', 'happy@0')")
+    kf.page.wait_for_function("() => window.__kf.status().text.includes('schedule is set: clear it')", timeout=5_000)
+    kf.js("() => window.__kf.setWidget('schedule', '')")
+    kf.page.wait_for_function("() => !window.__kf.status().text.includes('schedule is set')", timeout=5_000)
+
     # ---- "{ } hide" hides the text and gives its height to the plot; "{ } show" brings it back
     plot0 = kf.js("window.__kf.canvasSize()")["layout"][1]
     kf.click_button("{ } hide")
