@@ -3,7 +3,10 @@
 // The node's STRING input `curve` holds the versioned curve JSON (see js/curve_math.js). This editor
 // draws valence and arousal over time and writes every edit back into that STRING widget, so the
 // workflow JSON and the API prompt carry one plain string. The editor widget itself is never
-// serialized. The textarea stays available (toggle "{ }"); text typed there re-renders the editor.
+// serialized. The JSON text is shown in the editor's own textarea (toggle "{ }"): the native `curve`
+// textarea stays hidden, because the Vue renderer (Nodes 2.0) draws its own copy of it that an
+// extension can neither hide nor size on every frontend version. Text typed in ours is written to the
+// widget and re-renders the editor.
 //
 // Mouse: click a point to select it, drag to move it; double-click empty space to add a point to the
 // active curve (the V/A button); right-click a point to delete it; click or drag in the time ruler
@@ -42,6 +45,8 @@ const HIT_RADIUS = 8;
 const MIN_GAP = 0.01; // seconds between neighbouring points
 const UNDO_LIMIT = 100;
 const EDITOR_MIN_HEIGHT = 200;
+const TEXT_HEIGHT = 64; // the JSON textarea, when shown
+const POLL_MS = 250; // the Vue renderer never calls onDrawForeground: poll what the editor follows
 const FPS = 25; // the sampler's frame rate: the status shows the values of the playhead's frame
 
 function injectStyle() {
@@ -68,6 +73,10 @@ function injectStyle() {
 .keyface-emotion-editor .kf-status { height:14px; line-height:14px; overflow:hidden; white-space:nowrap;
   text-overflow:ellipsis; opacity:0.85; }
 .keyface-emotion-editor .kf-status.kf-error { color:#ff6b6b; opacity:1; }
+.keyface-emotion-editor textarea.keyface-emotion-curve-text { flex:0 0 ${TEXT_HEIGHT}px; height:${TEXT_HEIGHT}px;
+  box-sizing:border-box; resize:none; font: 10px monospace; background: var(--comfy-input-bg, #222);
+  color: var(--input-text, #ddd); border:1px solid var(--border-color, #555); border-radius:4px; padding:3px; }
+.keyface-emotion-editor.kf-text-hidden textarea.keyface-emotion-curve-text { display:none; }
 .keyface-emotion-editor.kf-focus canvas { box-shadow: 0 0 0 1px #6a9fd8; }
 `;
   document.head.appendChild(style);
@@ -123,7 +132,9 @@ class EmotionEditor {
   buildDom() {
     injectStyle();
     const root = document.createElement("div");
-    root.className = "keyface-emotion-editor";
+    // widget-expands: the Vue renderer of frontend 1.32 lets a widget row holding this class take the
+    // node's spare height (the plot then follows node resizes there too)
+    root.className = "keyface-emotion-editor widget-expands";
     const bar = document.createElement("div");
     bar.className = "kf-bar";
     const button = (text, title, onClick, cls) => {
@@ -182,9 +193,15 @@ class EmotionEditor {
     plot.appendChild(keys);
     const status = document.createElement("div");
     status.className = "kf-status";
+    const text = document.createElement("textarea");
+    text.className = "keyface-emotion-curve-text";
+    text.spellcheck = false;
+    text.title = "The curve JSON (what the node receives); typing here re-renders the editor";
+    text.addEventListener("input", () => this.onTextInput());
 
-    root.append(bar, plot, status);
+    root.append(bar, plot, status, text);
     this.root = root;
+    this.text = text;
     this.canvas = canvas;
     this.keys = keys;
     this.status = status;
@@ -224,12 +241,38 @@ class EmotionEditor {
 
   destroy() {
     this.resizeObserver?.disconnect();
+    clearInterval(this.pollTimer);
+  }
+
+  // Keeps the editor in step with what it follows (the curve text, the audio source, its size) in
+  // every renderer; the classic one also calls it from onDrawForeground.
+  poll() {
+    if (!this.root.isConnected) return;
+    if (!this.writing) this.syncFromWidget();
+    this.refreshAudioSource();
+    this.checkSize();
+  }
+
+  onTextInput() {
+    const text = this.text.value;
+    this.writing = true;
+    try {
+      if (this.curveWidget) this.curveWidget.value = text;
+    } finally {
+      this.writing = false;
+    }
+    this.adoptText(text);
+    this.clampSelection();
+    this.refreshToolbar();
+    this.draw();
+    this.node.setDirtyCanvas?.(true, true);
   }
 
   // ----------------------------------------------------------------------------- widget <-> curve
   // Hold exactly what ``text`` says; on a parse error keep the last curve and show the error.
   adoptText(text) {
     this.lastText = text;
+    if (this.text && this.text.value !== text) this.text.value = text;
     try {
       this.curve = parseCurve(text);
       this.error = null;
@@ -351,15 +394,18 @@ class EmotionEditor {
     });
   }
 
+  get textVisible() {
+    return !this.root.classList.contains("kf-text-hidden");
+  }
+
+  // Hidden, the text's height goes to the plot; shown again, the node grows only if it must.
   toggleText() {
-    const w = this.curveWidget;
-    if (!w) return;
-    w.hidden = !w.hidden;
-    if (w.element) w.element.style.display = w.hidden ? "none" : "";
+    this.root.classList.toggle("kf-text-hidden");
     this.refreshToolbar();
-    const sz = this.node.computeSize?.();
-    if (sz) this.node.setSize?.([Math.max(this.node.size[0], sz[0]), Math.max(sz[1], w.hidden ? 0 : this.node.size[1])]);
+    const min = this.node.computeSize?.();
+    if (min && min[1] > this.node.size[1]) this.node.setSize?.([this.node.size[0], min[1]]);
     this.node.setDirtyCanvas?.(true, true);
+    requestAnimationFrame(() => this.draw());
   }
 
   refreshToolbar() {
@@ -369,7 +415,7 @@ class EmotionEditor {
     this.interpButton.textContent = this.curve.interpolation;
     this.undoButton.disabled = this.undoStack.length === 0;
     this.deleteButton.disabled = !this.selected;
-    this.jsonButton.textContent = this.curveWidget?.hidden ? "{ } show" : "{ } hide";
+    this.jsonButton.textContent = this.textVisible ? "{ } hide" : "{ } show";
   }
 
   // ------------------------------------------------------------------------------------- geometry
@@ -391,10 +437,7 @@ class EmotionEditor {
   // When `audio` comes straight from a LoadAudio-like node, read the file's duration from its metadata
   // (the browser fetches only the header) so the time axis fits the clip before anything runs.
   refreshAudioSource() {
-    const slot = this.node.inputs?.findIndex((i) => i.name === "audio") ?? -1;
-    const linkId = slot >= 0 ? this.node.inputs[slot].link : null;
-    const link = linkId != null ? this.node.graph?.links?.[linkId] ?? this.node.graph?.getLink?.(linkId) : null;
-    const src = link ? this.node.graph.getNodeById(link.origin_id) : null;
+    const src = this.audioSourceNode();
     const name = src?.widgets?.find((w) => w.name === "audio")?.value;
     const key = typeof name === "string" && name ? name : null;
     if (key === this.audioKey) return;
@@ -421,6 +464,22 @@ class EmotionEditor {
       el.removeAttribute("src");
     }, { once: true });
     el.src = api.apiURL(`/view?${params}`);
+  }
+
+  // The node feeding `audio`, or null. getInputLink is the frontend's API for this (reading
+  // input.link directly is deprecated on frontend 1.58); older frontends without it fall back.
+  audioSourceNode() {
+    const node = this.node;
+    const slot = node.inputs?.findIndex((i) => i.name === "audio") ?? -1;
+    if (slot < 0) return null;
+    let link;
+    if (typeof node.getInputLink === "function") {
+      link = node.getInputLink(slot);
+    } else {
+      const id = node.inputs[slot].link;
+      link = id != null ? node.graph?.links?.[id] : null;
+    }
+    return link ? node.graph?.getNodeById(link.origin_id) ?? null : null;
   }
 
   axisEnd() {
@@ -785,6 +844,10 @@ class EmotionEditor {
       const [t, v] = this.curve[this.selected.series][this.selected.index] ?? [0, 0];
       parts.push(`${this.selected.series} #${this.selected.index + 1}: ${fmt(t)} s, ${fmt(v, 3)}`);
     }
+    if ((this.emotionWidget?.value ?? CUSTOM) === CUSTOM && (this.scheduleWidget?.value ?? "").trim()) {
+      // the node refuses a schedule beside the drawn curve (nodes/emotion.py build_curve): say so now
+      parts.push("schedule is set: clear it, or pick a named emotion to use it");
+    }
     if (this.curve.warnings?.length) parts.push(this.curve.warnings.join("; "));
     if (this.message) parts.push(this.message);
     this.status.classList.toggle("kf-error", !!this.error);
@@ -811,6 +874,18 @@ function chain(obj, name, fn) {
   };
 }
 
+// The native `curve` textarea stays hidden in every renderer; the editor shows the text itself.
+// `hidden` is what the classic canvas and frontend 1.58 read, `options.hidden` what the 1.32 Vue
+// renderer reads; the element is hidden too where the frontend leaves it on the page. The classic
+// canvas of 1.32 still hands a hidden DOM widget its share of the node's height unless computeSize
+// says it takes none (LiteGraph adds 4 px of spacing to it).
+function hideWidget(w) {
+  w.hidden = true;
+  w.computeSize = () => [0, -4];
+  if (w.options) w.options.hidden = true;
+  if (w.element) w.element.style.display = "none";
+}
+
 function attachEditor(node) {
   if (node.keyfaceEmotionEditor) return node.keyfaceEmotionEditor;
   const editor = new EmotionEditor(node);
@@ -819,7 +894,7 @@ function attachEditor(node) {
     serialize: false, // never in the API prompt: the STRING `curve` carries the value
     getValue: () => editor.curveWidget?.value ?? "",
     setValue: () => {},
-    getMinHeight: () => EDITOR_MIN_HEIGHT,
+    getMinHeight: () => EDITOR_MIN_HEIGHT + (editor.textVisible ? TEXT_HEIGHT : 0),
   });
   widget.serialize = false; // nor in the workflow's widgets_values
   editor.widget = widget;
@@ -830,20 +905,19 @@ function attachEditor(node) {
     chain(cw, "callback", () => {
       if (!editor.writing) editor.syncFromWidget();
     });
-    cw.inputEl?.addEventListener("input", () => editor.syncFromWidget());
-    cw.inputEl?.classList.add("keyface-emotion-curve-text");
+    hideWidget(cw);
   }
   for (const w of [editor.emotionWidget, editor.scheduleWidget, editor.durationWidget, editor.intensityWidget]) {
     if (w) chain(w, "callback", () => editor.draw());
   }
   chain(node, "onConfigure", () => editor.syncFromWidget(true));
   chain(node, "onExecuted", (message) => editor.onExecuted(message));
+  chain(node, "onConnectionsChange", () => editor.refreshAudioSource());
+  editor.pollTimer = setInterval(() => editor.poll(), POLL_MS);
   chain(node, "onDrawForeground", () => {
     // the graph redraws on zoom/pan/resize; keep the editor's backing store matched to the screen
-    if (!editor.writing) editor.syncFromWidget();
-    editor.refreshAudioSource();
+    editor.poll();
     // the widget's CSS transform is updated after this draw: check again on the next frame
-    editor.checkSize();
     if (!editor.sizeCheckPending) {
       editor.sizeCheckPending = true;
       requestAnimationFrame(() => {

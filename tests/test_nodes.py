@@ -162,7 +162,8 @@ def test_declarations_consistent(pack, N):
 
 def test_sampler_defaults(N):
     req = N["KeyFaceSampleKeyframes"].INPUT_TYPES()["required"]
-    assert req["ref_guidance"][1]["default"] == 2.0 and req["audio_guidance"][1]["default"] == 5.0
+    assert req["reference_scale"][1]["default"] == 2.0 and req["audio_scale"][1]["default"] == 5.0
+    assert N["KeyFaceInterpolate"].INPUT_TYPES()["required"]["autoguidance_scale"][1]["default"] == 2.0
     assert req["fit"][0] == ["crop", "pad"]
     assert "emotion" in N["KeyFaceSampleKeyframes"].INPUT_TYPES()["optional"]
     enc = N["KeyFaceEncodeAudio"]

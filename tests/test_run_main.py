@@ -203,7 +203,7 @@ def test_chromium_is_best_effort_except_in_ci(tmp_path, env, strict):
         assert r.returncode == 1 and "ERROR: chromium is required" in r.stdout
     else:
         assert r.returncode == 0, r.stdout + r.stderr
-        assert "no apt-get" in r.stdout and "tests/test_browser.py) will be SKIPPED" in r.stdout
+        assert "no apt-get" in r.stdout and "tests/browser/) will be SKIPPED" in r.stdout
 
 
 @pytest.mark.parametrize("cpu", [True, False])
