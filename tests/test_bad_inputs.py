@@ -255,8 +255,8 @@ def test_resolution_is_never_silently_replaced():
 
 @pytest.mark.parametrize("text,message", [
     ("[1, 2]", "expected a JSON object of config values .* got a list"),
-    ("[" * 100000 + "]" * 100000, "not a readable JSON config \\(RecursionError"),
-    (None, "not a readable JSON config \\(UnicodeDecodeError"),
+    ("[" * 100000 + "]" * 100000, "nests deeper than 32 levels"),
+    (None, "is not valid JSON: .*utf-8"),
     ('{"hidden_size": "abc"}', "its wav2vec2 config.json does not describe a usable model"),
 ])
 def test_wav2vec2_config_json_errors_name_the_file(smoke_dir, tmp_path, text, message):
@@ -322,13 +322,13 @@ def node_clip(N, node_models):
     return {"kfs": kfs, "latent": latent}
 
 
-@pytest.mark.parametrize("name,value", [("ref_guidance", NAN), ("audio_guidance", INF), ("seed", NAN), ("preview", "false"),
+@pytest.mark.parametrize("name,value", [("reference_scale", NAN), ("audio_scale", INF), ("seed", NAN), ("preview", "false"),
                                         ("fit", {"a": 1})])
 def test_sample_keyframes_node_refuses_bad_widget_values(N, node_models, name, value):
     """JSON NaN passes ComfyUI's min/max comparison; the node itself must refuse it, naming the input."""
     m = node_models
     args = dict(keyframe_model=m["kf"], vae=m["vae"], image=_image(), audio_features=m["feats"], seed=5, steps=10,
-                ref_guidance=2.0, audio_guidance=5.0, fit="crop")
+                reference_scale=2.0, audio_scale=5.0, fit="crop")
     args[name] = value
     with pytest.raises(ValueError, match=f"^{name}: expected"):
         N["KeyFaceSampleKeyframes"]().sample(**args)
@@ -336,7 +336,7 @@ def test_sample_keyframes_node_refuses_bad_widget_values(N, node_models, name, v
 
 def test_interpolate_node_refuses_nan_guidance(N, node_models, node_clip):
     m = node_models
-    with pytest.raises(ValueError, match="^guidance: expected a finite number in 0..20, got nan"):
+    with pytest.raises(ValueError, match="^autoguidance_scale: expected a finite number in 0..20, got nan"):
         N["KeyFaceInterpolate"]().interpolate(m["it"], node_clip["kfs"], m["feats"], 5, 10, NAN, True, 2)
 
 
@@ -419,10 +419,10 @@ def test_emotion_node_errors(N):
         node.build("custom curve", "[" * 100000 + "]" * 100000, 1.0)
     with pytest.raises(ValueError, match="^emotion: expected 'custom curve' or an emotion name \\(text\\), got dict"):
         node.build({"a": 1}, "{}", 1.0)
-    msg = N["KeyFaceEmotion"].VALIDATE_INPUTS(emotion={"a": 1}, curve="{}")
-    assert msg.startswith("KeyFace Emotion emotion: emotion: expected 'custom curve' or an emotion name"), msg
-    msg = N["KeyFaceEmotion"].VALIDATE_INPUTS(emotion="happy", curve="{}", schedule={"a": 1})
-    assert msg == "KeyFace Emotion schedule: expected text, got dict", msg
+    # VALIDATE_INPUTS names only `curve` (ComfyUI's own checks cover emotion's list); a schedule sent as
+    # a JSON object is refused when the node runs, naming the input
+    with pytest.raises(ValueError, match="^schedule: expected"):
+        node.build("happy", "", 1.0, {"a": 1})
     with pytest.raises(ValueError, match="^duration_hint: expected a finite number in 0..3600, got nan"):
         node.build("happy", "", 1.0, "", NAN)
     # integer audio gives the right duration (2 names spread over 1.0 s)

@@ -426,16 +426,16 @@ def test_nan_guidance_is_an_error_not_a_black_video(comfy_server):
     server = comfy_server
     prompt = convert(_load("keyface_talking_head.json"), server.object_info())
     sampler = _node_id(prompt, "KeyFaceSampleKeyframes")
-    prompt[sampler]["inputs"]["ref_guidance"] = float("nan")
+    prompt[sampler]["inputs"]["reference_scale"] = float("nan")
     prompt[_node_id(prompt, "SaveVideo")]["inputs"]["filename_prefix"] = "e2e/nan_guidance/video"
     body = json.dumps({"prompt": prompt, "client_id": uuid.uuid4().hex})  # Python writes the JSON literal NaN
-    assert '"ref_guidance": NaN' in body
+    assert '"reference_scale": NaN' in body
     r = requests.post(server.url + "/prompt", data=body, headers={"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == 200, r.text[:4000]  # ComfyUI's validation lets NaN through
     entry = server.wait(r.json()["prompt_id"], timeout=300)
     assert entry["status"]["status_str"] == "error", json.dumps(entry["status"], indent=1)[:4000]
     err = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"][0]
     assert err["node_id"] == sampler, err
-    assert err["exception_message"].startswith("ref_guidance: expected a finite number in 0..20, got nan"), err
+    assert err["exception_message"].startswith("reference_scale: expected a finite number in 0..20, got nan"), err
     written = Path(server.output_dir) / "e2e" / "nan_guidance"
     assert not written.exists() or not any(written.iterdir())

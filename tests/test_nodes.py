@@ -319,7 +319,7 @@ def test_progress_bars_and_cancel_at_the_next_step(N, models, clip):
     import comfy.model_management
 
     inputs = dict(keyframe_model=models["kf"], vae=models["vae"], image=_image(), audio_features=clip["feats"],
-                  seed=5, steps=10, ref_guidance=2.0, audio_guidance=5.0, fit="pad", preview=False)
+                  seed=5, steps=10, reference_scale=2.0, audio_scale=5.0, fit="pad", preview=False)
     run_node(N, "KeyFaceSampleKeyframes", **inputs)
     prog = comfy_stubs.STATE.progress
     assert len(prog) > 1 and prog[-1][1] == prog[-1][2]  # step by step, finished at total
@@ -336,7 +336,7 @@ def test_features_from_other_clip_rejected(N, models, clip):
     other, _, _, _ = N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(2.0))
     with pytest.raises(ValueError, match="audio_features"):
         run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=other,
-            seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=2)
+            seed=5, steps=10, autoguidance_scale=2.0, autoguidance=True, segments_per_call=2)
 
 
 def test_interpolate_decode_save(N, models, clip, tmp_path):
@@ -345,7 +345,7 @@ def test_interpolate_decode_save(N, models, clip, tmp_path):
     from keyface.video_io import probe_mp4
 
     lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
-        seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=2)
+        seed=5, steps=10, autoguidance_scale=2.0, autoguidance=True, segments_per_call=2)
     s = clip["kfs"].plan.num_segments
     assert lat["samples"].shape == (s * 14, 4, 8, 8) and lat["keyface_num_frames"] == clip["n"]
     assert any(p[2] for p in comfy_stubs.STATE.progress)
@@ -375,7 +375,7 @@ def test_cancel_mid_decode_leaves_no_file(N, models, clip, tmp_path):
     import folder_paths
 
     lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
-        seed=5, steps=10, guidance=2.0, autoguidance=False, segments_per_call=2)
+        seed=5, steps=10, autoguidance_scale=2.0, autoguidance=False, segments_per_call=2)
     folder_paths.output_directory = str(tmp_path)
     comfy_stubs.reset()
     comfy_stubs.STATE.cancel_at_progress = 1  # cancel once the first chunk is written
@@ -393,7 +393,7 @@ def test_cancel_mid_sampling(N, models, clip):
     comfy_stubs.STATE.cancel_at_progress = 1
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
-            seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=1)
+            seed=5, steps=10, autoguidance_scale=2.0, autoguidance=True, segments_per_call=1)
     assert [p[1] for p in comfy_stubs.STATE.progress] == [1]  # no step after the cancel
     assert comfy_stubs.STATE.interrupt is False  # the flag is consumed, as in ComfyUI
 
@@ -436,7 +436,7 @@ def test_manual_cast_computes_in_comfy_compute_dtype(N, smoke_dir, clip, monkeyp
         kfs, _ = N["KeyFaceSampleKeyframes"]().sample(kf, clip_vae(N, smoke_dir), _image(), clip["feats"], 5, 10,
                                                       2.0, 5.0, "crop")
         lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=it, keyframes=kfs, audio_features=clip["feats"],
-            seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=2)
+            seed=5, steps=10, autoguidance_scale=2.0, autoguidance=True, segments_per_call=2)
     finally:
         for h in hooks:
             h.remove()
@@ -458,7 +458,7 @@ def test_memory_required_scales_with_stage_shapes(N, models, clip):
 
     # keyframes: one call = 3 guidance branches x 14 frames of 8x8 latents (the smoke model's 64 px)
     run_node(N, "KeyFaceSampleKeyframes", keyframe_model=models["kf"], vae=models["vae"], image=_image(), audio_features=clip["feats"],
-        seed=5, steps=10, ref_guidance=2.0, audio_guidance=5.0, fit="crop", preview=False)
+        seed=5, steps=10, reference_scale=2.0, audio_scale=5.0, fit="crop", preview=False)
     assert memory_of(models["kf"].patcher) == [memory.unet_call_bytes(42, (8, 8), torch.float32)]
     assert memory.unet_call_bytes(42, (8, 8), torch.float32) == 2 * memory.unet_call_bytes(42, (8, 8), torch.float16)
     assert memory.unet_call_bytes(42, (64, 64), torch.float32) == 64 * memory.unet_call_bytes(42, (8, 8), torch.float32)
@@ -468,13 +468,13 @@ def test_memory_required_scales_with_stage_shapes(N, models, clip):
     for spc in (1, 2):
         calls.clear()
         run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
-            seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=spc)
+            seed=5, steps=10, autoguidance_scale=2.0, autoguidance=True, segments_per_call=spc)
         mem[spc], = memory_of(models["it"].patchers[0])
     assert mem[1] == memory.unet_call_bytes(14, (8, 8), torch.float32) > 0 and mem[2] == 2 * mem[1]
 
     # decode: grows with the chunk (+ the shared keyframes decoded twice), at the output size
     lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
-        seed=5, steps=10, guidance=2.0, autoguidance=False, segments_per_call=2)
+        seed=5, steps=10, autoguidance_scale=2.0, autoguidance=False, segments_per_call=2)
     dec = {}
     for chunk in (4, 16):
         calls.clear()
@@ -527,7 +527,7 @@ def test_latent_holds_raw_vae_latents(N, models, clip):
     pipeline = importlib.import_module(PACK + ".keyface.pipeline")
     scale = importlib.import_module(PACK + ".keyface.vae").SCALE_FACTOR
     lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
-        seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=2)
+        seed=5, steps=10, autoguidance_scale=2.0, autoguidance=True, segments_per_call=2)
     it = models["it"]
     sampled = pipeline.interpolate_segments(it.good, it.bad, clip["kfs"].latents, clip["feats"].interpolation,
                                             clip["kfs"].plan, seed=5, steps=10, scale=2.0, segments_per_call=2)
@@ -561,7 +561,7 @@ def test_save_video_audio_is_exactly_the_video_length(N, models, clip, tmp_path)
     from keyface.video_io import probe_mp4
 
     lat, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
-        seed=5, steps=10, guidance=2.0, autoguidance=False, segments_per_call=2)
+        seed=5, steps=10, autoguidance_scale=2.0, autoguidance=False, segments_per_call=2)
     folder_paths.output_directory = str(tmp_path)
     n, sr = clip["n"], 16000
     for seconds in (0.9, 1.3):
@@ -584,7 +584,7 @@ def test_attention_input_reaches_the_samplers(pack, N, models, clip):
     math_kfs, _ = N["KeyFaceSampleKeyframes"]().sample(*args, attention="math")
     assert torch.allclose(math_kfs.latents, clip["kfs"].latents, atol=1e-4)
     lat_auto, = run_node(N, "KeyFaceInterpolate", interpolation_model=models["it"], keyframes=clip["kfs"], audio_features=clip["feats"],
-        seed=5, steps=10, guidance=2.0, autoguidance=True, segments_per_call=2)
+        seed=5, steps=10, autoguidance_scale=2.0, autoguidance=True, segments_per_call=2)
     lat_math, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, True, 2,
                                                       attention="math")
     assert torch.allclose(lat_auto["samples"], lat_math["samples"], atol=1e-4)

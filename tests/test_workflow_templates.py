@@ -18,7 +18,7 @@ def test_every_template_has_a_thumbnail(comfy_server):
 
     listing = comfy_server.get("/api/workflow_templates")
     pack = next(k for k, names in listing.items() if "keyface_talking_head" in names)
-    assert sorted(listing[pack]) == ["keyface_emotion_over_time", "keyface_talking_head"], listing
+    assert sorted(listing[pack]) == ["keyface_emotion_over_time", "keyface_photo_full_resolution", "keyface_talking_head"], listing
     for name in listing[pack]:
         r = requests.get(f"{comfy_server.url}/api/workflow_templates/{pack}/{name}.jpg", timeout=30)
         assert r.status_code == 200, f"{name}.jpg: HTTP {r.status_code} (the template card shows no thumbnail)"
