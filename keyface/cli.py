@@ -280,8 +280,8 @@ def _render_job(args, found, image, waveform, sample_rate, features, valence, ar
     finally:
         if runner is not None:
             runner.close()
-    if temporary:
-        shutil.rmtree(folder, ignore_errors=True)
+        if temporary:  # without --job nothing can resume it: never leave it behind
+            shutil.rmtree(folder, ignore_errors=True)
     n = int(features.num_frames)
     progress.log(f"job {report.job_folder}: {report.summary()}")
     progress.log(f"wrote {args.out}: {n} frames ({n / FPS:.2f} s) at {FPS} fps")
