@@ -117,7 +117,7 @@ class Mp4Writer:
             vs.options = {"crf": str(crf), "preset": preset}
             # One encoder thread: x264's frame threads let the rate control see other frames' state
             # at timing-dependent moments, so the same frames gave different bytes from run to run
-            # (measured); resumed and Ray renders must equal uninterrupted ones byte for byte. At 512 px
+            # (measured); resumed and Ray renders should equal uninterrupted ones byte for byte. At 512 px
             # one thread encodes ~90 fps on a busy 2-core machine (as fast as auto threads there),
             # far above any sampling speed.
             vs.codec_context.thread_count = 1

@@ -1,13 +1,13 @@
 """KeyFace Long Render (resumable) under the ComfyUI stubs: a cancel in the middle of the interpolation
 keeps the finished blocks in output/keyface_jobs/<id>; queueing the same inputs again resumes and
-writes the same mp4 bytes as an uninterrupted render; the job folder is removed afterwards."""
+writes the same frames as an uninterrupted render; the job folder is removed afterwards."""
 
 import os
 
 import pytest
 
 import comfy_stubs
-from test_jobs import warm_encoder  # noqa: F401 - the first x264 encoder of a process (see there)
+from test_jobs import frame_digests, frames_of, warm_encoder  # noqa: F401 - see there
 from test_nodes import N, _audio, _image, _stub_state, models, pack, smoke_dir  # noqa: F401 - shared fixtures
 
 ARGS = dict(seed=7, steps=10, ref_guidance=2.0, audio_guidance=5.0, guidance=2.0, autoguidance=True,
@@ -30,7 +30,7 @@ def test_cancelled_long_render_resumes_to_the_same_file(N, models, tmp_path):  #
 
     full = render("full")
     assert full["result"][1] == n == 55
-    reference = open(full["result"][0], "rb").read()
+    reference = frames_of(full["result"][0])
     assert not os.listdir(_jobs_dir())  # removed after success (keep_job off)
 
     # cancel during the interpolation: 1 check for the identity, 11 keyframe steps, then 11 per group
@@ -45,7 +45,7 @@ def test_cancelled_long_render_resumes_to_the_same_file(N, models, tmp_path):  #
 
     resumed = render("resumed", keep_job=True)
     assert resumed["ui"]["keyface_job"] == ["keyframes: 0 computed, 1 reused; interpolation: 2 computed, 1 reused"]
-    assert open(resumed["result"][0], "rb").read() == reference
+    assert frames_of(resumed["result"][0]) == reference
     assert os.listdir(_jobs_dir()) == [job]  # kept on request
 
     # another seed is another job: a new folder, nothing reused
