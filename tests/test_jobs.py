@@ -34,6 +34,13 @@ def frame_digests():
     ComfyUI server), never in the short runs of bench/ray_bench.py."""
     from keyface import video_io
 
+    with pytest.MonkeyPatch.context() as mp:
+        spy_on_writer(mp, video_io)
+        yield FRAME_DIGESTS
+
+
+def spy_on_writer(mp, video_io):
+    """Record into FRAME_DIGESTS what ``video_io.Mp4Writer`` (of this import of the library) is given."""
     real_init, real_write = video_io.Mp4Writer.__init__, video_io.Mp4Writer.write
 
     def init(self, path, *args, **kwargs):
@@ -44,10 +51,8 @@ def frame_digests():
         FRAME_DIGESTS[self.path].update(video_io.frames_to_uint8(frames).tobytes())
         real_write(self, frames)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(video_io.Mp4Writer, "__init__", init)
-        mp.setattr(video_io.Mp4Writer, "write", write)
-        yield FRAME_DIGESTS
+    mp.setattr(video_io.Mp4Writer, "__init__", init)
+    mp.setattr(video_io.Mp4Writer, "write", write)
 
 
 def frames_of(path) -> str:

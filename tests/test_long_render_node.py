@@ -7,11 +7,19 @@ import os
 import pytest
 
 import comfy_stubs
-from test_jobs import frame_digests, frames_of, warm_encoder  # noqa: F401 - see there
+from test_jobs import frames_of, spy_on_writer, warm_encoder  # noqa: F401 - see there
 from test_nodes import N, _audio, _image, _stub_state, models, pack, smoke_dir  # noqa: F401 - shared fixtures
 
 ARGS = dict(seed=7, steps=10, ref_guidance=2.0, audio_guidance=5.0, guidance=2.0, autoguidance=True,
             segments_per_call=2, fit="crop", crf=18)
+
+
+@pytest.fixture
+def pack_frames(pack, monkeypatch):  # noqa: F811
+    """The frames the pack's own import of the library hands to its mp4 writer (see test_jobs)."""
+    import importlib
+
+    spy_on_writer(monkeypatch, importlib.import_module(pack.__name__ + ".keyface.video_io"))
 
 
 def _jobs_dir():
@@ -20,7 +28,7 @@ def _jobs_dir():
     return os.path.join(folder_paths.get_output_directory(), "keyface_jobs")
 
 
-def test_cancelled_long_render_resumes_to_the_same_file(N, models, tmp_path):  # noqa: F811
+def test_cancelled_long_render_resumes_to_the_same_file(N, models, tmp_path, pack_frames):  # noqa: F811
     feats, n, audio, _ = N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(2.2))  # 55 frames: 3 segment groups
     node = N["KeyFaceLongRender"]()
 
