@@ -1,4 +1,4 @@
-// KeyFace Save Video: its output is an mp4, so its preview is a video.
+// KeyFace Save Video and KeyFace Long Render: their output is an mp4, so their preview is a video.
 //
 // The node returns {"images": [<mp4>], "animated": [true]}, like ComfyUI's own Save Video. Frontends
 // decide how to preview such an output from the node, not from the file: the Nodes 2.0 renderer of
@@ -9,12 +9,12 @@
 
 import { app } from "../../scripts/app.js";
 
-const NODE_CLASS = "KeyFaceSaveVideo";
+const NODE_CLASSES = ["KeyFaceSaveVideo", "KeyFaceLongRender"]; // both return an mp4 as their preview
 
 app.registerExtension({
   name: "KeyFace.SaveVideoPreview",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData?.name !== NODE_CLASS) return;
+    if (!NODE_CLASSES.includes(nodeData?.name)) return;
     const created = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function (...args) {
       const r = created?.apply(this, args);

@@ -75,6 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     r.add_argument("--quiet", action="store_true")
     add_face_arguments(r)
+    _add_job_arguments(r)
 
     pl = sub.add_parser("plan", help="print the clip plan for a length")
     g = pl.add_mutually_exclusive_group(required=True)
@@ -82,6 +83,23 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--audio")
     pl.add_argument("--verbose", action="store_true", help="list every batch and segment")
     return p
+
+
+def _add_job_arguments(r):
+    """Resumable jobs and Ray fan-out (keyface.jobs, keyface.ray_render)."""
+    r.add_argument("--job", default=None, metavar="DIR",
+                   help="job folder: finished blocks are kept there, and running the same command again resumes "
+                        "a stopped render (same mp4 bytes); other inputs, models or settings are refused")
+    r.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the keyframe batches and segment groups on Ray actors (pip install 'keyface[ray]'): "
+                        "no ADDRESS starts Ray on this machine; 'auto' or HOST:PORT joins a cluster "
+                        "(ray start --head / --address). Uses --job, or a temporary job folder beside --out")
+    r.add_argument("--ray-workers", type=int, default=None,
+                   help="Ray actors (default: one per GPU of the cluster, else one per CPU)")
+    r.add_argument("--ray-gpus-per-worker", type=float, default=None,
+                   help="GPUs per Ray actor (default: 1 if the cluster has GPUs, else 0)")
+    r.add_argument("--ray-cpus", type=int, default=None,
+                   help="CPUs of the Ray started on this machine (no ADDRESS; default: all)")
 
 
 def _device(name: str):
@@ -267,6 +285,10 @@ def cmd_render(args) -> int:
     progress.log(f"features: {plan.describe()}")
     valence, arousal = _emotion(curve, args, n)
 
+    if args.job or args.ray:
+        return _render_job(args, found, image, waveform, sample_rate, features, valence, arousal, settings, device,
+                           dtype, progress)
+
     # 2. models
     kf_net, good, bad, vae = load_diffusion_models(found, dtype=dtype, device=device)
     height, width = pipeline.model_resolution(good)
@@ -284,6 +306,59 @@ def cmd_render(args) -> int:
         valence=valence, arousal=arousal, device=device, callback=progress, settings=settings,
         frame_filter=paste_back,
     )
+    progress.log(f"wrote {args.out}: {n} frames ({n / FPS:.2f} s) at {FPS} fps")
+    return 0
+
+
+def _render_job(args, found, image, waveform, sample_rate, features, valence, arousal, settings, device, dtype,
+                progress) -> int:
+    """``--job`` / ``--ray``: the render through a job folder, its blocks here or on Ray actors."""
+    import shutil
+    import tempfile
+
+    from . import jobs
+    from . import model_files as mf
+    from . import pipeline
+    from .loading import load_diffusion_models
+    from .planner import FPS
+    from .vae import load_vae
+
+    # the files decide the networks: their digests identify the models whichever process loads them
+    digests = {name: jobs.digest_file(found[kind]) for name, kind in
+               zip(jobs.MODEL_NAMES, (mf.KEYFRAME, mf.INTERPOLATION, mf.INTERPOLATION_BAD))}
+    runner, networks = None, None
+    folder, temporary = args.job, False
+    if folder is None:  # --ray alone: a job folder that lives as long as this render
+        folder = tempfile.mkdtemp(prefix=".keyface-job-", dir=os.path.dirname(os.path.abspath(args.out)))
+        temporary = True
+    try:
+        if args.ray:
+            from .ray_render import files_runner
+
+            runner = files_runner(found, args.dtype, address=args.ray, num_workers=args.ray_workers,
+                                  gpus_per_worker=args.ray_gpus_per_worker, num_cpus=args.ray_cpus)
+            height, width = runner.resolution()
+            vae = load_vae(found[mf.VAE], device=device)
+            progress.log(f"Ray: {runner.num_workers} worker(s) ({runner.compute_description()['device']})")
+        else:
+            kf_net, good, bad, vae = load_diffusion_models(found, dtype=dtype, device=device)
+            networks = (kf_net, good, bad)
+            height, width = pipeline.model_resolution(good)
+        face_image, paste_back = face_from_args(args, image, height, progress.log)
+        identity = pipeline.prepare_identity(image if face_image is None else face_image, (height, width),
+                                             mode=args.identity_mode)
+        z_id = pipeline.encode_identity(vae, identity, device=device)
+        report = jobs.render_job(folder, vae, z_id, features, args.out, networks=networks, runner=runner,
+                                 model_digests=digests, valence=valence, arousal=arousal, settings=settings,
+                                 device=device, audio=waveform, sample_rate=sample_rate, crf=args.crf,
+                                 callback=progress, frame_filter=paste_back)
+    finally:
+        if runner is not None:
+            runner.close()
+        if temporary:  # without --job nothing can resume it: never leave it behind
+            shutil.rmtree(folder, ignore_errors=True)
+    n = int(features.num_frames)
+    progress.log(f"job {report.job_folder}: {report.summary()}")
     progress.log(f"wrote {args.out}: {n} frames ({n / FPS:.2f} s) at {FPS} fps")
     return 0
 
@@ -320,7 +395,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # a file system error during the run (disk full, permissions): one line, no traceback

@@ -187,6 +187,17 @@ def _index_rows(tensor: torch.Tensor, rows) -> torch.Tensor:
     return tensor[torch.as_tensor(list(rows), dtype=torch.long, device=tensor.device)]
 
 
+def _check_indices(what: str, indices, count: int) -> list:
+    """``indices`` (None = all of 0..count-1) as a list of ints, each checked to be in range."""
+    if indices is None:
+        return list(range(count))
+    selected = [int(i) for i in indices]
+    outside = [i for i in selected if not 0 <= i < count]
+    if outside:
+        raise ValueError(f"{what} indices {outside} are outside 0..{count - 1}")
+    return selected
+
+
 def _state_dtype(dtype) -> torch.dtype:
     """Sampler state dtype: float32 (or float64 if asked). Half types are promoted: the original runs
     its Euler steps in float32 while the networks compute in their own (possibly half) dtype."""
@@ -271,7 +282,7 @@ def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal,
                      steps: int = DEFAULTS.keyframe_steps, ref_ratio: float = DEFAULTS.ref_ratio,
                      audio_ratio: float = DEFAULTS.audio_ratio, guidance_min_sigma: float = DEFAULTS.guidance_min_sigma,
                      branches_per_call: int = DEFAULTS.branches_per_call, device=None, dtype=None,
-                     callback: Callable | None = None) -> torch.Tensor:
+                     callback: Callable | None = None, batch_indices: Sequence[int] | None = None) -> torch.Tensor:
     """Sample every keyframe of the plan -> scaled latents [K, 4, h, w] (float32, CPU).
 
     ``identity_latent`` [1, 4, h, w] (scaled); ``keyframe_audio`` [N, 2, F] ([WavLM | BEATs] rows);
@@ -283,9 +294,12 @@ def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal,
     the network still computes in its own weight dtype). ``guidance_min_sigma``: see
     :func:`keyface.diffusion.keyframe_denoiser` (0 = exact). ``branches_per_call``: guidance branches
     (1..3) per UNet call; halved on out-of-memory, and the smaller size kept for the rest of the stage
-    (:class:`keyface.diffusion.CallSizer`). It does not change the result.
+    (:class:`keyface.diffusion.CallSizer`). It does not change the result. ``batch_indices`` (a subset of
+    batches, e.g. one block of a job, :mod:`keyface.jobs`) returns only those batches' keyframes, in
+    order, [sum of their keyframes, 4, h, w]: exactly those rows of the full result.
     """
     plan = _plan_of(plan)
+    selected = _check_indices("batch", batch_indices, plan.num_batches)
     if not 1 <= int(branches_per_call) <= 3:
         raise ValueError(f"branches_per_call must be 1, 2 or 3 (the keyframe guidance has 3 branches), "
                          f"got {branches_per_call}")
@@ -302,9 +316,12 @@ def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal,
     nfe = len(sigmas) - 1
     h, w = z_id.shape[-2:]
     z_id = z_id.to(device=device, dtype=dtype)
-    out = torch.empty(plan.num_keyframes, LATENT_CHANNELS, h, w, dtype=torch.float32)
-    total = plan.num_batches * nfe
-    for b, batch in enumerate(plan.batches):
+    kf_slots = [kf for b in selected for _, kf in plan.batch_keyframes(b)]
+    out_row = {kf: row for row, kf in enumerate(kf_slots)}
+    out = torch.empty(len(kf_slots), LATENT_CHANNELS, h, w, dtype=torch.float32)
+    total = len(selected) * nfe
+    for pos, b in enumerate(selected):
+        batch = plan.batches[b]
         rows = [s.audio_row for s in batch]
         audio = _index_rows(keyframe_audio, rows).to(device=device, dtype=dtype)
         rows_t = torch.as_tensor(rows, dtype=torch.long)
@@ -314,12 +331,12 @@ def sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal,
                                     guidance_min_sigma=guidance_min_sigma, branches_per_call=sizer)
         noise = stage_noise(seed, STAGE_KEYFRAMES, b, (WINDOW, LATENT_CHANNELS, h, w), device, dtype)
 
-        def step_cb(i, n, x, d, b=b):
-            _emit(callback, ProgressEvent(STAGE_KEYFRAMES, b * nfe + i + 1, total, b, plan.num_batches))
+        def step_cb(i, n, x, d, pos=pos):
+            _emit(callback, ProgressEvent(STAGE_KEYFRAMES, pos * nfe + i + 1, total, pos, len(selected)))
 
         x = sample_euler(denoise, noise, sigmas, callback=step_cb)
         for slot_index, kf_index in plan.batch_keyframes(b):
-            out[kf_index] = x[slot_index].float().cpu()
+            out[out_row[kf_index]] = x[slot_index].float().cpu()
         del x, c, uc, denoise, noise, audio
     return stage_output(STAGE_KEYFRAMES, out, _SAMPLING_CAUSES)
 
@@ -368,13 +385,7 @@ def interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan,
     _check_rows("interpolation audio features", interpolation_audio, plan, dims=3)
     if autoguidance and bad is None:
         raise ValueError("autoguidance needs the interpolation 'bad' network (or pass autoguidance=False)")
-    if segment_indices is None:
-        selected = list(range(plan.num_segments))
-    else:
-        selected = [int(i) for i in segment_indices]
-        bad_idx = [i for i in selected if not 0 <= i < plan.num_segments]
-        if bad_idx:
-            raise ValueError(f"segment indices {bad_idx} are outside 0..{plan.num_segments - 1}")
+    selected = _check_indices("segment", segment_indices, plan.num_segments)
     device = _target_device(device, good)
     dtype = _state_dtype(dtype)
     sigmas = ays_sigmas(steps)
@@ -452,6 +463,19 @@ def decode_chunk_frames(vae, latent_hw, dtype, free_memory: int | None, most: in
     return max(fits, default=1)
 
 
+def _segment_lookup(segment_latents, plan: ClipPlan):
+    """``s -> segment_latents[s]`` after checking the tensor holds the plan's segments."""
+    lat = torch.as_tensor(segment_latents)
+    if lat.dim() != 5 or lat.shape[1] != WINDOW or lat.shape[2] != LATENT_CHANNELS:
+        raise ValueError(f"segment latents: expected [S, {WINDOW}, {LATENT_CHANNELS}, h, w], got {tuple(lat.shape)}")
+    if lat.shape[0] != plan.num_segments:
+        raise ValueError(
+            f"segment latents hold {lat.shape[0]} segments but a clip of {plan.num_frames} frames has "
+            f"{plan.num_segments}: segments and frame count must come from the same clip"
+        )
+    return lat.__getitem__
+
+
 @torch.no_grad()
 def decode_segments(vae, segment_latents, num_frames, *, chunk_frames: int = DEFAULT_CHUNK_FRAMES, device=None,
                     dtype=None, callback: Callable | None = None, start_frame: int = 0,
@@ -468,33 +492,33 @@ def decode_segments(vae, segment_latents, num_frames, *, chunk_frames: int = DEF
     ``chunk_frames`` is the most frames per call: :func:`decode_chunk_frames` lowers it to what
     ``free_memory`` bytes hold (ComfyUI passes its memory manager's figure; None: the device's own,
     :func:`free_device_memory`, which on the CPU keeps ``chunk_frames``).
+    ``segment_latents`` may also be a function ``s -> [14, 4, h, w]`` (segment ``s``'s latents), called
+    in increasing ``s``: :mod:`keyface.jobs` streams the segments from disk this way, never holding all.
     """
     plan = _plan_of(num_frames)
-    lat = torch.as_tensor(segment_latents)
-    if lat.dim() != 5 or lat.shape[1] != WINDOW or lat.shape[2] != LATENT_CHANNELS:
-        raise ValueError(f"segment latents: expected [S, {WINDOW}, {LATENT_CHANNELS}, h, w], got {tuple(lat.shape)}")
-    if lat.shape[0] != plan.num_segments:
-        raise ValueError(
-            f"segment latents hold {lat.shape[0]} segments but a clip of {plan.num_frames} frames has "
-            f"{plan.num_segments}: segments and frame count must come from the same clip"
-        )
+    if callable(segment_latents):  # streamed from a job folder, whose blocks were checked when stored
+        segment_of = segment_latents
+        latent_hw = tuple(segment_of(plan.frame_sources(min(int(start_frame), plan.num_frames - 1))[0][0]).shape[-2:])
+    else:
+        segment_of = _segment_lookup(finite("segment latents", torch.as_tensor(segment_latents),
+                                            "interpolate the segments again"), plan)
+        latent_hw = tuple(segment_latents.shape[-2:])
     if int(chunk_frames) < 1:
         raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
     chunk_frames = int(chunk_frames)
-    finite("segment latents", lat, "interpolate the segments again")
     if not 0 <= int(start_frame) <= plan.num_frames:
         raise ValueError(f"start_frame {start_frame} is outside 0..{plan.num_frames}")
     device = _target_device(device, vae)
     dtype = dtype or _vae_dtype(vae)
     if free_memory is None:
         free_memory = free_device_memory(device)
-    chunk_frames = decode_chunk_frames(vae, lat.shape[-2:], dtype, free_memory, most=chunk_frames)
+    chunk_frames = decode_chunk_frames(vae, latent_hw, dtype, free_memory, most=chunk_frames)
     starts = list(range(int(start_frame), plan.num_frames, chunk_frames))
     for c, t0 in enumerate(starts):
         t1 = min(t0 + chunk_frames, plan.num_frames)
         sources = [plan.frame_sources(t) for t in range(t0, t1)]
         flat = [src for srcs in sources for src in srcs]
-        z = torch.stack([lat[s, i] for s, i in flat])
+        z = torch.stack([segment_of(s)[i] for s, i in flat])
         pix = _decode_rows(vae, z, device, dtype)
         frames = []
         k = 0
@@ -661,7 +685,15 @@ def iter_render(keyframe_network, interpolation_network, bad_network, vae, ident
                                 valence=valence, arousal=arousal, settings=s, device=device, dtype=dtype,
                                 callback=callback)
     del kf
-    chunks = decode_segments(vae, seg, plan, chunk_frames=s.chunk_frames, device=device, callback=callback)
+    yield from decode_with_settings(vae, seg, plan, s, device=device, callback=callback)
+
+
+def decode_with_settings(vae, segment_latents, plan: ClipPlan, settings: RenderSettings, *, device=None,
+                         callback: Callable | None = None) -> Iterator[torch.Tensor]:
+    """:func:`decode_segments` with the render's chunk size and attention backend (the decode of
+    :func:`iter_render`; :mod:`keyface.jobs` decodes stored segments through it too)."""
+    s = settings
+    chunks = decode_segments(vae, segment_latents, plan, chunk_frames=s.chunk_frames, device=device, callback=callback)
     while True:
         # the backend is set per chunk: a context held across a yield would leak into the caller's code
         with attention_backend(s.attention):
@@ -703,24 +735,40 @@ def render_to_file(keyframe_network, interpolation_network, bad_network, vae, id
     face pasted back into the full picture); the video takes the size of its first output.
     Returns the path. Other keyword arguments go to :func:`iter_render`.
     """
-    from .video_io import MediaError, Mp4Writer, fit_audio_to_frames
-
     kf_audio, _ = _features_parts(features)
     n = int(kf_audio.shape[0])
-    # Mp4Writer checks these too, but only once the first chunk exists: fail before the sampling instead
+    check_output(path, audio, sample_rate)  # before the sampling, not after it
+    chunks = iter_render(keyframe_network, interpolation_network, bad_network, vae, identity_latent, features,
+                         **kwargs)
+    if frame_filter is not None:
+        chunks = map(frame_filter, chunks)
+    return write_mp4(chunks, path, n, audio=audio, sample_rate=sample_rate, crf=crf)
+
+
+def check_output(path, audio=None, sample_rate=None):
+    """MediaError now if ``path``'s folder is missing or the audio has no rate: Mp4Writer checks these
+    too, but only once the first chunk exists, i.e. after the sampling."""
+    from .video_io import MediaError
+
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(folder):
         raise MediaError(f"output folder does not exist: {folder}")
     if audio is not None and (sample_rate is None or int(sample_rate) <= 0):
         raise MediaError(f"audio needs a positive sample_rate, got {sample_rate!r}")
+
+
+def write_mp4(chunks, path, num_frames: int, *, audio=None, sample_rate=None, crf: int = DEFAULT_CRF) -> str:
+    """Encode the frame ``chunks`` ([n, H, W, 3] in 0..1, ``num_frames`` in all) into the mp4 ``path``
+    with ``audio`` fitted to exactly num_frames / 25 s; atomic, and nothing is left on an error."""
+    from .video_io import MediaError, Mp4Writer, fit_audio_to_frames
+
+    n = int(num_frames)
+    check_output(path, audio, sample_rate)
     if audio is not None:
         audio = fit_audio_to_frames(audio, int(sample_rate), n)
     writer = None
     try:
-        for chunk in iter_render(keyframe_network, interpolation_network, bad_network, vae, identity_latent,
-                                 features, **kwargs):
-            if frame_filter is not None:
-                chunk = frame_filter(chunk)
+        for chunk in chunks:
             if writer is None:  # the frame size is the decoder's, known from the first chunk
                 writer = Mp4Writer(path, chunk.shape[2], chunk.shape[1], fps=FPS, audio=audio,
                                    sample_rate=sample_rate, num_frames=n, crf=crf)
@@ -742,8 +790,10 @@ __all__ = [
     "attention_backend",
     "compiled_unets",
     "check_identity_latent",
+    "check_output",
     "decode_keyframe_preview",
     "decode_segments",
+    "decode_with_settings",
     "encode_identity",
     "interpolate_segments",
     "iter_render",
@@ -756,4 +806,5 @@ __all__ = [
     "sample_keyframes",
     "stage_noise",
     "stage_seed",
+    "write_mp4",
 ]

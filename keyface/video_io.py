@@ -95,6 +95,17 @@ def fit_audio_to_frames(audio, sample_rate: int, num_frames: int) -> np.ndarray:
     return np.pad(a, ((0, 0), (0, target - a.shape[1])))
 
 
+def _packed_yuv420p(rgb_frame):
+    """The frame converted to yuv420p in tightly packed numpy planes. The converter's own planes are
+    padded to 64-byte rows; x264 was measured to give different bytes run to run for frames whose
+    chroma rows are padded (32 / 64 px video), as if it read that never-written padding. Packed
+    planes leave nothing unwritten. (Same pixels, same colour conversion.)"""
+    import av
+
+    yuv = rgb_frame.reformat(format="yuv420p").to_ndarray()
+    return av.VideoFrame.from_numpy_buffer(np.ascontiguousarray(yuv), format="yuv420p")
+
+
 class Mp4Writer:
     """Streaming mp4 writer (H.264 yuv420p video + optional AAC audio), atomic on close.
 
@@ -129,6 +140,12 @@ class Mp4Writer:
             vs = self._container.add_stream("libx264", rate=self.fps)
             vs.width, vs.height, vs.pix_fmt = self.width, self.height, "yuv420p"
             vs.options = {"crf": str(crf), "preset": preset}
+            # One encoder thread: x264's frame threads let the rate control see other frames' state
+            # at timing-dependent moments, so the same frames gave different bytes from run to run
+            # (measured); resumed and Ray renders should equal uninterrupted ones byte for byte. At 512 px
+            # one thread encodes ~90 fps on a busy 2-core machine (as fast as auto threads there),
+            # far above any sampling speed.
+            vs.codec_context.thread_count = 1
             self._vstream = vs
             self._audio = None
             if audio is not None:
@@ -211,7 +228,7 @@ class Mp4Writer:
                 f"too many frames: {self.frames_written + a.shape[0]} written, the clip has {self.num_frames}"
             )
         for img in a:
-            vf = av.VideoFrame.from_ndarray(img, format="rgb24")
+            vf = _packed_yuv420p(av.VideoFrame.from_ndarray(img, format="rgb24"))
             vf.pts = self.frames_written
             for pkt in self._vstream.encode(vf):
                 self._container.mux(pkt)

@@ -4,12 +4,12 @@ Importing this package is cheap: node modules import torch and the library insid
 The ``keyface`` model folder is registered (merged, never overwritten) at import.
 """
 
-from . import audio, decode, emotion, face, loaders, sampling, video
+from . import audio, decode, emotion, face, loaders, long_render, sampling, video
 from ._common import register_folders
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (loaders, audio, sampling, decode, video, emotion, face):
+for _module in (loaders, audio, sampling, decode, video, long_render, emotion, face):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 

@@ -1,0 +1,61 @@
+"""KeyFace Long Render (resumable) under the ComfyUI stubs: a cancel in the middle of the interpolation
+keeps the finished blocks in output/keyface_jobs/<id>; queueing the same inputs again resumes and
+writes the same frames as an uninterrupted render; the job folder is removed afterwards."""
+
+import os
+
+import pytest
+
+import comfy_stubs
+from test_jobs import frames_of, spy_on_writer, warm_encoder  # noqa: F401 - see there
+from test_nodes import N, _audio, _image, _stub_state, models, pack, smoke_dir  # noqa: F401 - shared fixtures
+
+ARGS = dict(seed=7, steps=10, reference_scale=2.0, audio_scale=5.0, autoguidance_scale=2.0, autoguidance=True,
+            segments_per_call=2, fit="crop", crf=18)
+
+
+@pytest.fixture
+def pack_frames(pack, monkeypatch):  # noqa: F811
+    """The frames the pack's own import of the library hands to its mp4 writer (see test_jobs)."""
+    import importlib
+
+    spy_on_writer(monkeypatch, importlib.import_module(pack.__name__ + ".keyface.video_io"))
+
+
+def _jobs_dir():
+    import folder_paths
+
+    return os.path.join(folder_paths.get_output_directory(), "keyface_jobs")
+
+
+def test_cancelled_long_render_resumes_to_the_same_file(N, models, tmp_path, pack_frames):  # noqa: F811
+    feats, n, audio, _ = N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(2.2))  # 55 frames: 3 segment groups
+    node = N["KeyFaceLongRender"]()
+
+    def render(prefix, **kw):
+        return node.render(models["kf"], models["it"], models["vae"], _image(), feats, audio,
+                           filename_prefix=prefix, **{**ARGS, **kw})
+
+    full = render("full")
+    assert full["result"][1] == n == 55
+    reference = frames_of(full["result"][0])
+    assert not os.listdir(_jobs_dir())  # removed after success (keep_job off)
+
+    # cancel during the interpolation: 1 check for the identity, 11 keyframe steps, then 11 per group
+    comfy_stubs.STATE.interrupt_after = 1 + 11 + 11 + 5
+    import comfy.model_management
+
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        render("resumed")
+    [job] = os.listdir(_jobs_dir())
+    assert sorted(os.listdir(os.path.join(_jobs_dir(), job, "interpolation"))) == ["group_000000.safetensors"]
+    assert not [f for f in os.listdir(os.path.dirname(full["result"][0])) if f.startswith("resumed")]
+
+    resumed = render("resumed", keep_job=True)
+    assert resumed["ui"]["keyface_job"] == ["keyframes: 0 computed, 1 reused; interpolation: 2 computed, 1 reused"]
+    assert frames_of(resumed["result"][0]) == reference
+    assert os.listdir(_jobs_dir()) == [job]  # kept on request
+
+    # another seed is another job: a new folder, nothing reused
+    other = render("other", seed=8)
+    assert other["ui"]["keyface_job"] == ["keyframes: 1 computed, 0 reused; interpolation: 3 computed, 0 reused"]
