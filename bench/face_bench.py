@@ -80,10 +80,11 @@ def detect_rows(weights):
 
 def _smoke_models(folder):
     from keyface import model_files as mf
+    from keyface.loading import load_diffusion_models
     from keyface import smoke
 
     smoke.write_smoke_models(folder, seed=0)
-    return mf.load_diffusion_models(mf.locate_models(folder), device="cpu")
+    return load_diffusion_models(mf.locate_models(folder), device="cpu")
 
 
 def render_rows(seconds: float):

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from keyface import jobs as J  # noqa: E402
 from keyface import model_files as mf  # noqa: E402
+from keyface.loading import load_diffusion_models  # noqa: E402
 from keyface import pipeline as P  # noqa: E402
 from keyface import ray_render as R  # noqa: E402
 from keyface import smoke  # noqa: E402
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="keyface-ray-bench-"))
     smoke.write_smoke_models(work / "models")
     found = mf.find_models(work / "models")
-    vae = mf.load_diffusion_models(found)[3]
+    vae = load_diffusion_models(found)[3]
     identity = P.encode_identity(vae, P.prepare_identity(torch.rand(64, 64, 3), smoke.RESOLUTION))
     clip = _clip(args.seconds)
     rows, digests = [], set()

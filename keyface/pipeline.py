@@ -47,7 +47,7 @@ from .networks import check_latent_size, mask_latent_hw
 from .planner import FPS, WINDOW, ClipPlan, plan_clip
 from .settings import DEFAULT_CHUNK_FRAMES, DEFAULT_CRF, DEFAULT_SEED, RenderSettings, check_attention
 from .vae import decode_memory
-from .validate import finite, integer, number, stage_output
+from .validate import finite, number, stage_output
 
 STAGE_KEYFRAMES = "keyframes"
 STAGE_INTERPOLATION = "interpolation"

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 from keyface import jobs as J
 from keyface import model_files as mf
+from keyface.loading import load_diffusion_models
 from keyface import smoke
 from keyface import pipeline as P
 from keyface.planner import plan_clip
@@ -84,7 +85,7 @@ def smoke_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(smoke_dir):
     """The 64 px smoke models (x264 output of 32 px frames was measured not byte-stable, even on one thread)."""
-    kf, good, bad, vae = mf.load_diffusion_models(mf.find_models(smoke_dir))
+    kf, good, bad, vae = load_diffusion_models(mf.find_models(smoke_dir))
     return SimpleNamespace(kf=kf, good=good, bad=bad, vae=vae)
 
 

@@ -28,7 +28,7 @@ def _jobs_dir():
     return os.path.join(folder_paths.get_output_directory(), "keyface_jobs")
 
 
-def test_cancelled_long_render_resumes_to_the_same_file(N, models, tmp_path, pack_frames):  # noqa: F811
+def test_cancelled_long_render_resumes_to_the_same_file(N, models, tmp_path, pack, pack_frames):  # noqa: F811
     feats, n, audio, _ = N["KeyFaceEncodeAudio"]().encode(models["enc"], _audio(2.2))  # 55 frames: 3 segment groups
     node = N["KeyFaceLongRender"]()
 
@@ -41,12 +41,26 @@ def test_cancelled_long_render_resumes_to_the_same_file(N, models, tmp_path, pac
     reference = frames_of(full["result"][0])
     assert not os.listdir(_jobs_dir())  # removed after success (keep_job off)
 
-    # cancel during the interpolation: 1 check for the identity, 11 keyframe steps, then 11 per group
-    comfy_stubs.STATE.interrupt_after = 1 + 11 + 11 + 5
+    # the user clicks cancel as soon as the first interpolation group is stored (the pack's own job class)
+    import importlib
+
     import comfy.model_management
 
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
-        render("resumed")
+    job_cls = importlib.import_module(pack.__name__ + ".keyface.jobs").RenderJob
+    real_save = job_cls.save
+
+    def save_then_cancel(self, stage, index, latents):
+        real_save(self, stage, index, latents)
+        if stage == "interpolation" and index == 0:
+            comfy_stubs.STATE.interrupt = True  # as ComfyUI's /interrupt: the next check raises
+
+    job_cls.save = save_then_cancel
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            render("resumed")
+    finally:
+        job_cls.save = real_save
+        comfy_stubs.STATE.interrupt = False
     [job] = os.listdir(_jobs_dir())
     assert sorted(os.listdir(os.path.join(_jobs_dir(), job, "interpolation"))) == ["group_000000.safetensors"]
     assert not [f for f in os.listdir(os.path.dirname(full["result"][0])) if f.startswith("resumed")]

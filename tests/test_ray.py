@@ -107,7 +107,7 @@ def test_pack_works_without_ray():
     probe = (
         "import sys, importlib, importlib.util, pkgutil\n"
         f"root = {str(ROOT)!r}\n"
-        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        f"sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
         "import comfy_stubs; comfy_stubs.install()\n"
         "if sys.argv[1] == 'blocked': sys.modules['ray'] = None\n"
         "spec = importlib.util.spec_from_file_location('keyface_pack', root + '/__init__.py',\n"
