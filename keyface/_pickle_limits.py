@@ -152,7 +152,7 @@ class PickleLimits:
 
     def check_call(self, func, args, kwargs=None):
         """Called before a REDUCE / NEWOBJ / OBJ / INST runs ``func(*args, **kwargs)``."""
-        policy = self.call_policies.get(func) if _hashable(func) else None
+        policy = self.call_policies.get(func) if hashable(func) else None
         if policy is None:
             return  # inert: stores its arguments (stand-ins, rebuild functions, dtypes)
         policy(self, func, tuple(args), dict(kwargs or {}))
@@ -187,7 +187,7 @@ class PickleLimits:
         return table
 
 
-def _hashable(obj) -> bool:
+def hashable(obj) -> bool:
     try:
         hash(obj)
     except TypeError:

@@ -39,6 +39,7 @@ from ._pickle_limits import (
     PickleLimits,
     RefusedCall,
     empty_array_only,
+    hashable,
     latin1_only,
     mapping_of,
     never_called,
@@ -224,14 +225,6 @@ class _RefusedBuild(pickle.UnpicklingError):
 _SHARED_KINDS = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType)
 
 
-def _hashable(obj) -> bool:
-    try:
-        hash(obj)
-    except TypeError:
-        return False
-    return True
-
-
 class _DryName:
     """The pre-scan's stand-in for a torch / numpy / unknown global: calling it (or ``__new__``)
     builds nothing, so the scan costs only what the pickle's own structure costs."""
@@ -316,7 +309,7 @@ def _with_objects(table: dict) -> dict:
                 obj = getattr(importlib.import_module(key[0]), key[1])
             except (ImportError, AttributeError):
                 continue
-            if _hashable(obj):
+            if hashable(obj):
                 out[obj] = value
     return out
 
@@ -358,7 +351,7 @@ class RestrictedUnpickler(PickleLimits, pickle._Unpickler):
         self._init_limits(_stream_size(file))
 
     def check_call(self, func, args, kwargs=None):
-        policy = self.call_policies.get(_policy_key(func)) if _hashable(_policy_key(func)) else None
+        policy = self.call_policies.get(_policy_key(func)) if hashable(_policy_key(func)) else None
         if policy is not None:
             policy(self, func, tuple(args), dict(kwargs or {}))
         elif isinstance(func, type) and issubclass(func, (torch.storage.UntypedStorage, torch.storage.TypedStorage)):
