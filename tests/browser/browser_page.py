@@ -14,6 +14,7 @@ MEDIA = ROOT / "tests" / "fixtures" / "media"
 WORKFLOWS = ROOT / "workflows"
 EMOTION_WORKFLOW = WORKFLOWS / "keyface_emotion_over_time.json"
 TALKING_HEAD_WORKFLOW = WORKFLOWS / "keyface_talking_head.json"
+PHOTO_WORKFLOW = WORKFLOWS / "keyface_photo_full_resolution.json"
 CHROMIUM = os.environ.get("KEYFACE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]

@@ -5,7 +5,7 @@ screenshot of each: test-artifacts/workflow_<name>-<frontend>-<renderer>.png."""
 
 import pytest
 
-from browser_page import ARTIFACTS, EMOTION_WORKFLOW, TALKING_HEAD_WORKFLOW, load_workflow
+from browser_page import ARTIFACTS, EMOTION_WORKFLOW, PHOTO_WORKFLOW, TALKING_HEAD_WORKFLOW, load_workflow
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -39,7 +39,7 @@ def _overlap(a, b, margin=2):
 
 
 def test_shipped_workflows_open_tidy(kf_page):
-    for path in (TALKING_HEAD_WORKFLOW, EMOTION_WORKFLOW):  # one page: loading a workflow is cheap
+    for path in (TALKING_HEAD_WORKFLOW, EMOTION_WORKFLOW, PHOTO_WORKFLOW):  # one page: loading one is cheap
         _check_layout(kf_page, path)
 
 
