@@ -48,15 +48,22 @@ def test_plot_follows_resize_and_zoom(kf_page):
     # resize the node with the mouse, from its bottom-right corner
     size0 = kf.js("window.__kf.canvasSize()")
     rect = kf.js("window.__kf.nodeRect()")
-    kf.page.mouse.click(rect["x"] + rect["width"] / 2, rect["y"] + 10)  # select it (by the title bar)
-    kf.settle(200)
-    x, y = rect["x"] + rect["width"] - 2, rect["y"] + rect["height"] - 2
-    kf.page.mouse.move(x, y)
-    kf.page.mouse.down()
-    kf.page.mouse.move(x + 80, y + 40, steps=4)
-    kf.page.mouse.move(x + 160, y + 120, steps=4)
-    kf.page.mouse.up()
-    kf.settle(400)
+    # On a loaded machine the frontend can miss a drag that starts before it has seen the pointer over
+    # the corner: then the node keeps its size. Such a missed gesture is retried (at most 3 tries);
+    # what is asserted below is that the plot follows a resize that did happen.
+    for _attempt in range(3):
+        kf.page.mouse.click(rect["x"] + rect["width"] / 2, rect["y"] + 10)  # select it (by the title bar)
+        kf.settle(200)
+        x, y = rect["x"] + rect["width"] - 2, rect["y"] + rect["height"] - 2
+        kf.page.mouse.move(x, y)
+        kf.settle(150)
+        kf.page.mouse.down()
+        kf.page.mouse.move(x + 80, y + 40, steps=4)
+        kf.page.mouse.move(x + 160, y + 120, steps=4)
+        kf.page.mouse.up()
+        kf.settle(400)
+        if kf.js("window.__kf.nodeRect()")["width"] > rect["width"] + 100:
+            break
     size1 = kf.js("window.__kf.canvasSize()")
     assert abs(size1["screen"][0] - size0["screen"][0] - 160) <= 8, (size0, size1)
     assert size1["screen"][1] - size0["screen"][1] >= 100, ("the plot must take the new height", size0, size1)
