@@ -355,8 +355,14 @@ class Mp4Writer:
         return False
 
 
+# The whole waveform is held in memory (float32), and a small compressed file can decode to hours of
+# samples. 2 GiB is 9.3 h of 16 kHz mono, or 1.5 h of 48 kHz stereo.
+MAX_AUDIO_BYTES = 2 << 30
+
+
 def read_audio_file(path):
-    """Decode the first audio stream of ``path`` -> (waveform float32 torch.Tensor [C, S], sample_rate)."""
+    """Decode the first audio stream of ``path`` -> (waveform float32 torch.Tensor [C, S], sample_rate).
+    Refuses (MediaError) a stream that decodes to more than MAX_AUDIO_BYTES of float32 samples."""
     import av
     import torch
 
@@ -379,6 +385,7 @@ def read_audio_file(path):
                 rate = frame.sample_rate
             for f in resampler.resample(frame):
                 chunks.append(f.to_ndarray())
+            _check_audio_size(path, chunks, rate)
         if resampler is not None:
             for f in resampler.resample(None):
                 chunks.append(f.to_ndarray())
@@ -386,6 +393,17 @@ def read_audio_file(path):
         raise MediaError(f"{path}: the audio stream holds no samples")
     wav = np.concatenate(chunks, axis=1).astype(np.float32, copy=False)
     return torch.from_numpy(np.ascontiguousarray(wav)), int(rate)
+
+
+def _check_audio_size(path, chunks, rate):
+    decoded = sum(c.nbytes for c in chunks)
+    if decoded > MAX_AUDIO_BYTES:
+        channels = chunks[-1].shape[0]
+        seconds = sum(c.shape[1] for c in chunks) / rate
+        raise MediaError(
+            f"{path}: the audio decodes to more than {MAX_AUDIO_BYTES >> 30} GiB of samples ({seconds:.0f} s so far at "
+            f"{rate} Hz x {channels} channel(s)), more than KeyFace holds in memory. Split the clip, or convert it "
+            f"to 16 kHz mono first (ffmpeg -i IN -ac 1 -ar 16000 OUT.wav; the audio encoders use 16 kHz mono)")
 
 
 # A portrait this large already costs 0.5 GB as float32 RGB; a small compressed file can declare far

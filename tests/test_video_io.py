@@ -164,3 +164,114 @@ def test_same_frames_same_bytes_whatever_the_heap_held(tmp_path, size):
         assert run.returncode == 0, run.stderr
         digests.add(run.stdout.strip())
     assert len(digests) == 1, digests
+
+
+def _pan(size=64, n=24):
+    from PIL import Image
+
+    photo = Image.open(FACE).convert("RGB")
+    return np.stack([np.asarray(photo.crop((t * 4, t * 3, t * 4 + 400, t * 3 + 400)).resize((size, size))) for t in range(n)])
+
+
+def test_encoding_overlaps_the_caller_with_a_bounded_queue(tmp_path, monkeypatch):
+    """write() hands the chunk to the writer's thread and returns while the encoder is still busy (the
+    render goes on meanwhile); one chunk waits at most, so a slow encoder holds the caller back rather
+    than piling up frames."""
+    import threading
+
+    frames = _pan()
+    release, busy = threading.Event(), threading.Event()
+    real = Mp4Writer._encode
+
+    def slow_encode(self, chunk):
+        busy.set()
+        assert release.wait(30)
+        real(self, chunk)
+
+    monkeypatch.setattr(Mp4Writer, "_encode", slow_encode)
+    out = tmp_path / "overlap.mp4"
+    with Mp4Writer(out, 64, 64, num_frames=24) as w:
+        w.write(frames[:8])  # taken by the encoder thread, which now waits
+        assert busy.wait(30)
+        w.write(frames[8:16])  # waits in the queue: write() still returns
+        third = threading.Thread(target=w.write, args=(frames[16:],))
+        third.start()
+        third.join(0.5)
+        assert third.is_alive()  # the queue is full: the caller waits for the encoder
+        release.set()
+        third.join(30)
+        assert not third.is_alive()
+    assert probe_mp4(out)["frames"] == 24
+
+
+def test_caller_may_reuse_its_buffer_after_write(tmp_path):
+    frames = _pan()
+    with Mp4Writer(tmp_path / "ref.mp4", 64, 64) as w:
+        w.write(frames)
+    buffer = frames.copy()
+    with Mp4Writer(tmp_path / "reused.mp4", 64, 64) as w:
+        for i in range(0, 24, 8):
+            buffer[:8] = frames[i:i + 8]
+            w.write(buffer[:8])  # the same memory each time, overwritten right after
+            buffer[:8] = 0
+    assert (tmp_path / "reused.mp4").read_bytes() == (tmp_path / "ref.mp4").read_bytes()
+
+
+def test_encoder_error_reaches_the_caller_and_leaves_nothing(tmp_path, monkeypatch):
+    real = Mp4Writer._encode
+    calls = []
+
+    def failing_encode(self, chunk):
+        calls.append(len(chunk))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(self, chunk)
+
+    monkeypatch.setattr(Mp4Writer, "_encode", failing_encode)
+    out = tmp_path / "full_disk.mp4"
+    frames = _pan()
+    with pytest.raises(MediaError, match="encoding the mp4 failed: .*No space left on device"):
+        with Mp4Writer(out, 64, 64, num_frames=24) as w:
+            for i in range(0, 24, 8):
+                w.write(frames[i:i + 8])
+    assert calls[:2] == [8, 8]
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_abort_stops_the_encoder_thread(tmp_path):
+    w = Mp4Writer(tmp_path / "cancelled.mp4", 64, 64)
+    frames = _pan()
+    w.write(frames)
+    w.write(frames)
+    thread = w._encoder._thread
+    w.abort()  # as a cancelled render does, with chunks still queued
+    assert not thread.is_alive()
+    assert leftovers(tmp_path) == [] and not (tmp_path / "cancelled.mp4").exists()
+
+
+def test_audio_that_decodes_to_too_many_samples_is_refused_early(tmp_path, monkeypatch):
+    """A compressed file can decode to hours of samples; reading stops at the limit, naming the file
+    and saying what to do. (Limit lowered here: 2 minutes of FLAC silence are 23 KB on disk.)"""
+    import re
+
+    import av
+
+    from keyface import video_io
+
+    path = tmp_path / "silence.flac"
+    with av.open(str(path), "w") as c:
+        stream = c.add_stream("flac", rate=8000)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 8000 * 120), np.int16), format="s16", layout="mono")
+        frame.sample_rate, frame.pts = 8000, 0
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            c.mux(packet)
+    assert path.stat().st_size < 40_000
+    monkeypatch.setattr(video_io, "MAX_AUDIO_BYTES", 1 << 20)
+    with pytest.raises(MediaError, match=r"silence\.flac: the audio decodes to more than .*16 kHz mono") as e:
+        read_audio_file(path)
+    seconds_read = float(re.search(r"\((\d+) s so far at 8000 Hz x 1 channel", str(e.value)).group(1))
+    assert 30 <= seconds_read <= 40  # stopped at 1 MiB (32.8 s), not after decoding all 120 s
+    monkeypatch.setattr(video_io, "MAX_AUDIO_BYTES", 8 << 20)
+    wav, rate = read_audio_file(path)
+    assert rate == 8000 and wav.shape == (1, 8000 * 120)
