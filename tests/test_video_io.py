@@ -275,3 +275,19 @@ def test_audio_that_decodes_to_too_many_samples_is_refused_early(tmp_path, monke
     monkeypatch.setattr(video_io, "MAX_AUDIO_BYTES", 8 << 20)
     wav, rate = read_audio_file(path)
     assert rate == 8000 and wav.shape == (1, 8000 * 120)
+
+
+def test_full_resolution_video_uses_the_faster_preset(tmp_path):
+    """x264 writes its settings into the stream: the model's 512 px output keeps "medium" (subme=7),
+    a pasted-back 1920x1080 video gets "veryfast" (subme=2), both with mbtree off."""
+    import re
+
+    from keyface.video_io import default_preset
+
+    assert default_preset(512, 512) == "medium" and default_preset(1920, 1080) == "veryfast"
+    for width, height, subme in ((512, 512, "7"), (1920, 1080, "2")):
+        out = tmp_path / f"{width}.mp4"
+        with Mp4Writer(out, width, height) as w:
+            w.write(np.zeros((2, height, width, 3), np.uint8))
+        settings = re.search(rb"options: [^\x00]*", out.read_bytes()).group(0).decode()
+        assert f" subme={subme} " in settings and " mbtree=0 " in settings, settings
