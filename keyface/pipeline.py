@@ -681,11 +681,70 @@ def iter_render(keyframe_network, interpolation_network, bad_network, vae, ident
     and torch.compile apply only while this generator runs its own code, not across its yields.
     """
     s = _render_settings(settings, overrides)
-    kf, seg, plan = sample_clip(keyframe_network, interpolation_network, bad_network, identity_latent, features,
-                                valence=valence, arousal=arousal, settings=s, device=device, dtype=dtype,
-                                callback=callback)
-    del kf
-    yield from decode_with_settings(vae, seg, plan, s, device=device, callback=callback)
+    kf_audio, it_audio = _features_parts(features)
+    plan = plan_clip(int(kf_audio.shape[0]))
+    z_id = check_identity_latent(identity_latent, interpolation_network)
+    networks = (keyframe_network, interpolation_network, bad_network)
+    with attention_backend(s.attention), compiled_unets(networks[:1], enabled=s.compile):
+        kf = sample_keyframes(keyframe_network, z_id, kf_audio, valence, arousal, plan, seed=s.seed,
+                              steps=s.keyframe_steps, ref_ratio=s.ref_ratio, audio_ratio=s.audio_ratio,
+                              guidance_min_sigma=s.guidance_min_sigma, branches_per_call=s.branches_per_call,
+                              device=device, dtype=dtype, callback=callback)
+    segments = _SegmentsOnDemand(networks, kf, it_audio, plan, s, device, dtype, callback)
+    yield from decode_with_settings(vae, segments, plan, s, device=device, callback=callback)
+
+
+class _SegmentsOnDemand:
+    """``s -> segment s's latents`` for :func:`decode_segments`, interpolating group by group when the
+    decode first asks for a segment of the group (it asks in increasing order), and forgetting the
+    segments the decode has passed. So the frames of a group are decoded and written while the next
+    group is not yet sampled (the mp4 writer encodes in its own thread meanwhile), and a clip of any
+    length holds one group of latents, not all of them (an hour is ~6,900 segments of 0.9 MB).
+    Segment j's noise depends only on j, so the result equals :func:`interpolate_segments` at once."""
+
+    def __init__(self, networks, keyframes, interpolation_audio, plan, settings, device, dtype, callback):
+        self._networks, self._kf, self._audio, self._plan = networks, keyframes, interpolation_audio, plan
+        self._settings, self._device, self._dtype, self._callback = settings, device, dtype, callback
+        per_call = int(settings.segments_per_call)
+        if per_call < 1:
+            raise ValueError(f"segments_per_call must be >= 1, got {per_call}")
+        count = plan.num_segments
+        self._groups = [list(range(i, min(i + per_call, count))) for i in range(0, count, per_call)]
+        self._done = 0  # groups interpolated so far
+        self._held: dict[int, torch.Tensor] = {}
+
+    def __call__(self, segment: int) -> torch.Tensor:
+        while segment not in self._held:
+            self._interpolate_next_group()
+        for old in [k for k in self._held if k < segment - 1]:  # a shared keyframe frame needs segment - 1
+            del self._held[old]
+        return self._held[segment]
+
+    def _interpolate_next_group(self):
+        g, s = self._done, self._settings
+        if g >= len(self._groups):
+            raise IndexError("the decode asked for a segment the clip plan does not have")
+        good, bad = self._networks[1], self._networks[2]
+        with attention_backend(s.attention), compiled_unets(self._networks[1:], enabled=s.compile):
+            latents = interpolate_segments(good, bad, self._kf, self._audio, self._plan, seed=s.seed,
+                                           steps=s.interpolation_steps, scale=s.scale,
+                                           segments_per_call=s.segments_per_call, autoguidance=s.autoguidance,
+                                           guidance_min_sigma=s.guidance_min_sigma, device=self._device,
+                                           dtype=self._dtype, callback=self._group_callback(g),
+                                           segment_indices=self._groups[g])
+        self._held.update(zip(self._groups[g], latents))
+        self._done += 1
+
+    def _group_callback(self, g: int):
+        """The group's own events (steps 1..nfe of 1 group) as events of the whole stage."""
+        if self._callback is None:
+            return None
+        groups = len(self._groups)
+
+        def forward(ev: ProgressEvent):
+            self._callback(ev._replace(step=g * ev.total + ev.step, total=groups * ev.total, item=g, items=groups))
+
+        return forward
 
 
 def decode_with_settings(vae, segment_latents, plan: ClipPlan, settings: RenderSettings, *, device=None,

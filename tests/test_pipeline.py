@@ -544,3 +544,35 @@ def test_free_device_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 << 30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 << 30)
     assert P.free_device_memory("cuda:0") == 4 << 30
+
+
+def test_render_decodes_each_group_before_sampling_the_next(models, identity, monkeypatch):
+    """iter_render interpolates a segment group only when the decode reaches it: the frames of a group
+    go to the writer (which encodes in its own thread) while the next group is not yet sampled, and at
+    most one group plus the shared segment is held, however long the clip. Same frames as sampling all
+    segments first; the interpolation progress still counts 1..total over the whole stage."""
+    n = 5 * STEP + 1  # 5 segments
+    c = clip_inputs(n, seed=4)
+    held = []
+    real_call = P._SegmentsOnDemand.__call__
+
+    def spy(self, segment):
+        out = real_call(self, segment)
+        held.append(len(self._held))
+        return out
+
+    monkeypatch.setattr(P._SegmentsOnDemand, "__call__", spy)
+    events = []
+    out = P.render(models.kf, models.good, models.bad, models.vae, identity, c, seed=6, segments_per_call=2,
+                   chunk_frames=4, callback=events.append)
+    interp = [e for e in events if e.stage == "interpolation"]
+    assert [e.step for e in interp] == list(range(1, 34)) and {e.total for e in interp} == {33}
+    assert [e.item for e in interp][::11] == [0, 1, 2] and {e.items for e in interp} == {3}
+    stages = [e.stage for e in events]
+    first_decode, last_interp = stages.index("decode"), len(stages) - 1 - stages[::-1].index("interpolation")
+    assert first_decode < last_interp  # decoding started before the last group was sampled
+    assert max(held) <= 2 + 1
+
+    kf, seg, plan = P.sample_clip(models.kf, models.good, models.bad, identity, c, seed=6, segments_per_call=2)
+    at_once = torch.cat(list(P.decode_segments(models.vae, seg, plan, chunk_frames=4)))
+    torch.testing.assert_close(out, at_once, rtol=0, atol=0)
