@@ -140,7 +140,7 @@ class Counter:
     def __init__(self):
         self.unet = {}  # name -> {"calls", "rows", "max_rows", "rows_hist"}
         self.decoder = {"calls": 0, "rows": 0, "max_rows": 0, "frames_per_video": set()}
-        self.decoder_rows_during_sampling = 0
+        self.decoder_rows_during_keyframes = 0
         self.chunks = {"count": 0, "max_frames": 0, "devices": set()}
         self._handles = []
 
@@ -172,11 +172,12 @@ class Counter:
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def progress(self, event):
-        """Use as the pipeline callback: remembers how many frames were decoded while sampling."""
-        from keyface.pipeline import STAGE_DECODE
+        """Use as the pipeline callback: remembers how many frames were decoded while the keyframes
+        were sampled (a keyframe preview; the interpolation groups and the decode alternate)."""
+        from keyface.pipeline import STAGE_KEYFRAMES
 
-        if event.stage != STAGE_DECODE:
-            self.decoder_rows_during_sampling = self.decoder["rows"]
+        if event.stage == STAGE_KEYFRAMES:
+            self.decoder_rows_during_keyframes = self.decoder["rows"]
 
     def chunk(self, chunk):
         self.chunks["count"] += 1
@@ -196,7 +197,7 @@ class Counter:
             "unet": {k: {**v, "rows_hist": {str(r): n for r, n in sorted(v["rows_hist"].items())}}
                      for k, v in self.unet.items()},
             "decoder": {**self.decoder, "frames_per_video": sorted(self.decoder["frames_per_video"])},
-            "decoder_rows_during_sampling": self.decoder_rows_during_sampling,
+            "decoder_rows_during_keyframes": self.decoder_rows_during_keyframes,
             "chunks": {**self.chunks, "devices": sorted(self.chunks["devices"])},
         }
 
@@ -318,7 +319,7 @@ def count_clip(num_frames: int, *, models=None, **settings) -> dict:
             "decoder_frames": s["decoder"]["rows"],
             "decoder_frames_needed": needed,
             "decoder_frames_wasted": s["decoder"]["rows"] - needed,
-            "decoder_frames_during_sampling": s["decoder_rows_during_sampling"],
+            "decoder_frames_during_keyframes": s["decoder_rows_during_keyframes"],
             "decoder_max_frames_per_call": s["decoder"]["max_rows"],
             "decoder_frames_per_video": s["decoder"]["frames_per_video"],
             "output_chunks": s["chunks"]["count"],
@@ -456,8 +457,8 @@ def format_count(r) -> str:
             f"{cf['keyframe_batches']} batches, {cf['segments']} segments; UNet {m['unet_calls']} calls / "
             f"{m['unet_frame_evals']} frame-evals (closed form {cf['unet_frame_evals']}); rows per call "
             f"{m['unet_rows_per_call']}; decoder {m['decoder_calls']} calls / {m['decoder_frames']} frames "
-            f"(needed {m['decoder_frames_needed']}, wasted {m['decoder_frames_wasted']}, during sampling "
-            f"{m['decoder_frames_during_sampling']}, frames per video {m['decoder_frames_per_video']}, max "
+            f"(needed {m['decoder_frames_needed']}, wasted {m['decoder_frames_wasted']}, during keyframe sampling "
+            f"{m['decoder_frames_during_keyframes']}, frames per video {m['decoder_frames_per_video']}, max "
             f"{m['decoder_max_frames_per_call']} per call); {m['output_chunks']} output chunks of <= "
             f"{m['output_chunk_max_frames']} frames on {m['output_chunk_devices']}")
     if r.get("flops"):

@@ -19,10 +19,13 @@ chunk size, on which other stages ran before, or on the device's RNG; any stage 
 segments) can be re-run alone with the same result. (This differs from the original's single CUDA
 RNG stream, which cannot be reproduced on the CPU anyway, spec 9.)
 
-**Memory.** Latents of the whole clip live on the CPU (64 KiB per 512-px frame); only the current
-batch / segment group / decode chunk and the networks are on ``device``. Decoded pixels leave the
-device chunk by chunk; :func:`render_to_file` streams them into the mp4 writer, so neither the GPU
-nor the host holds pixels proportional to the clip length.
+**Memory.** The keyframe latents of the whole clip live on the CPU (64 KiB per 512-px keyframe, one
+keyframe per 13 frames); only the current batch / segment group / decode chunk and the networks are
+on ``device``. :func:`iter_render` interpolates a segment group when the decode reaches it and drops
+the segments it has passed, so it holds one group of segment latents (0.9 MB per segment), not the
+clip's. Decoded pixels leave the device chunk by chunk; :func:`render_to_file` streams them into the
+mp4 writer (which encodes in its own thread while the next group samples), so neither the GPU nor
+the host holds pixels proportional to the clip length. (:func:`sample_clip` returns all segments.)
 
 **Progress and cancel.** ``callback(ProgressEvent)`` is called after every denoising step of both
 sampling stages and after every decode chunk; an exception raised by the callback propagates

@@ -48,11 +48,11 @@ def test_count_matches_released_batching(models, n):
     assert m["unet_frame_evals"] == b * 14 * 3 * 11 + s * 14 * 2 * 11 == cf["unet_frame_evals"]
     assert m["unet_calls"] == b * 11 + 2 * calls
     # decoder: exactly the frames that reach the output (shared keyframes twice), one frame per video,
-    # nothing during sampling (no keyframe decode without a preview), chunks on the CPU
+    # nothing while the keyframes sample (no keyframe decode without a preview), chunks on the CPU
     needed = n + len([t for t in range(13, n, 13)])
     assert m["decoder_frames"] == m["decoder_frames_needed"] == needed == cf["decoder_frames"]
     assert m["decoder_frames_wasted"] == 0
-    assert m["decoder_frames_during_sampling"] == 0
+    assert m["decoder_frames_during_keyframes"] == 0
     assert m["decoder_frames_per_video"] == [1]
     assert m["decoder_max_frames_per_call"] <= 2 * 16
     assert m["output_chunk_devices"] == ["cpu"] and m["output_chunk_max_frames"] <= 16
