@@ -3,6 +3,7 @@ find the KeyFace Emotion node and its editor, read what the frontend would send,
 
 import json
 import os
+import re
 import wave
 from pathlib import Path
 
@@ -127,6 +128,13 @@ window.__kf = {
 """
 
 
+def _patched(route, patch):
+    response = route.fetch()
+    data = response.json()
+    patch(data)
+    route.fulfill(response=response, json=data)
+
+
 class KFPage:
     """A page of a real ComfyUI, in one renderer, with window.__kf installed."""
 
@@ -138,7 +146,9 @@ class KFPage:
         self.console = []
 
     @classmethod
-    def open(cls, browser, server, vue, tag):
+    def open(cls, browser, server, vue, tag, patch_object_info=None):
+        """``patch_object_info``: optional function that edits the /object_info JSON (a dict) in place
+        before the frontend sees it (what a server of another version would serve)."""
         import requests
 
         # the renderer, and no first-run template browser over the canvas
@@ -149,6 +159,8 @@ class KFPage:
         self = cls(page, server, vue, tag)
         page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
         page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+        if patch_object_info is not None:
+            page.route(re.compile(r"/object_info([?#].*)?$"), lambda route: _patched(route, patch_object_info))
         page.goto(server.url, wait_until="domcontentloaded", timeout=60_000)
         page.wait_for_function(
             "() => window.comfyAPI?.app?.app?.graph && window.comfyAPI.app.app.extensions?.some("
