@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
+import workflow_files
+
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 MEDIA = ROOT / "tests" / "fixtures" / "media"
 WORKFLOWS = ROOT / "workflows"
-EMOTION_WORKFLOW = WORKFLOWS / "keyface_emotion_over_time.json"
-TALKING_HEAD_WORKFLOW = WORKFLOWS / "keyface_talking_head.json"
-PHOTO_WORKFLOW = WORKFLOWS / "keyface_photo_full_resolution.json"
+EMOTION_WORKFLOW = workflow_files.workflow_path(workflow_files.EMOTION_OVER_TIME)
+TALKING_HEAD_WORKFLOW = workflow_files.workflow_path(workflow_files.TALKING_HEAD)
+PHOTO_WORKFLOW = workflow_files.workflow_path(workflow_files.FULL_SIZE_PHOTO)
 CHROMIUM = os.environ.get("KEYFACE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
