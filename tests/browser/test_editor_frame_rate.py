@@ -1,7 +1,8 @@
 """The emotion editor's frame readout uses the frame rate the server serves with the node definition
 (the ``keyface_fps`` option of the ``curve`` input, from ``keyface.planner.FPS``), on each frontend and
-renderer: the frontends pass the option through, a different served rate changes the frame shown, and
-a missing one is reported in the console and shows no frame values instead of a guessed rate."""
+renderer: the frontends pass the option through; and on each frontend (classic renderer: the definition
+is read before any renderer draws) a different served rate changes the frame shown, and a missing one
+is reported in the console and shows no frame values instead of a guessed rate."""
 
 import re
 
@@ -36,6 +37,8 @@ def _open_patched(kf_page, patch):
 def test_frame_readout_follows_the_served_rate(kf_page):
     fps, frame, text = _frame_readout(kf_page)
     assert fps == planner.FPS and frame == round(PLAYHEAD * planner.FPS), text
+    if kf_page.vue:
+        return  # the node definition is read the same way in both renderers: patched pages in one (~20 s each)
 
     other = 10.0  # a rate the library never uses: only a served value can produce frame 20
     kf = _open_patched(kf_page, lambda d: _curve_options(d).update(keyface_fps=other))
