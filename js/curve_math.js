@@ -244,9 +244,10 @@ export function serializeCurve(curve) {
 }
 
 // Values at video frames as the sampler gets them (keyface.emotion.per_frame_emotion(curve, n, fps,
-// intensity)[frames]): frame i at t = i / fps, `intensity` applied, then clamped.
+// intensity)[frames]): frame i at t = i / fps, `intensity` applied, then clamped. `fps` has no default:
+// the editor passes the rate the server serves (keyface.planner.FPS), never a copy of the number.
 // Returns {valence, arousal}, one value per entry of `frames` (float64).
-export function sampleFrames(curve, frames, fps = 25, intensity = 1.0) {
+export function sampleFrames(curve, frames, fps, intensity = 1.0) {
   if (!(fps > 0)) throw new CurveError(`fps must be > 0, got ${fps}`);
   for (const i of frames) {
     if (!Number.isInteger(i) || i < 0) throw new CurveError(`frame indices must be integers >= 0, got ${i}`);

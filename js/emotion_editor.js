@@ -47,7 +47,9 @@ const UNDO_LIMIT = 100;
 const EDITOR_MIN_HEIGHT = 200;
 const TEXT_HEIGHT = 64; // the JSON textarea, when shown
 const POLL_MS = 250; // the Vue renderer never calls onDrawForeground: poll what the editor follows
-const FPS = 25; // the sampler's frame rate: the status shows the values of the playhead's frame
+// The `curve` input's option that carries the sampler's frame rate (nodes/emotion.py FPS_OPTION, from
+// keyface.planner.FPS): the status shows the values of the playhead's frame at that rate.
+const FPS_OPTION = "keyface_fps";
 
 function injectStyle() {
   if (document.getElementById("keyface-emotion-style")) return;
@@ -92,9 +94,22 @@ function fmt(x, digits = 2) {
   return Number(x).toFixed(digits);
 }
 
+// The frame rate the server serves with the node definition, or null (then the status has no frame
+// readout: guessing a rate would show values of the wrong frame).
+function servedFps(nodeData) {
+  const fps = nodeData?.input?.required?.curve?.[1]?.[FPS_OPTION];
+  if (typeof fps === "number" && Number.isFinite(fps) && fps > 0) return fps;
+  console.error(`KeyFace Emotion: the node definition has no valid '${FPS_OPTION}' on its 'curve' input ` +
+    `(got ${JSON.stringify(fps)}); the editor shows no frame values. Is the KeyFace pack's Python side the ` +
+    `same version as its frontend files?`);
+  return null;
+}
+
 class EmotionEditor {
-  constructor(node) {
+  // fps: the sampler's frame rate as served by the node definition, or null (no frame readout)
+  constructor(node, fps) {
     this.node = node;
+    this.fps = fps;
     this.curveWidget = node.widgets.find((w) => w.name === "curve");
     this.emotionWidget = node.widgets.find((w) => w.name === "emotion");
     this.scheduleWidget = node.widgets.find((w) => w.name === "schedule");
@@ -832,11 +847,11 @@ class EmotionEditor {
     const d = this.knownDuration();
     parts.push(d ? `${d.source} ${fmt(d.seconds)} s` : "duration unknown");
     parts.push(`playhead ${fmt(this.playhead)} s`);
-    if ((this.emotionWidget?.value ?? CUSTOM) === CUSTOM) {
+    if ((this.emotionWidget?.value ?? CUSTOM) === CUSTOM && this.fps) {
       // what the sampler gets at the playhead's frame (intensity applied)
-      const frame = Math.round(this.playhead * FPS);
+      const frame = Math.round(this.playhead * this.fps);
       const g = this.intensity();
-      const at = sampleFrames(this.curve, [frame], FPS, g);
+      const at = sampleFrames(this.curve, [frame], this.fps, g);
       const scaled = g === 1 ? "" : ` (x${fmt(g)})`;
       parts.push(`frame ${frame}${scaled}: v ${fmt(at.valence[0])} a ${fmt(at.arousal[0])}`);
     }
@@ -886,9 +901,9 @@ function hideWidget(w) {
   if (w.element) w.element.style.display = "none";
 }
 
-function attachEditor(node) {
+function attachEditor(node, fps) {
   if (node.keyfaceEmotionEditor) return node.keyfaceEmotionEditor;
-  const editor = new EmotionEditor(node);
+  const editor = new EmotionEditor(node, fps);
   node.keyfaceEmotionEditor = editor;
   const widget = node.addDOMWidget(WIDGET_NAME, "keyface-emotion-curve", editor.root, {
     serialize: false, // never in the API prompt: the STRING `curve` carries the value
@@ -938,8 +953,9 @@ app.registerExtension({
   name: "KeyFace.EmotionCurveEditor",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData?.name !== NODE_CLASS) return;
+    const fps = servedFps(nodeData);
     chain(nodeType.prototype, "onNodeCreated", function () {
-      attachEditor(this);
+      attachEditor(this, fps);
     });
   },
 });

@@ -14,7 +14,10 @@ from . import _common as C
 
 CUSTOM_CURVE = "custom curve"
 DEFAULT_CURVE = '{"version":1,"valence":[[0,0]],"arousal":[[0,0]],"interpolation":"monotone"}'
-PREVIEW_FPS = 25
+# Option key of the `curve` input that carries the sampler's frame rate (keyface.planner.FPS) to the
+# frontend: ComfyUI serves input options as they are in /object_info, so js/emotion_editor.js reads the
+# rate from there instead of keeping its own copy of the number.
+FPS_OPTION = "keyface_fps"
 _MAX_PREVIEW_SAMPLES = 1500
 
 
@@ -86,6 +89,7 @@ class KeyFaceEmotion:
                                '"arousal": [[t, a], ...], "interpolation": "linear" | "monotone"}, t in '
                                "seconds, values in [-1, 1] (outside values are clamped with a warning). "
                                "Edited by the curve editor; used when emotion is 'custom curve'.",
+                    FPS_OPTION: C.FPS,  # read by the editor (not a widget setting; frontends pass it through)
                 }),
                 "intensity": ("FLOAT", {
                     "default": 1.0, "min": 0.0, "max": 2.0, "step": 0.05,
@@ -149,8 +153,8 @@ class KeyFaceEmotion:
             duration, source = float(duration_hint), "duration_hint"
         c = build_curve(emotion, curve, intensity, schedule, duration=duration)
         end = duration if duration is not None else max(c.duration, 1.0)
-        n = min(int(round(end * PREVIEW_FPS)) + 1, _MAX_PREVIEW_SAMPLES)
-        fps = PREVIEW_FPS if n < _MAX_PREVIEW_SAMPLES else (n - 1) / end
+        n = min(int(round(end * C.FPS)) + 1, _MAX_PREVIEW_SAMPLES)
+        fps = C.FPS if n < _MAX_PREVIEW_SAMPLES else (n - 1) / end
         v, a = c.sample_lists([i / fps for i in range(n)])
         preview = {
             "source": c.source,

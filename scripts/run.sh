@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up, start a real ComfyUI with the KeyFace pack, render
-# workflows/keyface_talking_head.json on the bundled portrait and speech, print where the mp4 is, and
+# "workflows/KeyFace - Talking head.json" on the bundled portrait and speech, print where the mp4 is, and
 # leave the UI on http://127.0.0.1:8188 (Ctrl-C stops it).
 #
 #   bash scripts/run.sh            # render, then keep the UI running

@@ -1,7 +1,7 @@
 """The Python half of scripts/run.sh (run that, not this: it sets up the environment first).
 
-Finds the models, starts a real ComfyUI with the pack, renders workflows/keyface_talking_head.json on
-the bundled portrait and speech, prints where the mp4 is, then keeps the UI open (or exits: --once).
+Finds the models, starts a real ComfyUI with the pack, renders the workflow "workflows/KeyFace - Talking head.json"
+(scripts/workflow_files.py) on the bundled portrait and speech, prints where the mp4 is, then keeps the UI open (or exits: --once).
 
 Models root: ``$KEYFACE_MODELS``, else ``./models``, laid out like ``ComfyUI/models`` (so it can be
 ComfyUI's own models folder): the KeyFace files in ``<root>/keyface/``; the audio encoders there or in
@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]  # comfyui_server, workflow_to_api; keyface
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]  # comfyui_server, workflow_to_api, workflow_files; keyface
 
+import workflow_files  # noqa: E402
 from keyface import model_files, smoke  # noqa: E402
 
 KEYFACE_FOLDER = model_files.KEYFACE_FOLDER
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
 
 
 def render_and_serve(server, convert, image, audio, root, found, real, once) -> int:
-    wf = json.loads((ROOT / "workflows" / "keyface_talking_head.json").read_text(encoding="utf-8"))
+    wf = json.loads(workflow_files.workflow_path(workflow_files.TALKING_HEAD).read_text(encoding="utf-8"))
     prompt = convert(wf, server.object_info())
     fill_prompt(prompt, image.name, audio.name, combo_values(root, found))
     print(f"[run] rendering {image.name} + {audio.name} with {'the KeyFace weights' if real else 'SMOKE (noise) weights'}"

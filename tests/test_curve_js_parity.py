@@ -154,9 +154,9 @@ r.subMs = cm.serializeCurve({ valence: [[1.0001, 0], [1.0004, 0.5]], arousal: [[
 r.moveTight = cm.movePoint([[1, 0], [1.005, 0], [1.01, 0]], 1, 0.5, 0.2, 0.01);
 r.moveFirstTight = cm.movePoint([[0, 0], [0.004, 0]], 0, 0.5, 0.1, 0.01);
 r.frames = cm.sampleFrames({ valence: [[0, 0], [1, 1]], arousal: [[0, 1]], interpolation: "linear" }, [0, 13, 25, 30], 25, 0.5);
-for (const [name, args] of [["badFrame", [[-1]]], ["fracFrame", [[1.5]]], ["badFps", [[0], 0]]]) {
+for (const [name, args] of [["badFrame", [[-1], 25]], ["fracFrame", [[1.5], 25]], ["badFps", [[0], 0]], ["noFps", [[0]]]]) {
   try { cm.sampleFrames({ valence: [[0, 0]], arousal: [[0, 0]], interpolation: "linear" }, ...args); r[name] = "accepted"; }
-  catch (e) { r[name] = e.name; }
+  catch (e) { r[name] = `${e.name}: ${e.message}`; }
 }
 // random curves with points 0..2 ms apart and random drags: every serialized text must parse
 let seed = 12345;
@@ -204,7 +204,10 @@ def test_js_edit_helpers(tmp_path):
     assert r["moveTight"] == [[1, 0], [1.005, 0.2], [1.01, 0]]
     assert r["moveFirstTight"] == [[0, 0.1], [0.004, 0]]
     assert r["frames"]["valence"] == pytest.approx([0, 0.26, 0.5, 0.5]) and r["frames"]["arousal"] == [0.5] * 4
-    assert r["badFrame"] == r["fracFrame"] == r["badFps"] == "CurveError"
+    assert r["badFrame"] == "CurveError: frame indices must be integers >= 0, got -1"
+    assert r["fracFrame"] == "CurveError: frame indices must be integers >= 0, got 1.5"
+    assert r["badFps"] == "CurveError: fps must be > 0, got 0"
+    assert r["noFps"] == "CurveError: fps must be > 0, got undefined"  # no default rate: the caller passes the served one
     for n_v, n_a, text in r["fuzz"]:
         c = kfe.parse_curve(text)
         assert (len(c.valence), len(c.arousal)) == (n_v, n_a)

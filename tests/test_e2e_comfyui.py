@@ -1,6 +1,6 @@
 """End to end against a real ComfyUI 0.3.75 (``.comfyui/``) with the pack and tiny smoke models.
 
-The shipped workflow ``workflows/keyface_talking_head.json`` is converted from the UI format to an
+The shipped workflow ``workflows/KeyFace - Talking head.json`` is converted from the UI format to an
 API prompt with the server's ``/object_info``, submitted with a client id, followed on the websocket
 and checked through ``/history`` and the files it writes. The test adds one SaveImage node on the
 decoded frames (PNG, lossless) to compare two runs exactly.
@@ -17,17 +17,18 @@ from pathlib import Path
 
 import pytest
 
+import workflow_files
 from comfy_server import ROOT, SPEECH, SPEECH_ODD, comfy_server, start_server  # noqa: F401  (session fixture)
 from workflow_to_api import convert
 
 pytestmark = pytest.mark.e2e
 
-WORKFLOWS = ROOT / "workflows"
 FPS = 25
 
 
 def _load(name):
-    return json.loads((WORKFLOWS / name).read_text(encoding="utf-8"))
+    """A shipped workflow by its name (scripts/workflow_files.py)."""
+    return json.loads(workflow_files.workflow_path(name).read_text(encoding="utf-8"))
 
 
 def _node_id(prompt, class_type):
@@ -77,7 +78,7 @@ class WsListener:
 
 
 def _prompt(server, run_tag):
-    prompt = convert(_load("keyface_talking_head.json"), server.object_info())
+    prompt = convert(_load(workflow_files.TALKING_HEAD), server.object_info())
     prompt[_node_id(prompt, "LoadAudio")]["inputs"]["audio"] = SPEECH_ODD
     decode = _node_id(prompt, "KeyFaceDecode")
     prompt["900"] = {"class_type": "SaveImage", "inputs": {"images": [decode, 0], "filename_prefix": f"e2e/{run_tag}/frame"}}
@@ -203,7 +204,7 @@ def test_same_seed_same_frames(comfy_server, two_runs, record_property):
 
 def test_keyframe_checkpoint_in_interpolation_loader(comfy_server):
     server = comfy_server
-    prompt = convert(_load("keyface_talking_head.json"), server.object_info())
+    prompt = convert(_load(workflow_files.TALKING_HEAD), server.object_info())
     loader = _node_id(prompt, "KeyFaceInterpolationModelLoader")
     prompt[loader]["inputs"]["model_name"] = "keyframe.pt"
     pid = server.submit(prompt)
@@ -230,7 +231,7 @@ def test_every_missing_model_is_reported_when_queued(comfy_server):
     loader naming every missing file and where to download it, before anything runs (it used to fail
     at run time on the first loader, then on the next one after that was fixed, ...)."""
     server = comfy_server
-    prompt = convert(_load("keyface_talking_head.json"), server.object_info())
+    prompt = convert(_load(workflow_files.TALKING_HEAD), server.object_info())
     for class_type, inputs in MODEL_INPUTS.items():
         for name in inputs:
             prompt[_node_id(prompt, class_type)]["inputs"][name] = f"absent_{name}.pt"
@@ -253,9 +254,9 @@ def test_every_missing_model_is_reported_when_queued(comfy_server):
 def test_workflow_templates_served(comfy_server):
     listing = comfy_server.get("/api/workflow_templates")
     names = [n for v in listing.values() for n in v] if isinstance(listing, dict) else listing
-    assert "keyface_talking_head" in names and "keyface_emotion_over_time" in names, listing
-    pack = next(k for k, v in listing.items() if "keyface_talking_head" in v)
-    wf = comfy_server.get(f"/api/workflow_templates/{pack}/keyface_emotion_over_time.json")
+    assert workflow_files.TALKING_HEAD in names and workflow_files.EMOTION_OVER_TIME in names, listing
+    pack = next(k for k, v in listing.items() if workflow_files.TALKING_HEAD in v)
+    wf = comfy_server.get(f"/api/workflow_templates/{pack}/{workflow_files.EMOTION_OVER_TIME}.json")
     assert wf["version"] == 0.4
     prompt = convert(wf, comfy_server.object_info())
     assert _node_id(prompt, "KeyFaceEmotion")
@@ -268,7 +269,7 @@ def test_emotion_over_time_workflow(comfy_server, two_runs):
     from keyface.video_io import probe_mp4
 
     server = comfy_server
-    prompt = convert(_load("keyface_emotion_over_time.json"), server.object_info())
+    prompt = convert(_load(workflow_files.EMOTION_OVER_TIME), server.object_info())
     prompt[_node_id(prompt, "SaveVideo")]["inputs"]["filename_prefix"] = "e2e/emotion/video"
     emo = _node_id(prompt, "KeyFaceEmotion")
     curve = json.loads(prompt[emo]["inputs"]["curve"])
@@ -293,7 +294,7 @@ def test_features_of_another_clip_rejected(comfy_server, two_runs):
     server = comfy_server
     other = SPEECH_ODD  # this prompt is the workflow as shipped, which loads SPEECH
     shutil.copy(ROOT / "tests" / "fixtures" / "media" / other, Path(server.input_dir) / other)
-    prompt = convert(_load("keyface_talking_head.json"), server.object_info())
+    prompt = convert(_load(workflow_files.TALKING_HEAD), server.object_info())
     enc_loader = _node_id(prompt, "KeyFaceAudioEncoderLoader")
     prompt["901"] = {"class_type": "LoadAudio", "inputs": {"audio": other}}
     prompt["902"] = {"class_type": "KeyFaceEncodeAudio", "inputs": {"audio_encoders": [enc_loader, 0], "audio": ["901", 0]}}
@@ -323,7 +324,7 @@ def test_fp8_unet_workflow(fp8_server):
     from keyface.video_io import probe_mp4
 
     server = fp8_server
-    prompt = convert(_load("keyface_talking_head.json"), server.object_info())
+    prompt = convert(_load(workflow_files.TALKING_HEAD), server.object_info())
     prompt[_node_id(prompt, "LoadAudio")]["inputs"]["audio"] = SPEECH_ODD
     prompt[_node_id(prompt, "SaveVideo")]["inputs"]["filename_prefix"] = "e2e/fp8/video"
     t0 = time.monotonic()
@@ -357,7 +358,7 @@ def test_cancel_during_save_video_leaves_no_file(comfy_server):
     """POST /interrupt while KeyFace Save Video streams a clip: the prompt ends interrupted in /history
     and no mp4 (nor a partial file) is left in the output folder."""
     server = comfy_server
-    prompt = convert(_load("keyface_talking_head.json"), server.object_info())
+    prompt = convert(_load(workflow_files.TALKING_HEAD), server.object_info())
     for cls in ("SaveVideo", "CreateVideo", "KeyFaceDecode", "PreviewImage"):
         del prompt[_node_id(prompt, cls)]
     prompt[_node_id(prompt, "LoadAudio")]["inputs"]["audio"] = _long_speech(server, 12)
@@ -398,7 +399,7 @@ def test_image_batch_notice_reaches_the_client(comfy_server):
     """Several portraits where one is expected: the first is used, and the queuing client gets a
     ``keyface.notice`` websocket event (js/keyface_notices.js shows it as a toast)."""
     server = comfy_server
-    prompt = convert(_load("keyface_talking_head.json"), server.object_info())
+    prompt = convert(_load(workflow_files.TALKING_HEAD), server.object_info())
     for cls in ("SaveVideo", "CreateVideo", "KeyFaceDecode", "KeyFaceInterpolate"):
         del prompt[_node_id(prompt, cls)]
     sample = _node_id(prompt, "KeyFaceSampleKeyframes")
@@ -424,7 +425,7 @@ def test_nan_guidance_is_an_error_not_a_black_video(comfy_server):
     import requests
 
     server = comfy_server
-    prompt = convert(_load("keyface_talking_head.json"), server.object_info())
+    prompt = convert(_load(workflow_files.TALKING_HEAD), server.object_info())
     sampler = _node_id(prompt, "KeyFaceSampleKeyframes")
     prompt[sampler]["inputs"]["reference_scale"] = float("nan")
     prompt[_node_id(prompt, "SaveVideo")]["inputs"]["filename_prefix"] = "e2e/nan_guidance/video"

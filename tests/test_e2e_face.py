@@ -1,6 +1,7 @@
-"""End to end in a real ComfyUI 0.3.75: the third shipped workflow, ``workflows/keyface_photo_full_resolution.json``
-(a 1920x1080 photo -> KeyFace Detect & Crop Face with the real MTCNN weights -> sampling with the smoke
-models -> KeyFace Save Video pasting every chunk back into the photo -> a 1920x1080 mp4 with sound).
+"""End to end in a real ComfyUI 0.3.75: the third shipped workflow,
+``workflows/KeyFace - Full-size photo.json`` (a 1920x1080 photo -> KeyFace Detect & Crop
+Face with the real MTCNN weights -> sampling with the smoke models -> KeyFace Save Video pasting every
+chunk back into the photo -> a 1920x1080 mp4 with sound).
 
 It also writes ``test-artifacts/face_before_after.jpg`` (the photo | a frame of the video), the
 picture in the README. Where the MTCNN weights are missing it skips, and under ``CI=true`` fails.
@@ -16,12 +17,13 @@ import numpy as np
 import pytest
 
 import face_fixtures as ff
+import workflow_files
 from comfy_server import ROOT, SPEECH, comfy_server  # noqa: F401  (session fixture)
 from test_e2e_comfyui import WsListener, _node_id, _outputs, _speech_seconds
 from workflow_to_api import convert
 
 pytestmark = pytest.mark.e2e
-WORKFLOW = ROOT / "workflows" / "keyface_photo_full_resolution.json"
+WORKFLOW = workflow_files.workflow_path(workflow_files.FULL_SIZE_PHOTO)
 FPS = 25
 
 
@@ -104,4 +106,4 @@ def test_photo_workflow_full_resolution(comfy_server, record_property):  # noqa:
 def test_photo_workflow_served_as_template(comfy_server):  # noqa: F811
     listing = comfy_server.get("/api/workflow_templates")
     names = [n for v in listing.values() for n in v] if isinstance(listing, dict) else listing
-    assert "keyface_photo_full_resolution" in names, listing
+    assert workflow_files.FULL_SIZE_PHOTO in names, listing

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import workflow_files
 from comfy_server import SPEECH_ODD, comfy_server  # noqa: F401  (session fixture)
 from test_e2e_comfyui import WsListener, _load, _node_id, _outputs
 from keyface.video_io import probe_mp4
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.e2e
 def _long_render_prompt(server, prefix, keep_job=False):
     """The shipped workflow's loaders, image and audio encoding, then KeyFace Long Render (3.08 s speech:
     77 frames, 1 keyframe batch, 3 interpolation groups of 2 segments)."""
-    prompt = convert(_load("keyface_talking_head.json"), server.object_info())
+    prompt = convert(_load(workflow_files.TALKING_HEAD), server.object_info())
     prompt[_node_id(prompt, "LoadAudio")]["inputs"]["audio"] = SPEECH_ODD
     keyframes = prompt[_node_id(prompt, "KeyFaceSampleKeyframes")]["inputs"]
     interp = prompt[_node_id(prompt, "KeyFaceInterpolate")]["inputs"]

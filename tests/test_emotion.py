@@ -220,6 +220,20 @@ def test_node_mapping_and_inputs(node_module):
     kfe.parse_curve(it["required"]["curve"][1]["default"])
 
 
+def test_node_serves_the_library_frame_rate(node_module):
+    """The editor (js/emotion_editor.js) reads the sampler's frame rate from the `curve` input's
+    options, under the key both sides name: the served value is the library's constant."""
+    from keyface import planner
+
+    options = node_module.KeyFaceEmotion.INPUT_TYPES()["required"]["curve"][1]
+    assert options[node_module.FPS_OPTION] == planner.FPS
+    js = (ROOT / "js" / "emotion_editor.js").read_text(encoding="utf-8")
+    assert f'const FPS_OPTION = "{node_module.FPS_OPTION}";' in js
+    # the preview the node sends after a run is sampled at the same rate
+    ui = node_module.KeyFaceEmotion().build("happy", "", 1.0, duration_hint=2.0)["ui"]["keyface_emotion"][0]
+    assert ui["fps"] == planner.FPS and len(ui["valence"]) == 2 * planner.FPS + 1
+
+
 def test_node_custom_curve_output_and_ui(node_module):
     node = node_module.KeyFaceEmotion()
     out = node.build("custom curve", json.dumps(GOOD), 1.0)

@@ -12,12 +12,13 @@ import json
 
 import pytest
 
-from comfy_server import ROOT, comfy_server  # noqa: F401  (session fixture)
+import workflow_files
+from comfy_server import comfy_server  # noqa: F401  (session fixture)
 from workflow_to_api import convert
 
 pytestmark = pytest.mark.e2e
 
-WORKFLOW = ROOT / "workflows" / "keyface_emotion_over_time.json"
+WORKFLOW = workflow_files.workflow_path(workflow_files.EMOTION_OVER_TIME)
 
 
 def _prompt(server):

@@ -3,18 +3,21 @@ find the KeyFace Emotion node and its editor, read what the frontend would send,
 
 import json
 import os
+import re
 import wave
 from pathlib import Path
 
 import pytest
 
+import workflow_files
+
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 MEDIA = ROOT / "tests" / "fixtures" / "media"
 WORKFLOWS = ROOT / "workflows"
-EMOTION_WORKFLOW = WORKFLOWS / "keyface_emotion_over_time.json"
-TALKING_HEAD_WORKFLOW = WORKFLOWS / "keyface_talking_head.json"
-PHOTO_WORKFLOW = WORKFLOWS / "keyface_photo_full_resolution.json"
+EMOTION_WORKFLOW = workflow_files.workflow_path(workflow_files.EMOTION_OVER_TIME)
+TALKING_HEAD_WORKFLOW = workflow_files.workflow_path(workflow_files.TALKING_HEAD)
+PHOTO_WORKFLOW = workflow_files.workflow_path(workflow_files.FULL_SIZE_PHOTO)
 CHROMIUM = os.environ.get("KEYFACE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
@@ -127,6 +130,13 @@ window.__kf = {
 """
 
 
+def _patched(route, patch):
+    response = route.fetch()
+    data = response.json()
+    patch(data)
+    route.fulfill(response=response, json=data)
+
+
 class KFPage:
     """A page of a real ComfyUI, in one renderer, with window.__kf installed."""
 
@@ -138,7 +148,9 @@ class KFPage:
         self.console = []
 
     @classmethod
-    def open(cls, browser, server, vue, tag):
+    def open(cls, browser, server, vue, tag, patch_object_info=None):
+        """``patch_object_info``: optional function that edits the /object_info JSON (a dict) in place
+        before the frontend sees it (what a server of another version would serve)."""
         import requests
 
         # the renderer, and no first-run template browser over the canvas
@@ -149,6 +161,8 @@ class KFPage:
         self = cls(page, server, vue, tag)
         page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
         page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+        if patch_object_info is not None:
+            page.route(re.compile(r"/object_info([?#].*)?$"), lambda route: _patched(route, patch_object_info))
         page.goto(server.url, wait_until="domcontentloaded", timeout=60_000)
         page.wait_for_function(
             "() => window.comfyAPI?.app?.app?.graph && window.comfyAPI.app.app.extensions?.some("

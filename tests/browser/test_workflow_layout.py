@@ -1,6 +1,7 @@
 """The shipped workflows as they open, on each frontend and renderer: no two nodes overlap (Nodes 2.0
 draws taller nodes than the classic canvas), no node covers the "Models" group's title, and the saved
-view puts every node's left edge on the canvas, not under the side bar or the tab/menu bars. Leaves a
+view puts every node's left edge on the canvas, not under the side bar or the tab/menu bars, at a zoom
+where the frontend draws the nodes in full (not the low-detail placeholders it draws zoomed out). Leaves a
 screenshot of each: test-artifacts/workflow_<name>-<frontend>-<renderer>.png."""
 
 import pytest
@@ -38,15 +39,37 @@ def _overlap(a, b, margin=2):
             and a["y"] + margin < b["y"] + b["height"] and b["y"] + margin < a["y"] + a["height"])
 
 
+# The saved views are made for a maximised browser window on a 1920x1080 screen: at a zoom where the
+# nodes are drawn in full, the graphs need about 1500 x 950 px (a smaller window shows their right and
+# bottom parts after a pan).
+VIEWPORT = {"width": 1920, "height": 1000}
+
+
 def test_shipped_workflows_open_tidy(kf_page):
+    kf_page.page.set_viewport_size(VIEWPORT)
     for path in (TALKING_HEAD_WORKFLOW, EMOTION_WORKFLOW, PHOTO_WORKFLOW):  # one page: loading one is cheap
         _check_layout(kf_page, path)
 
 
+# The canvas's zoom and the frontend's level-of-detail threshold: below it, nodes are drawn as plain
+# placeholders without text (LiteGraph: MinFontSizeForLOD 8 px / NODE_TEXT_SIZE 14 px = 0.57 at
+# devicePixelRatio 1, on 1.32.9 and 1.58.1).
+VIEW = """() => {
+    const c = window.__kf.app().canvas;
+    return { scale: c.ds.scale, threshold: c._lowQualityZoomThreshold, lowQuality: c.low_quality };
+}"""
+
+
 def _check_layout(kf, path):
-    kf.load(load_workflow(path))
+    workflow = load_workflow(path)
+    kf.load(workflow)
     kf.settle(800)
     kf.page.screenshot(path=str(ARTIFACTS / f"workflow_{path.stem}-{kf.tag}.png"))
+    view = kf.js(VIEW)
+    assert view["scale"] == pytest.approx(workflow["extra"]["ds"]["scale"]), f"{path.name}: saved view not restored"
+    assert isinstance(view["threshold"], (int, float)) and view["threshold"] > 0, view  # the frontend has one
+    assert view["scale"] >= view["threshold"] and not view["lowQuality"], \
+        f"{path.name}: opens below the detail threshold, nodes drawn as placeholders: {view}"
     layout = kf.js(LAYOUT)
     nodes = layout["nodes"]
     clashes = [(a["type"], b["type"]) for i, a in enumerate(nodes) for b in nodes[i + 1:] if _overlap(a, b)]

@@ -14,7 +14,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = "workflow_{name}-latest-vue.png"  # Nodes 2.0 on the newest frontend: what new installs show
-CANVAS_BOX = (70, 110, 1110, 740)  # the graph at its saved view, without the side bar, tabs and minimap
+CANVAS_BOX = (60, 95, 1520, 900)  # the graph at its saved view (1920x1000 page), without the side bar, tabs and minimap
 WIDTH = 512
 
 
