@@ -8,10 +8,10 @@ at 5 s and 60 s.
 Rows:
 * ``detect_crop``: ``keyface.face.framing.frame_face`` (MTCNN + aligned crop) per photo, median of 5
   after one warm-up (real MTCNN weights).
-* ``render`` / ``paste``: one 5 s clip rendered by ``pipeline.render_to_file`` with the smoke models
+* ``render`` / ``paste``: one 10 s clip rendered by ``pipeline.render_to_file`` with the smoke models
   (their 64 px frames) with and without pasting back into the 1920x1080 photo (same seed, same
-  settings); the difference per output second is what paste-back (warp + blend + encoding the larger
-  picture) adds. ``paste_only`` times ``FacePaster.paste_uint8`` alone on the same frames and on
+  settings), alternated 3 times, median of each; the difference per output second is what
+  paste-back (warp + blend + encoding the larger picture) adds. ``paste_only`` times ``FacePaster.paste_uint8`` alone on the same frames and on
   512 px frames (the released model's size).
 * ``memory``: one subprocess per clip length streams that many seconds of 512 px frames through
   ``FacePaster.stream`` into ``Mp4Writer`` at 1920x1080 (``preset`` ultrafast to keep the run short);
@@ -38,6 +38,7 @@ PORTRAITS = ("face_astronaut.png", "face_grace_hopper.jpg", "photo_wide_1920x108
 FPS = 25
 # the wide photo's face, as MTCNN finds it (x, y, w, h); used where the bench needs no detector
 PHOTO_FACE_BOX = (1335, 341, 229, 271)
+RENDER_REPEATS = 3
 
 
 def _peak_rss_mib() -> float:
@@ -106,14 +107,16 @@ def render_rows(seconds: float):
         g = torch.Generator().manual_seed(0)
         feats = _features(kf, good, n, g)
         paster = FacePaster(face_crop, even=True)
-        timings = {}
-        for kind, flt in (("render", None), ("paste", lambda c: paster.paste_uint8(c, reuse=True))):
-            t0 = time.perf_counter()
-            pipeline.render_to_file(kf, good, bad, vae, z, feats, Path(tmp) / f"{kind}.mp4", device="cpu",
-                                    frame_filter=flt, seed=1)
-            timings[kind] = time.perf_counter() - t0
+        runs = {"render": [], "paste": []}
+        for _ in range(RENDER_REPEATS):  # alternated, median of each: the shared machine's speed drifts
+            for kind, flt in (("render", None), ("paste", lambda c: paster.paste_uint8(c, reuse=True))):
+                t0 = time.perf_counter()
+                pipeline.render_to_file(kf, good, bad, vae, z, feats, Path(tmp) / f"{kind}.mp4", device="cpu",
+                                        frame_filter=flt, seed=1)
+                runs[kind].append(time.perf_counter() - t0)
+        timings = {kind: statistics.median(t) for kind, t in runs.items()}
         for kind in ("render", "paste"):
-            rows.append({"row": kind, "clip_seconds": seconds, "frames": n,
+            rows.append({"row": kind, "clip_seconds": seconds, "frames": n, "runs_seconds": [round(t, 2) for t in runs[kind]],
                          "seconds_per_output_second": round(timings[kind] / seconds, 3),
                          "video": f"{size[1]}x{size[0]}" if kind == "render" else f"{paster.width}x{paster.height}"})
         added = (timings["paste"] - timings["render"]) / timings["render"]
@@ -189,7 +192,7 @@ def main(argv=None):
     p.add_argument("--weights", default=str(ROOT / ".cache" / "facenet_pytorch-2.6.0" / "facenet_pytorch" / "data"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seconds", type=float, nargs="+", default=[5, 60])
-    p.add_argument("--render-seconds", type=float, default=5)
+    p.add_argument("--render-seconds", type=float, default=10)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "face_cpu.json"))
     p.add_argument("--memory-worker", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

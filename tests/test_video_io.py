@@ -175,9 +175,11 @@ def _pan(size=64, n=24):
 
 def test_encoding_overlaps_the_caller_with_a_bounded_queue(tmp_path, monkeypatch):
     """write() hands the chunk to the writer's thread and returns while the encoder is still busy (the
-    render goes on meanwhile); one chunk waits at most, so a slow encoder holds the caller back rather
-    than piling up frames."""
+    render goes on meanwhile); what waits is bounded (MAX_QUEUED_BYTES, lowered here to one chunk), so a
+    slow encoder holds the caller back rather than piling up frames."""
     import threading
+
+    from keyface import video_io
 
     frames = _pan()
     release, busy = threading.Event(), threading.Event()
@@ -189,6 +191,7 @@ def test_encoding_overlaps_the_caller_with_a_bounded_queue(tmp_path, monkeypatch
         real(self, chunk)
 
     monkeypatch.setattr(Mp4Writer, "_encode", slow_encode)
+    monkeypatch.setattr(video_io, "MAX_QUEUED_BYTES", frames[:8].nbytes)
     out = tmp_path / "overlap.mp4"
     with Mp4Writer(out, 64, 64, num_frames=24) as w:
         w.write(frames[:8])  # taken by the encoder thread, which now waits
