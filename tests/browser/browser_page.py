@@ -230,3 +230,16 @@ class KFPage:
             "x": max(0, rect["x"] - pad), "y": max(0, rect["y"] - pad),
             "width": rect["width"] + 2 * pad, "height": rect["height"] + 2 * pad})
         return path
+
+
+def open_checked_page(playwright_browser, server, *, vue: bool, tag: str):
+    """A fresh page (a generator for a pytest fixture): yields it, then closes it and fails the test on
+    a page error that mentions KeyFace."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = KFPage.open(playwright_browser, server, vue=vue, tag=tag)
+    try:
+        yield page
+    finally:
+        page.close()
+    errors = [c for c in page.console if c.startswith("pageerror") and "keyface" in c.lower()]
+    assert not errors, errors

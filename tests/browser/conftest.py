@@ -21,8 +21,8 @@ import os
 import pytest
 
 import comfy_server as comfy_env
-from browser_page import (ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, FRONTEND_LATEST_VERSION, KFPage,
-                          latest_frontend_root, unavailable)
+from browser_page import (CHROMIUM, CHROMIUM_ARGS, FRONTEND_LATEST_VERSION, latest_frontend_root,
+                          open_checked_page, unavailable)
 
 RENDERERS = {"classic": False, "vue": True}  # value of Comfy.VueNodes.Enabled
 
@@ -84,12 +84,5 @@ def renderer(request):
 def kf_page(frontend_server, playwright_browser, renderer, request):
     """A fresh page of ``frontend_server`` in ``renderer``, the page helpers installed (no workflow yet).
     Fails the test on a page error that mentions KeyFace."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    page = KFPage.open(playwright_browser, frontend_server, vue=RENDERERS[renderer],
-                       tag=f"{'pinned' if frontend_server.frontend_name == 'pinned' else 'latest'}-{renderer}")
-    try:
-        yield page
-    finally:
-        page.close()
-    errors = [c for c in page.console if c.startswith("pageerror") and "keyface" in c.lower()]
-    assert not errors, errors
+    tag = f"{'pinned' if frontend_server.frontend_name == 'pinned' else 'latest'}-{renderer}"
+    yield from open_checked_page(playwright_browser, frontend_server, vue=RENDERERS[renderer], tag=tag)

@@ -8,7 +8,7 @@ The dialog is the same in both renderers, so this runs in the classic one only."
 import pytest
 
 import workflow_files
-from browser_page import ARTIFACTS, KFPage
+from browser_page import ARTIFACTS, open_checked_page
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -29,15 +29,8 @@ CARD_INFO = """(sel) => {
 
 @pytest.fixture
 def classic_page(frontend_server, playwright_browser):
-    ARTIFACTS.mkdir(exist_ok=True)
     tag = "pinned" if frontend_server.frontend_name == "pinned" else "latest"
-    page = KFPage.open(playwright_browser, frontend_server, vue=False, tag=tag)
-    try:
-        yield page
-    finally:
-        page.close()
-    errors = [c for c in page.console if c.startswith("pageerror") and "keyface" in c.lower()]
-    assert not errors, errors
+    yield from open_checked_page(playwright_browser, frontend_server, vue=False, tag=tag)
 
 
 def test_template_cards_show_readable_titles_and_thumbnails(classic_page):
