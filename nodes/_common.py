@@ -282,6 +282,16 @@ def file_params(path: str, bytes_per_param: int = 4) -> int:
 
 
 # ---------------------------------------------------------------------------------------- progress
+class Mp4OutputNode:
+    """What the nodes that write an mp4 into the output folder share (Save Video, Long Render)."""
+
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING", "INT")
+    RETURN_NAMES = ("path", "frame_count")
+    OUTPUT_TOOLTIPS = ("Full path of the written mp4.", "Frames written (= the clip's frame_count).")
+
+
 class Progress:
     """Pipeline callback: checks ComfyUI's interrupt flag on every event and drives one
     ``comfy.utils.ProgressBar`` per stage (denoising steps, segment groups, decode chunks)."""

@@ -31,16 +31,11 @@ def _job_folder(description: dict) -> str:
     return os.path.join(folder_paths.get_output_directory(), JOBS_FOLDER, job_id)
 
 
-class KeyFaceLongRender:
+class KeyFaceLongRender(C.Mp4OutputNode):
     DESCRIPTION = ("Keyframes + interpolation + streaming mp4 in one node, for long clips: every finished block is "
                    "kept in output/keyface_jobs/, so queueing the same prompt again after a cancel or a crash resumes "
                    "where it stopped (same file as an uninterrupted render). One seed for both stages.")
-    CATEGORY = C.CATEGORY
     FUNCTION = "render"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", "INT")
-    RETURN_NAMES = ("path", "frame_count")
-    OUTPUT_TOOLTIPS = ("Full path of the written mp4.", "Frames written (= the clip's frame_count).")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -17,15 +17,10 @@ from .face import _paste_inputs, face_paster
 log = logging.getLogger("keyface")
 
 
-class KeyFaceSaveVideo:
+class KeyFaceSaveVideo(C.Mp4OutputNode):
     DESCRIPTION = ("Decodes KeyFace latents in fixed chunks and streams them into an H.264/AAC mp4 in the output "
                    "folder (flat memory for long clips). The audio is cut, or padded with silence, to the video length (N / 25 s).")
-    CATEGORY = C.CATEGORY
     FUNCTION = "save"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", "INT")
-    RETURN_NAMES = ("path", "frame_count")
-    OUTPUT_TOOLTIPS = ("Full path of the written mp4.", "Frames written (= the clip's frame_count).")
 
     @classmethod
     def INPUT_TYPES(cls):
