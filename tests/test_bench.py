@@ -100,9 +100,17 @@ def smoke_dir(tmp_path_factory):
 def test_rss_sampler_sees_a_block_allocation():
     import numpy as np
 
+    import time
+
     before = bench.rss_mb()
     with bench.RssSampler(interval=0.001) as s:
         a = np.ones(48 * 2**20 // 8)  # 48 MiB, touched
+        # held until the sampler has read twice: a busy machine may not schedule its thread within the
+        # allocation itself (a spike shorter than the interval may be missed, as documented)
+        seen = s.samples
+        deadline = time.monotonic() + 10
+        while s.samples < seen + 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
         del a
     assert s.samples >= 2
     assert s.peak_mb - before >= 40  # the short-lived buffer is in the peak, not in the RSS after
