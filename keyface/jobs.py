@@ -326,22 +326,16 @@ class RenderJob:
 def compute_keyframe_block(networks, clip: ClipInputs, plan: ClipPlan, settings: P.RenderSettings, batch: int, *,
                            device=None, dtype=None, callback=None) -> torch.Tensor:
     """The keyframes of ``batch`` ([k, 4, h, w]), exactly as the uninterrupted render computes them."""
-    s = settings
-    return P.sample_keyframes(networks[0], clip.identity, clip.keyframe_audio, clip.valence, clip.arousal, plan,
-                              seed=s.seed, steps=s.keyframe_steps, ref_ratio=s.ref_ratio, audio_ratio=s.audio_ratio,
-                              guidance_min_sigma=s.guidance_min_sigma, branches_per_call=s.branches_per_call,
-                              device=device, dtype=dtype, callback=callback, batch_indices=[batch])
+    return P.keyframes_with_settings(networks[0], clip.identity, clip.keyframe_audio, clip.valence, clip.arousal, plan,
+                                     settings, device=device, dtype=dtype, callback=callback, batch_indices=[batch])
 
 
 def compute_segment_block(networks, clip: ClipInputs, keyframes: torch.Tensor, plan: ClipPlan,
                           settings: P.RenderSettings, segments: list, *, device=None, dtype=None,
                           callback=None) -> torch.Tensor:
     """Segments ``segments`` (one group, [g, 14, 4, h, w]) from all keyframes [K, 4, h, w]."""
-    s = settings
-    return P.interpolate_segments(networks[1], networks[2], keyframes, clip.interpolation_audio, plan, seed=s.seed,
-                                  steps=s.interpolation_steps, scale=s.scale, segments_per_call=s.segments_per_call,
-                                  autoguidance=s.autoguidance, guidance_min_sigma=s.guidance_min_sigma,
-                                  device=device, dtype=dtype, callback=callback, segment_indices=segments)
+    return P.interpolation_with_settings(networks[1], networks[2], keyframes, clip.interpolation_audio, plan, settings,
+                                         device=device, dtype=dtype, callback=callback, segment_indices=segments)
 
 
 class LocalRunner:

@@ -650,6 +650,28 @@ def _render_settings(settings: RenderSettings | None, overrides: dict) -> Render
     return s
 
 
+def keyframes_with_settings(network, identity_latent, keyframe_audio, valence, arousal, plan, settings: RenderSettings,
+                            *, device=None, dtype=None, callback: Callable | None = None,
+                            batch_indices: Sequence[int] | None = None) -> torch.Tensor:
+    """:func:`sample_keyframes` with the render's settings (the uninterrupted render and the job blocks)."""
+    s = settings
+    return sample_keyframes(network, identity_latent, keyframe_audio, valence, arousal, plan, seed=s.seed,
+                            steps=s.keyframe_steps, ref_ratio=s.ref_ratio, audio_ratio=s.audio_ratio,
+                            guidance_min_sigma=s.guidance_min_sigma, branches_per_call=s.branches_per_call,
+                            device=device, dtype=dtype, callback=callback, batch_indices=batch_indices)
+
+
+def interpolation_with_settings(good, bad, keyframe_latents, interpolation_audio, plan, settings: RenderSettings, *,
+                                device=None, dtype=None, callback: Callable | None = None,
+                                segment_indices: Sequence[int] | None = None) -> torch.Tensor:
+    """:func:`interpolate_segments` with the render's settings (the uninterrupted render and the job blocks)."""
+    s = settings
+    return interpolate_segments(good, bad, keyframe_latents, interpolation_audio, plan, seed=s.seed,
+                                steps=s.interpolation_steps, scale=s.scale, segments_per_call=s.segments_per_call,
+                                autoguidance=s.autoguidance, guidance_min_sigma=s.guidance_min_sigma,
+                                device=device, dtype=dtype, callback=callback, segment_indices=segment_indices)
+
+
 def sample_clip(keyframe_network, interpolation_network, bad_network, identity_latent, features, *, valence=None,
                 arousal=None, settings: RenderSettings | None = None, device=None, dtype=None,
                 callback: Callable | None = None, **overrides) -> tuple[torch.Tensor, torch.Tensor, ClipPlan]:
@@ -662,14 +684,10 @@ def sample_clip(keyframe_network, interpolation_network, bad_network, identity_l
     z_id = check_identity_latent(identity_latent, interpolation_network)
     with attention_backend(s.attention), compiled_unets(
             (keyframe_network, interpolation_network, bad_network), enabled=s.compile):
-        kf = sample_keyframes(keyframe_network, z_id, kf_audio, valence, arousal, plan, seed=s.seed,
-                              steps=s.keyframe_steps, ref_ratio=s.ref_ratio, audio_ratio=s.audio_ratio,
-                              guidance_min_sigma=s.guidance_min_sigma, branches_per_call=s.branches_per_call,
-                              device=device, dtype=dtype, callback=callback)
-        seg = interpolate_segments(interpolation_network, bad_network, kf, it_audio, plan, seed=s.seed,
-                                   steps=s.interpolation_steps, scale=s.scale, segments_per_call=s.segments_per_call,
-                                   autoguidance=s.autoguidance, guidance_min_sigma=s.guidance_min_sigma,
-                                   device=device, dtype=dtype, callback=callback)
+        kf = keyframes_with_settings(keyframe_network, z_id, kf_audio, valence, arousal, plan, s, device=device,
+                                     dtype=dtype, callback=callback)
+        seg = interpolation_with_settings(interpolation_network, bad_network, kf, it_audio, plan, s, device=device,
+                                          dtype=dtype, callback=callback)
     return kf, seg, plan
 
 
@@ -689,10 +707,8 @@ def iter_render(keyframe_network, interpolation_network, bad_network, vae, ident
     z_id = check_identity_latent(identity_latent, interpolation_network)
     networks = (keyframe_network, interpolation_network, bad_network)
     with attention_backend(s.attention), compiled_unets(networks[:1], enabled=s.compile):
-        kf = sample_keyframes(keyframe_network, z_id, kf_audio, valence, arousal, plan, seed=s.seed,
-                              steps=s.keyframe_steps, ref_ratio=s.ref_ratio, audio_ratio=s.audio_ratio,
-                              guidance_min_sigma=s.guidance_min_sigma, branches_per_call=s.branches_per_call,
-                              device=device, dtype=dtype, callback=callback)
+        kf = keyframes_with_settings(keyframe_network, z_id, kf_audio, valence, arousal, plan, s, device=device,
+                                     dtype=dtype, callback=callback)
     segments = _SegmentsOnDemand(networks, kf, it_audio, plan, s, device, dtype, callback)
     yield from decode_with_settings(vae, segments, plan, s, device=device, callback=callback)
 
@@ -708,9 +724,7 @@ class _SegmentsOnDemand:
     def __init__(self, networks, keyframes, interpolation_audio, plan, settings, device, dtype, callback):
         self._networks, self._kf, self._audio, self._plan = networks, keyframes, interpolation_audio, plan
         self._settings, self._device, self._dtype, self._callback = settings, device, dtype, callback
-        per_call = int(settings.segments_per_call)
-        if per_call < 1:
-            raise ValueError(f"segments_per_call must be >= 1, got {per_call}")
+        per_call = int(settings.segments_per_call)  # RenderSettings checked it (>= 1)
         count = plan.num_segments
         self._groups = [list(range(i, min(i + per_call, count))) for i in range(0, count, per_call)]
         self._done = 0  # groups interpolated so far
@@ -727,14 +741,10 @@ class _SegmentsOnDemand:
         g, s = self._done, self._settings
         if g >= len(self._groups):
             raise IndexError("the decode asked for a segment the clip plan does not have")
-        good, bad = self._networks[1], self._networks[2]
         with attention_backend(s.attention), compiled_unets(self._networks[1:], enabled=s.compile):
-            latents = interpolate_segments(good, bad, self._kf, self._audio, self._plan, seed=s.seed,
-                                           steps=s.interpolation_steps, scale=s.scale,
-                                           segments_per_call=s.segments_per_call, autoguidance=s.autoguidance,
-                                           guidance_min_sigma=s.guidance_min_sigma, device=self._device,
-                                           dtype=self._dtype, callback=self._group_callback(g),
-                                           segment_indices=self._groups[g])
+            latents = interpolation_with_settings(self._networks[1], self._networks[2], self._kf, self._audio,
+                                                  self._plan, s, device=self._device, dtype=self._dtype,
+                                                  callback=self._group_callback(g), segment_indices=self._groups[g])
         self._held.update(zip(self._groups[g], latents))
         self._done += 1
 
@@ -858,7 +868,9 @@ __all__ = [
     "decode_with_settings",
     "encode_identity",
     "interpolate_segments",
+    "interpolation_with_settings",
     "iter_render",
+    "keyframes_with_settings",
     "model_latent_size",
     "model_resolution",
     "prepare_identity",

@@ -1,8 +1,9 @@
 """Media I/O for the command line and for ``render_to_file``: PyAV only, no ffmpeg binary needed.
 
 * :class:`Mp4Writer` streams RGB frames into an H.264 (yuv420p) mp4, interleaved with an AAC track
-  made from the input waveform. Conversion, encoding and muxing run in a background thread, one chunk
-  behind the caller, so they overlap the sampling; the bytes depend only on the frames and settings. The file is written under a temporary name in the target folder and
+  made from the input waveform. Conversion, encoding and muxing run in a background thread (up to
+  MAX_QUEUED_BYTES of frames behind the caller), so they overlap the sampling; the bytes depend only on
+  the frames and settings. The file is written under a temporary name in the target folder and
   moved into place (``os.replace``) only when :meth:`Mp4Writer.close` succeeds; on an error or
   :meth:`Mp4Writer.abort` nothing is left behind. With ``num_frames`` given, ``close`` checks that
   exactly that many frames were written.
@@ -400,13 +401,16 @@ def read_audio_file(path):
             raise MediaError(f"{path} has no audio stream")
         resampler = rate = None
         chunks = []
+        decoded_bytes = 0
         for frame in container.decode(streams[0]):
             if resampler is None:  # the first decoded frame fixes the layout and rate of the whole waveform
                 resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=frame.sample_rate)
                 rate = frame.sample_rate
             for f in resampler.resample(frame):
                 chunks.append(f.to_ndarray())
-            _check_audio_size(path, chunks, rate)
+                decoded_bytes += chunks[-1].nbytes
+            if decoded_bytes > MAX_AUDIO_BYTES:
+                raise _too_much_audio(path, chunks, rate)
         if resampler is not None:
             for f in resampler.resample(None):
                 chunks.append(f.to_ndarray())
@@ -416,15 +420,13 @@ def read_audio_file(path):
     return torch.from_numpy(np.ascontiguousarray(wav)), int(rate)
 
 
-def _check_audio_size(path, chunks, rate):
-    decoded = sum(c.nbytes for c in chunks)
-    if decoded > MAX_AUDIO_BYTES:
-        channels = chunks[-1].shape[0]
-        seconds = sum(c.shape[1] for c in chunks) / rate
-        raise MediaError(
-            f"{path}: the audio decodes to more than {MAX_AUDIO_BYTES >> 30} GiB of samples ({seconds:.0f} s so far at "
-            f"{rate} Hz x {channels} channel(s)), more than KeyFace holds in memory. Split the clip, or convert it "
-            f"to 16 kHz mono first (ffmpeg -i IN -ac 1 -ar 16000 OUT.wav; the audio encoders use 16 kHz mono)")
+def _too_much_audio(path, chunks, rate) -> MediaError:
+    channels = chunks[-1].shape[0]
+    seconds = sum(c.shape[1] for c in chunks) / rate
+    return MediaError(
+        f"{path}: the audio decodes to more than {MAX_AUDIO_BYTES >> 30} GiB of samples ({seconds:.0f} s so far at "
+        f"{rate} Hz x {channels} channel(s)), more than KeyFace holds in memory. Split the clip, or convert it "
+        f"to 16 kHz mono first (ffmpeg -i IN -ac 1 -ar 16000 OUT.wav; the audio encoders use 16 kHz mono)")
 
 
 # A portrait this large already costs 0.5 GB as float32 RGB; a small compressed file can declare far
