@@ -104,14 +104,19 @@ def test_rss_sampler_sees_a_block_allocation():
 
     before = bench.rss_mb()
     with bench.RssSampler(interval=0.001) as s:
-        a = np.ones(48 * 2**20 // 8)  # 48 MiB, touched
+        # 48 MiB of fresh anonymous pages, touched: a numpy buffer may reuse heap pages that are
+        # already resident after the earlier tests (CI saw +0.008 MB), which no sampler can see
+        import mmap
+
+        a = mmap.mmap(-1, 48 * 2**20)
+        np.frombuffer(a, np.uint8)[::4096] = 1
         # held until the sampler has read twice: a busy machine may not schedule its thread within the
         # allocation itself (a spike shorter than the interval may be missed, as documented)
         seen = s.samples
         deadline = time.monotonic() + 10
         while s.samples < seen + 2 and time.monotonic() < deadline:
             time.sleep(0.001)
-        del a
+        a.close()
     assert s.samples >= 2
     assert s.peak_mb - before >= 40  # the short-lived buffer is in the peak, not in the RSS after
 
