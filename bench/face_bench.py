@@ -13,15 +13,20 @@ Rows:
   settings), alternated 3 times, median of each; the difference per output second is what
   paste-back (warp + blend + encoding the larger picture) adds. ``paste_only`` times ``FacePaster.paste_uint8`` alone on the same frames and on
   512 px frames (the released model's size).
-* ``memory``: one subprocess per clip length streams that many seconds of 512 px frames through
-  ``FacePaster.stream`` into ``Mp4Writer`` at 1920x1080 (``preset`` ultrafast to keep the run short);
-  peak RSS (``VmHWM``) per length.
+* ``preset``: x264 alone (process CPU time per frame, after the RGB -> YUV conversion), file size and
+  PSNR against the frames, for the presets the writer could use at 1920x1080 (crf 18, mbtree off, one
+  thread, as the writer sets them): 100 frames of the test photo with its face crop, panned and zoomed
+  a little each frame, pasted back.
+* ``memory``: one subprocess per clip length streams that many seconds of 512 px frames into
+  ``pipeline.mp4_writer(..., paste_back=...)`` at 1920x1080, as KeyFace Save Video does (pasted and
+  encoded in the writer's thread, default preset); peak RSS (``VmHWM``) per length.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -109,10 +114,10 @@ def render_rows(seconds: float):
         paster = FacePaster(face_crop, even=True)
         runs = {"render": [], "paste": []}
         for _ in range(RENDER_REPEATS):  # alternated, median of each: the shared machine's speed drifts
-            for kind, flt in (("render", None), ("paste", lambda c: paster.paste_uint8(c, reuse=True))):
+            for kind, paste_back in (("render", None), ("paste", paster)):
                 t0 = time.perf_counter()
                 pipeline.render_to_file(kf, good, bad, vae, z, feats, Path(tmp) / f"{kind}.mp4", device="cpu",
-                                        frame_filter=flt, seed=1)
+                                        paste_back=paste_back, seed=1)
                 runs[kind].append(time.perf_counter() - t0)
         timings = {kind: statistics.median(t) for kind, t in runs.items()}
         for kind in ("render", "paste"):
@@ -133,7 +138,7 @@ def render_rows(seconds: float):
 
 
 def _encode_row(paster, n, seconds, folder):
-    """H.264 (the writer's default preset for the size: veryfast at 1920x1080) of n full-size frames, pasted beforehand (16 distinct frames
+    """H.264 (the writer's default preset for the size: superfast at 1920x1080) of n full-size frames, pasted beforehand (16 distinct frames
     with a random face, cycled) so only the encoding is timed: the cost of the output size itself,
     which any full-resolution video pays."""
     import torch
@@ -147,6 +152,51 @@ def _encode_row(paster, n, seconds, folder):
             w.write(frame[:min(16, n - i)])
     t = time.perf_counter() - t0
     return {"row": "encode_1080p_only", "frames": n, "seconds_per_output_second": round(t / seconds, 3)}
+
+
+def preset_rows(presets=("medium", "veryfast", "superfast"), n=100):
+    import av
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from keyface.face.framing import frame_face
+    from keyface.face.paste import FacePaster
+    from keyface.video_io import read_image
+
+    crop, face_crop, _ = frame_face(read_image(PHOTO), box=PHOTO_FACE_BOX, size=512)
+    paster = FacePaster(face_crop, even=True)
+    c = crop.permute(2, 0, 1)[None]
+    frames = []
+    for i in range(n):  # a moving face: the crop zoomed and shifted a little each frame
+        s = 1 + 0.05 * math.sin(i / 7)
+        theta = torch.tensor([[[s, 0, 0.03 * math.sin(i / 5)], [0, s, 0.02 * math.cos(i / 6)]]])
+        grid = F.affine_grid(theta, c.shape, align_corners=False)
+        frames.append(F.grid_sample(c, grid, align_corners=False)[0].permute(1, 2, 0))
+    pasted = np.concatenate([paster.paste_uint8(torch.stack(frames[i:i + 16])).numpy() for i in range(0, n, 16)])
+    yuv = [av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p") for img in pasted]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in presets:
+            path = os.path.join(tmp, f"{preset}.mp4")
+            t0 = time.process_time()
+            with av.open(path, "w") as container:
+                stream = container.add_stream("libx264", rate=FPS)
+                stream.width, stream.height, stream.pix_fmt = paster.width, paster.height, "yuv420p"
+                stream.options = {"crf": "18", "preset": preset, "x264-params": "mbtree=0"}
+                stream.codec_context.thread_count = 1
+                for i, frame in enumerate(yuv):
+                    frame.pts = i
+                    container.mux(stream.encode(frame))
+                container.mux(stream.encode(None))
+            ms = (time.process_time() - t0) / n * 1000
+            with av.open(path) as container:
+                decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+            mse = np.mean((decoded.astype(np.float64) - pasted) ** 2)
+            rows.append({"row": "preset", "preset": preset, "size": f"{paster.width}x{paster.height}", "frames": n,
+                         "x264_ms_per_frame": round(ms, 1), "bytes": os.path.getsize(path),
+                         "psnr_db": round(10 * math.log10(255 ** 2 / mse), 2)})
+    return rows
 
 
 def _features(kf, good, n, g):
@@ -165,24 +215,19 @@ def memory_worker(seconds: float) -> dict:
 
     from keyface.face.framing import frame_face
     from keyface.face.paste import FacePaster
-    from keyface.video_io import Mp4Writer, read_image
+    from keyface.pipeline import mp4_writer
+    from keyface.video_io import read_image
 
     photo = read_image(PHOTO)
     _, face_crop, _ = frame_face(photo, box=PHOTO_FACE_BOX, size=512)
     paster = FacePaster(face_crop, even=True)
     n = int(seconds * FPS)
     g = torch.Generator().manual_seed(0)
-
-    def chunks():
-        for i in range(0, n, 16):
-            yield torch.rand(min(16, n - i), 512, 512, 3, generator=g)
-
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        with Mp4Writer(Path(tmp) / "m.mp4", paster.width, paster.height, fps=FPS, num_frames=n,
-                       preset="ultrafast") as w:
-            for out in paster.stream(chunks()):
-                w.write(out)
+        with mp4_writer(Path(tmp) / "m.mp4", 512, 512, paste_back=paster, fps=FPS, num_frames=n) as w:
+            for i in range(0, n, 16):  # as KeyFace Save Video: decoded chunks in, pasted in the writer's thread
+                w.write(torch.rand(min(16, n - i), 512, 512, 3, generator=g))
     return {"row": "memory", "clip_seconds": seconds, "frames": n, "peak_rss_mib": round(_peak_rss_mib(), 1),
             "wall_seconds": round(time.perf_counter() - t0, 1)}
 
@@ -204,6 +249,7 @@ def main(argv=None):
         return 0
     rows = detect_rows(args.weights) if Path(args.weights).is_dir() else []
     rows += render_rows(args.render_seconds)
+    rows += preset_rows()
     for s in args.seconds:
         r = subprocess.run([sys.executable, __file__, "--memory-worker", str(s), "--threads", str(args.threads)],
                            capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})

@@ -304,7 +304,7 @@ def cmd_render(args) -> int:
         kf_net, good, bad, vae, z_id, features, args.out,
         audio=waveform, sample_rate=sample_rate, crf=args.crf,
         valence=valence, arousal=arousal, device=device, callback=progress, settings=settings,
-        frame_filter=paste_back,
+        paste_back=paste_back,
     )
     progress.log(f"wrote {args.out}: {n} frames ({n / FPS:.2f} s) at {FPS} fps")
     return 0
@@ -351,7 +351,7 @@ def _render_job(args, found, image, waveform, sample_rate, features, valence, ar
         report = jobs.render_job(folder, vae, z_id, features, args.out, networks=networks, runner=runner,
                                  model_digests=digests, valence=valence, arousal=arousal, settings=settings,
                                  device=device, audio=waveform, sample_rate=sample_rate, crf=args.crf,
-                                 callback=progress, frame_filter=paste_back)
+                                 callback=progress, paste_back=paste_back)
     finally:
         if runner is not None:
             runner.close()

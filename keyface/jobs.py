@@ -458,7 +458,7 @@ def job_description(clip: ClipInputs, settings: P.RenderSettings, model_digests:
 def render_job(folder, vae, identity_latent, features, path, *, networks=None, runner=None, model_digests=None,
                valence=None, arousal=None, settings: P.RenderSettings | None = None, device=None, dtype=None,
                audio=None, sample_rate=None, crf: int = P.DEFAULT_CRF, callback: Callable | None = None,
-               frame_filter: Callable | None = None, **overrides) -> JobReport:
+               paste_back=None, **overrides) -> JobReport:
     """Render one clip into the mp4 ``path`` through the job folder ``folder``: the blocks already in
     the folder are reused, the others computed (and stored as they finish), then the mp4 is decoded
     and encoded from the stored blocks. Same result, byte for byte, as
@@ -469,8 +469,8 @@ def render_job(folder, vae, identity_latent, features, path, *, networks=None, r
     ``model_digests``: {"keyframe_model", "interpolation_model", "interpolation_bad_model"} -> digest
     (default: :func:`digest_module` of ``networks``; the CLI uses :func:`digest_file`). The ``vae``
     decodes on ``device``. ``callback(ProgressEvent)``: as in render_to_file; an exception from it
-    stops the render, keeps the finished blocks and leaves no mp4. ``frame_filter``: chunk -> chunk
-    before encoding, as in render_to_file (the face paste-back; not part of the job's identity). JobError if the folder holds
+    stops the render, keeps the finished blocks and leaves no mp4. ``paste_back``: a FacePaster, as in
+    render_to_file (not part of the job's identity). JobError if the folder holds
     another render (naming what changed) or is in use.
     """
     s = P._render_settings(settings, overrides)
@@ -501,9 +501,8 @@ def render_job(folder, vae, identity_latent, features, path, *, networks=None, r
         del keyframes
         segments = _segment_reader(job, blocks[P.STAGE_INTERPOLATION], hw)
         chunks = P.decode_with_settings(vae, segments, plan, s, device=device, callback=callback)
-        if frame_filter is not None:
-            chunks = map(frame_filter, chunks)
-        P.write_mp4(chunks, path, plan.num_frames, audio=audio, sample_rate=sample_rate, crf=crf)
+        P.write_mp4(chunks, path, plan.num_frames, audio=audio, sample_rate=sample_rate, crf=crf,
+                    paste_back=paste_back)
     return report
 
 

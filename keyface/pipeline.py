@@ -35,6 +35,7 @@ unchanged (cancel), and :func:`render_to_file` then leaves no output file behind
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -794,8 +795,7 @@ def render(keyframe_network, interpolation_network, bad_network, vae, identity_l
 
 
 def render_to_file(keyframe_network, interpolation_network, bad_network, vae, identity_latent, features, path, *,
-                   audio=None, sample_rate=None, crf: int = DEFAULT_CRF, frame_filter: Callable | None = None,
-                   **kwargs) -> str:
+                   audio=None, sample_rate=None, crf: int = DEFAULT_CRF, paste_back=None, **kwargs) -> str:
     """Render one clip straight into an mp4 (H.264 + AAC of ``audio`` [C, S] at ``sample_rate``).
 
     Always 25 fps: the features have one row per 40 ms frame, so another rate would desync the lips.
@@ -803,8 +803,8 @@ def render_to_file(keyframe_network, interpolation_network, bad_network, vae, id
     silence, to exactly N / 25 s (:func:`keyface.video_io.fit_audio_to_frames`). Chunks are encoded
     as they are decoded; the file appears (atomically) only when every frame was written; on an
     error or a cancel (exception from the callback) no file is left behind.
-    ``frame_filter``: chunk -> chunk applied before encoding (e.g. ``FacePaster.paste_uint8``: the
-    face pasted back into the full picture); the video takes the size of its first output.
+    ``paste_back``: a :class:`keyface.face.paste.FacePaster`; each chunk is pasted back into its
+    picture, and the video has the picture's size (see :func:`write_mp4`).
     Returns the path. Other keyword arguments go to :func:`iter_render`.
     """
     kf_audio, _ = _features_parts(features)
@@ -812,9 +812,7 @@ def render_to_file(keyframe_network, interpolation_network, bad_network, vae, id
     check_output(path, audio, sample_rate)  # before the sampling, not after it
     chunks = iter_render(keyframe_network, interpolation_network, bad_network, vae, identity_latent, features,
                          **kwargs)
-    if frame_filter is not None:
-        chunks = map(frame_filter, chunks)
-    return write_mp4(chunks, path, n, audio=audio, sample_rate=sample_rate, crf=crf)
+    return write_mp4(chunks, path, n, audio=audio, sample_rate=sample_rate, crf=crf, paste_back=paste_back)
 
 
 def check_output(path, audio=None, sample_rate=None):
@@ -829,10 +827,13 @@ def check_output(path, audio=None, sample_rate=None):
         raise MediaError(f"audio needs a positive sample_rate, got {sample_rate!r}")
 
 
-def write_mp4(chunks, path, num_frames: int, *, audio=None, sample_rate=None, crf: int = DEFAULT_CRF) -> str:
+def write_mp4(chunks, path, num_frames: int, *, audio=None, sample_rate=None, crf: int = DEFAULT_CRF,
+              paste_back=None) -> str:
     """Encode the frame ``chunks`` ([n, H, W, 3] in 0..1, ``num_frames`` in all) into the mp4 ``path``
-    with ``audio`` fitted to exactly num_frames / 25 s; atomic, and nothing is left on an error."""
-    from .video_io import MediaError, Mp4Writer, fit_audio_to_frames
+    with ``audio`` fitted to exactly num_frames / 25 s; atomic, and nothing is left on an error.
+    ``paste_back``: a :class:`keyface.face.paste.FacePaster` (``width`` x ``height`` picture); the
+    writer's thread pastes each chunk before encoding it, off the render's thread."""
+    from .video_io import MediaError, fit_audio_to_frames
 
     n = int(num_frames)
     check_output(path, audio, sample_rate)
@@ -841,9 +842,9 @@ def write_mp4(chunks, path, num_frames: int, *, audio=None, sample_rate=None, cr
     writer = None
     try:
         for chunk in chunks:
-            if writer is None:  # the frame size is the decoder's, known from the first chunk
-                writer = Mp4Writer(path, chunk.shape[2], chunk.shape[1], fps=FPS, audio=audio,
-                                   sample_rate=sample_rate, num_frames=n, crf=crf)
+            if writer is None:  # the frame size is the decoder's (or the picture's), known from the first chunk
+                writer = mp4_writer(path, chunk.shape[2], chunk.shape[1], paste_back=paste_back, fps=FPS, audio=audio,
+                                    sample_rate=sample_rate, num_frames=n, crf=crf)
             writer.write(chunk)
         if writer is None:
             raise MediaError("nothing was rendered")
@@ -853,6 +854,18 @@ def write_mp4(chunks, path, num_frames: int, *, audio=None, sample_rate=None, cr
             writer.abort()
         raise
     return os.fspath(path)
+
+
+def mp4_writer(path, frame_width: int, frame_height: int, *, paste_back=None, **kwargs):
+    """A :class:`keyface.video_io.Mp4Writer` for decoded frames of ``frame_width`` x ``frame_height``;
+    with ``paste_back`` (a FacePaster), for its picture's size, the writer's thread pasting each
+    chunk before encoding it. Other keyword arguments go to the writer."""
+    from .video_io import Mp4Writer
+
+    if paste_back is None:
+        return Mp4Writer(path, frame_width, frame_height, **kwargs)
+    return Mp4Writer(path, paste_back.width, paste_back.height,
+                     frame_filter=functools.partial(paste_back.paste_uint8, reuse=True), **kwargs)
 
 
 __all__ = [
@@ -873,6 +886,7 @@ __all__ = [
     "keyframes_with_settings",
     "model_latent_size",
     "model_resolution",
+    "mp4_writer",
     "prepare_identity",
     "render",
     "render_to_file",

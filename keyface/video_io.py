@@ -1,10 +1,10 @@
 """Media I/O for the command line and for ``render_to_file``: PyAV only, no ffmpeg binary needed.
 
 * :class:`Mp4Writer` streams RGB frames into an H.264 (yuv420p) mp4, interleaved with an AAC track
-  made from the input waveform. Conversion, encoding and muxing run in a background thread (up to
-  MAX_QUEUED_BYTES of frames behind the caller), so they overlap the sampling; the bytes depend only on
-  the frames and settings. The file is written under a temporary name in the target folder and
-  moved into place (``os.replace``) only when :meth:`Mp4Writer.close` succeeds; on an error or
+  made from the input waveform. The optional frame filter (the face paste-back), conversion, encoding
+  and muxing run in a background thread (up to MAX_QUEUED_BYTES of frames behind the caller), so they
+  overlap the sampling; the bytes depend only on the frames and settings. The file is written
+  under a temporary name in the target folder and moved into place (``os.replace``) only when :meth:`Mp4Writer.close` succeeds; on an error or
   :meth:`Mp4Writer.abort` nothing is left behind. With ``num_frames`` given, ``close`` checks that
   exactly that many frames were written.
 * :func:`read_audio_file` decodes any audio (or video-with-audio) file to float32 ``[C, S]``.
@@ -66,13 +66,22 @@ def _audio_float32(audio) -> np.ndarray:
     return a
 
 
-def frames_to_uint8(frames) -> np.ndarray:
-    """[n, H, W, 3] float in 0..1 (clamped) or uint8 -> contiguous uint8, truncating like the original."""
+def frames_to_uint8(frames, out: np.ndarray | None = None) -> np.ndarray:
+    """[n, H, W, 3] float in 0..1 (clamped) or uint8 -> contiguous uint8, truncating like the original.
+    ``out``: a uint8 array of the same shape to fill (converted frame by frame, so no full-size float
+    temporaries); returned."""
     a = _to_numpy(frames)
+    if out is None:
+        if a.dtype == np.uint8:
+            return np.ascontiguousarray(a)
+        a = np.clip(a.astype(np.float32, copy=False), 0.0, 1.0) * 255.0
+        return np.ascontiguousarray(a.astype(np.uint8))
     if a.dtype == np.uint8:
-        return np.ascontiguousarray(a)
-    a = np.clip(a.astype(np.float32, copy=False), 0.0, 1.0) * 255.0
-    return np.ascontiguousarray(a.astype(np.uint8))
+        np.copyto(out, a)
+        return out
+    for src, dst in zip(a, out):
+        np.copyto(dst, np.clip(src.astype(np.float32, copy=False), 0.0, 1.0) * 255.0, casting="unsafe")
+    return out
 
 
 def fit_audio_to_frames(audio, sample_rate: int, num_frames: int) -> np.ndarray:
@@ -101,7 +110,12 @@ class _EncoderThread:
     """Runs a function on each queued array in one background thread, in order: the mp4 writer's
     colour conversion, H.264 encoding and muxing overlap with the caller's work (sampling the next
     segment group, decoding on a GPU). At most ``max_bytes`` wait (one item always may), so memory
-    stays bounded however long the clip. The first error stops the work; ``check`` raises it."""
+    stays bounded however long the clip. The first error stops the work; ``check`` raises it.
+
+    Finished arrays go back to a pool that :meth:`buffer` hands out again, as long as the pool and
+    the queue together stay within ``max_bytes``. A fresh array per chunk would be mapped fresh by
+    the allocator (chunks of large frames are above glibc's mmap threshold) and fault in page by
+    page: 2.1-2.4 s of system time on the caller's thread per 10 s of 1920x1080 video (measured)."""
 
     def __init__(self, work, max_bytes: int):
         import collections
@@ -110,6 +124,8 @@ class _EncoderThread:
         self._work, self._max_bytes = work, int(max_bytes)
         self._items = collections.deque()
         self._queued_bytes = 0
+        self._free: list[np.ndarray] = []  # flat uint8 buffers, ready for reuse
+        self._lent: dict[int, np.ndarray] = {}  # id -> flat buffer handed out by buffer(), not yet recycled
         self._closing = False
         self._error: BaseException | None = None
         self._cond = threading.Condition()
@@ -130,9 +146,30 @@ class _EncoderThread:
                 self._error = e
             with self._cond:
                 self._queued_bytes -= item.nbytes
+                self._recycle(item)
                 self._cond.notify_all()
 
+    def _recycle(self, item: np.ndarray):
+        flat = self._lent.pop(id(item.base), None)
+        if flat is None or self._error is not None:
+            return
+        if self._queued_bytes + sum(b.nbytes for b in self._free) + flat.nbytes <= self._max_bytes:
+            self._free.append(flat)
+
+    def buffer(self, shape, dtype=np.uint8) -> np.ndarray:
+        """An array of ``shape`` and ``dtype`` for the caller to fill and then :meth:`put`: a finished
+        one reused when one is large enough, else a new one."""
+        dtype = np.dtype(dtype)
+        need = int(np.prod(shape)) * dtype.itemsize
+        with self._cond:
+            i = next((i for i, b in enumerate(self._free) if b.nbytes >= need), None)
+            flat = np.empty(need, np.uint8) if i is None else self._free.pop(i)
+            self._lent[id(flat)] = flat
+        return flat[:need].view(dtype).reshape(shape)
+
     def check(self):
+        if isinstance(self._error, _FilterError):  # about the frames: raised as the filter raised it
+            raise self._error.error
         if self._error is not None and not isinstance(self._error, _Cancelled):
             raise MediaError(f"encoding the mp4 failed: {self._error}") from self._error
 
@@ -151,6 +188,8 @@ class _EncoderThread:
             self._closing = True
             self._cond.notify_all()
         self._thread.join()
+        self._free.clear()
+        self._lent.clear()
         self.check()
 
     def cancel(self):
@@ -160,15 +199,28 @@ class _EncoderThread:
             self._closing = True
             self._cond.notify_all()
         self._thread.join()
+        self._free.clear()
+        self._lent.clear()
 
 
 class _Cancelled(Exception):
     pass
 
 
+class _FilterError(Exception):
+    """An error of the writer's frame_filter (e.g. a PasteError about non-finite frames)."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 # x264 presets by picture size. At 512 x 512 (the model's output) "medium" costs ~0.2 CPU-s per output
-# second. A pasted-back 1920x1080 video costs 1.76 CPU-s per output second with "medium" and 0.77 with
-# "veryfast" (+12% size, -0.19 dB PSNR at crf 18), measured on a talking face pasted into a photo.
+# second. A pasted-back 1920x1080 video is written with "superfast": x264 alone costs 9.6 ms per frame
+# against 19.4 ("veryfast") and 44.0 ("medium"), at the same quality as veryfast (43.47 dB PSNR against
+# 43.48 and 43.67 at crf 18) for +18% size (+44% against medium); bench/face_bench.py's preset rows, on a
+# face panned in the 1920x1080 test photo. Next to a fast render (the smoke models on a CPU) veryfast
+# added 14% to the render time per output second, superfast 3-4% (docs/FACE.md).
 FULL_RESOLUTION_PIXELS = 1024 * 1024
 # Frames waiting for the encoder thread: a segment group at 1920x1080 (27 frames, 168 MB as uint8)
 # fits, so its encoding overlaps the sampling of the next group.
@@ -176,7 +228,7 @@ MAX_QUEUED_BYTES = 256 << 20
 
 
 def default_preset(width: int, height: int) -> str:
-    return "medium" if width * height <= FULL_RESOLUTION_PIXELS else "veryfast"
+    return "medium" if width * height <= FULL_RESOLUTION_PIXELS else "superfast"
 
 
 class Mp4Writer:
@@ -186,10 +238,16 @@ class Mp4Writer:
     (the track lasts S / sample_rate seconds), interleaved with the video as frames arrive. Rates
     AAC cannot store are resampled to 48 kHz; more than 2 channels are averaged to mono.
     ``preset``: the x264 preset; by default :func:`default_preset` of the frame size.
+    ``frame_filter``: chunk -> frames ``[n, height, width, 3]`` (float 0..1 or uint8), run in the
+    writer's thread on each written chunk before it is encoded, e.g. a
+    :class:`~keyface.face.paste.FacePaster`'s ``paste_uint8`` with ``reuse=True`` (each result is
+    encoded before the next call). ``write`` then takes chunks of any frame size. Running it here
+    rather than in the caller takes it, and the copy of the full-size result, off the render's thread.
     """
 
     def __init__(self, path, width: int, height: int, fps: int = FPS, audio=None, sample_rate: int | None = None,
-                 num_frames: int | None = None, crf: int = DEFAULT_CRF, preset: str | None = None, audio_bitrate: int = 128000):
+                 num_frames: int | None = None, crf: int = DEFAULT_CRF, preset: str | None = None, audio_bitrate: int = 128000,
+                 frame_filter=None):
         import av
 
         if width % 2 or height % 2 or width <= 0 or height <= 0:
@@ -200,6 +258,8 @@ class Mp4Writer:
         self.num_frames = None if num_frames is None else int(num_frames)
         self.frames_written = 0  # accepted by write(); the encoder thread may still be working on them
         self._frames_encoded = 0
+        self._frame_filter = frame_filter
+        self._rgb = None  # the RGB frame handed to swscale (_rgb_frame)
         self._encoder = None
         self._closed = False
         folder = os.path.dirname(os.path.abspath(self.path))
@@ -294,38 +354,70 @@ class Mp4Writer:
 
     # ---- video ---------------------------------------------------------------------------------
     def write(self, frames):
-        """Append frames [n, H, W, 3] (float 0..1 or uint8; a single [H, W, 3] frame also works).
-        Returns once they are copied: the encoding runs in the writer's thread, and its errors are
-        raised by the next ``write`` or by ``close``. The caller may reuse its buffer at once."""
+        """Append frames [n, H, W, 3] (float 0..1 or uint8; a single [H, W, 3] frame also works), or,
+        with a ``frame_filter``, chunks of what the filter takes. Returns once they are copied: the
+        filter and the encoding run in the writer's thread, and their errors are raised by the next
+        ``write`` or by ``close``. The caller may reuse its buffer at once."""
         if self._closed:
             raise RuntimeError("Mp4Writer is closed")
         given = _to_numpy(frames)
-        a = frames_to_uint8(given)
-        if a.ndim == 3:
-            a = a[None]
-        if a.ndim != 4 or a.shape[1:] != (self.height, self.width, 3):
-            raise MediaError(f"frames: expected [n, {self.height}, {self.width}, 3], got {a.shape}")
-        if self.num_frames is not None and self.frames_written + a.shape[0] > self.num_frames:
+        if given.ndim == 3:
+            given = given[None]
+        expected = (self.height, self.width, 3) if self._frame_filter is None else None
+        if given.ndim != 4 or given.shape[1:] != (expected or given.shape[1:]):
+            size = "H, W, C" if expected is None else f"{self.height}, {self.width}, 3"
+            raise MediaError(f"frames: expected [n, {size}], got {given.shape}")
+        if self.num_frames is not None and self.frames_written + given.shape[0] > self.num_frames:
             raise MediaError(
-                f"too many frames: {self.frames_written + a.shape[0]} written, the clip has {self.num_frames}"
+                f"too many frames: {self.frames_written + given.shape[0]} written, the clip has {self.num_frames}"
             )
-        if np.may_share_memory(a, given):
-            a = a.copy()  # the caller's buffer (a paste-back buffer is reused for the next chunk)
-        self._encoder.put(a)
-        self.frames_written += a.shape[0]
+        # always a copy: the caller may reuse its buffer (a paste-back buffer is, for the next chunk)
+        if self._frame_filter is None:
+            item = frames_to_uint8(given, out=self._encoder.buffer(given.shape))
+        else:  # the filter's input as given (float stays float: it is quantised after the filter)
+            item = self._encoder.buffer(given.shape, np.float32 if given.dtype.kind == "f" else given.dtype)
+            np.copyto(item, given, casting="same_kind")
+        self._encoder.put(item)
+        self.frames_written += given.shape[0]
 
-    def _encode(self, frames):
-        """In the encoder thread: colour conversion, H.264, and the audio up to the end of these frames."""
+    def _encode(self, chunk):
+        """In the encoder thread: the frame filter, colour conversion, H.264, and the audio up to the
+        end of these frames."""
         import av
 
+        frames = chunk
+        if self._frame_filter is not None:
+            try:
+                frames = self._frame_filter(chunk)
+            except Exception as e:  # noqa: BLE001 - re-raised as it is by the next write / close
+                raise _FilterError(e) from e
+            frames = _to_numpy(frames)
+            if frames.shape != (chunk.shape[0], self.height, self.width, 3):
+                raise MediaError(f"frame_filter: expected [{chunk.shape[0]}, {self.height}, {self.width}, 3], "
+                                 f"got {frames.shape}")
+            if frames.dtype != np.uint8:
+                frames = frames_to_uint8(frames)
         for img in frames:
-            vf = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
+            vf = self._rgb_frame(img).reformat(format="yuv420p")
             vf.pts = self._frames_encoded
             for pkt in self._vstream.encode(vf):
                 self._container.mux(pkt)
             self._frames_encoded += 1
         if self._audio is not None:
             self._push_audio(self._frames_encoded * self._in_rate // self.fps)
+
+    def _rgb_frame(self, img: np.ndarray):
+        """``img`` [H, W, 3] uint8 in the writer's one RGB frame (FFmpeg's aligned buffer), reused for
+        every frame. ``VideoFrame.from_ndarray`` would copy each frame twice while holding the GIL
+        (5.7 ms at 1920x1080, measured), stalling the render's thread; numpy copies without it."""
+        import av
+
+        if self._rgb is None:
+            self._rgb = av.VideoFrame(self.width, self.height, "rgb24")
+        plane = self._rgb.planes[0]
+        view = np.ndarray((self.height, self.width, 3), np.uint8, buffer=plane, strides=(plane.line_size, 3, 1))
+        np.copyto(view, img)
+        return self._rgb
 
     def close(self):
         """Flush, check the frame count, and move the file into place."""

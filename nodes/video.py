@@ -43,14 +43,14 @@ class KeyFaceSaveVideo(C.Mp4OutputNode):
     def save(self, vae, latent, audio, filename_prefix, chunk_frames, crf, face_crop=None, feather=None,
              color_match=None):
         import folder_paths
-        from ..keyface.video_io import Mp4Writer, fit_audio_to_frames
+        from ..keyface.pipeline import mp4_writer
+        from ..keyface.video_io import fit_audio_to_frames
 
         C.check_widgets(type(self), filename_prefix=filename_prefix, chunk_frames=chunk_frames, crf=crf)
         seg, n = segments_from_latent(latent)
-        size = int(seg.shape[-1]) * 8, int(seg.shape[-2]) * 8
+        frame_size = int(seg.shape[-1]) * 8, int(seg.shape[-2]) * 8
         paster = face_paster(face_crop, feather, color_match)  # None without a face_crop
-        if paster is not None:
-            size = paster.width, paster.height
+        size = frame_size if paster is None else (paster.width, paster.height)
         waveform, sr = C.first_clip(audio)
         waveform = fit_audio_to_frames(waveform, sr, n)  # exactly n / 25 s: cut, or padded with silence
         out_dir = folder_paths.get_output_directory()
@@ -58,10 +58,10 @@ class KeyFaceSaveVideo(C.Mp4OutputNode):
         file = f"{name}_{counter:05}_.mp4"
         path = os.path.join(folder, file)
         progress = C.Progress()
-        with Mp4Writer(path, size[0], size[1], fps=int(C.FPS), audio=waveform, sample_rate=sr, num_frames=n,
-                       crf=int(crf)) as writer:
+        with mp4_writer(path, *frame_size, paste_back=paster, fps=int(C.FPS), audio=waveform, sample_rate=sr,
+                        num_frames=n, crf=int(crf)) as writer:
             for chunk in decode_chunks(vae, seg, n, chunk_frames, progress):
-                writer.write(chunk if paster is None else paster.paste_uint8(chunk, reuse=True))  # encoded at once
+                writer.write(chunk)  # pasted back (with a face_crop) and encoded in the writer's thread
         log.info("KeyFace: wrote %s (%d frames)", path, n)
         return {"ui": {"images": [{"filename": file, "subfolder": subfolder, "type": "output"}], "animated": (True,)},
                 "result": (path, n)}

@@ -282,15 +282,111 @@ def test_audio_that_decodes_to_too_many_samples_is_refused_early(tmp_path, monke
 
 def test_full_resolution_video_uses_the_faster_preset(tmp_path):
     """x264 writes its settings into the stream: the model's 512 px output keeps "medium" (subme=7),
-    a pasted-back 1920x1080 video gets "veryfast" (subme=2), both with mbtree off."""
+    a pasted-back 1920x1080 video gets "superfast" (subme=1), both with mbtree off."""
     import re
 
     from keyface.video_io import default_preset
 
-    assert default_preset(512, 512) == "medium" and default_preset(1920, 1080) == "veryfast"
-    for width, height, subme in ((512, 512, "7"), (1920, 1080, "2")):
+    assert default_preset(512, 512) == "medium" and default_preset(1920, 1080) == "superfast"
+    for width, height, subme in ((512, 512, "7"), (1920, 1080, "1")):
         out = tmp_path / f"{width}.mp4"
         with Mp4Writer(out, width, height) as w:
             w.write(np.zeros((2, height, width, 3), np.uint8))
         settings = re.search(rb"options: [^\x00]*", out.read_bytes()).group(0).decode()
         assert f" subme={subme} " in settings and " mbtree=0 " in settings, settings
+
+
+@pytest.mark.parametrize("width,height", [(64, 64), (34, 20), (1922, 1080)])
+def test_rgb_frame_converts_as_from_ndarray(width, height):
+    """The writer fills FFmpeg's own (row-padded) RGB frame with numpy instead of calling
+    VideoFrame.from_ndarray, whose copies hold the GIL; the YUV that reaches x264 must be the same,
+    also where rows are padded (34 px: 102 bytes per row)."""
+    import av
+
+    img = np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    w = Mp4Writer.__new__(Mp4Writer)
+    w.width, w.height, w._rgb = width, height, None
+    ours = w._rgb_frame(img).reformat(format="yuv420p")
+    theirs = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
+    assert np.array_equal(ours.to_ndarray(), theirs.to_ndarray())
+
+
+def _double(chunk):
+    """A frame filter for the tests: nearest-neighbour x2, as uint8."""
+    import threading
+
+    _double.threads.add(threading.current_thread().name)
+    f = torch.as_tensor(chunk)
+    return (f.repeat_interleave(2, 1).repeat_interleave(2, 2).clamp(0, 1) * 255).to(torch.uint8)
+
+
+_double.threads = set()
+
+
+def test_frame_filter_runs_in_the_writer_thread_on_a_copy(tmp_path):
+    """With a frame_filter (the paste-back), write() takes chunks of another size, and the filter runs
+    in the writer's thread, not the caller's; the caller may still reuse its buffer at once."""
+    import av
+
+    frames = torch.from_numpy(_pan(32, 12)).float() / 255
+    expected = _double(frames).numpy()
+    _double.threads.clear()
+    buffer = frames.clone()
+    with Mp4Writer(tmp_path / "filtered.mp4", 64, 64, num_frames=12, frame_filter=_double, crf=0) as w:
+        for i in range(0, 12, 4):
+            buffer[:4] = frames[i:i + 4]
+            w.write(buffer[:4])
+            buffer[:4] = 0.5  # overwritten right after write(): the writer kept a copy
+        with pytest.raises(MediaError, match="too many frames: 13"):
+            w.write(frames[:1])
+    assert _double.threads == {"keyface-mp4-encoder"}
+    with av.open(str(tmp_path / "filtered.mp4")) as c:
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert decoded.shape == (12, 64, 64, 3)
+    assert np.abs(decoded.astype(int) - expected).mean() < 3  # crf 0; only the YUV 4:2:0 round trip differs
+
+
+def test_frame_filter_errors_reach_the_caller_as_raised(tmp_path):
+    """A filter's own error (e.g. PasteError: "frames: hold NaN or infinite values") is raised as it is
+    by the next write or close, naming the frames; a filter returning the wrong size is a MediaError.
+    Either way nothing is left on disk."""
+    from keyface.face.paste import PasteError
+
+    def refuse(chunk):
+        raise PasteError("frames: hold NaN or infinite values")
+
+    out = tmp_path / "refused.mp4"
+    with pytest.raises(PasteError, match="NaN or infinite"):
+        with Mp4Writer(out, 64, 64, frame_filter=refuse) as w:
+            w.write(np.zeros((2, 32, 32, 3), np.float32))
+    assert not out.exists() and leftovers(tmp_path) == []
+    with pytest.raises(MediaError, match=r"frame_filter: expected \[2, 64, 64, 3\], got \(2, 32, 32, 3\)"):
+        with Mp4Writer(out, 64, 64, frame_filter=lambda c: c) as w:
+            w.write(np.zeros((2, 32, 32, 3), np.float32))
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_chunk_buffers_are_reused_within_the_queue_bound(tmp_path, monkeypatch):
+    """A fresh array per chunk of large frames is mapped fresh and faults in page by page on the
+    caller's thread; finished chunk buffers are reused instead, and the pool plus the queue stay within
+    MAX_QUEUED_BYTES (+ one chunk), however many chunks are written."""
+    from keyface import video_io
+
+    frames = _pan(n=8)
+    monkeypatch.setattr(video_io, "MAX_QUEUED_BYTES", 3 * frames.nbytes)
+    handed_out = []
+    real_buffer = video_io._EncoderThread.buffer
+
+    def spy(self, shape, dtype=np.uint8):
+        a = real_buffer(self, shape, dtype)
+        handed_out.append(a.base)  # kept alive: a new buffer cannot take a freed one's id
+        pooled = sum(b.nbytes for b in self._free) + self._queued_bytes
+        assert pooled <= video_io.MAX_QUEUED_BYTES
+        return a
+
+    monkeypatch.setattr(video_io._EncoderThread, "buffer", spy)
+    with Mp4Writer(tmp_path / "pooled.mp4", 64, 64, num_frames=8 * 40) as w:
+        for _ in range(40):
+            w.write(frames)
+    assert len(handed_out) == 40
+    assert len({id(b) for b in handed_out}) <= 4  # 3 queued + the one being filled, then only reused ones

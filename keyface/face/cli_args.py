@@ -7,7 +7,6 @@ Kept apart from ``keyface/cli.py`` (which only calls :func:`add_face_arguments` 
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 
 from . import FACE_MODES
@@ -66,8 +65,8 @@ def check_face_args(args):
 
 
 def face_from_args(args, image, size: int, log):
-    """-> (square identity image [size, size, 3], chunk -> full-size uint8 chunk) for --face auto/manual,
-    or (None, None) for off. The pasted chunks share one buffer: render_to_file encodes each at once."""
+    """-> (square identity image [size, size, 3], the FacePaster for render_to_file's paste_back) for
+    --face auto/manual, or (None, None) for off."""
     if args.face == "off":
         return None, None
     from .framing import frame_face
@@ -88,4 +87,4 @@ def face_from_args(args, image, size: int, log):
     feather = DEFAULT_FEATHER if args.feather is None else args.feather
     paster = FacePaster(face_crop, feather=feather, color_match=not args.no_color_match, even=True)
     log(f"paste-back into {paster.width}x{paster.height}")
-    return crop, functools.partial(paster.paste_uint8, reuse=True)
+    return crop, paster
