@@ -162,3 +162,18 @@ def test_knobs_use_the_render_settings_path(smoke_dir):
     with torch.inference_mode():
         _, _, frames = bench._stages(*models, z_id, features, settings)
         assert torch.equal(frames, P.render(kf, good, bad, vae, z_id, features, settings=settings))
+
+
+def test_face_bench_rows_run_and_measure_what_they_say():
+    """bench/face_bench.py's preset and memory rows on a few frames (the bench itself runs 100 frames and
+    60 s clips): each x264 preset keeps the pasted photo (PSNR > 35 dB at crf 18, read back from the
+    mp4), superfast within 1.5 dB of medium; the memory row streams exactly its frames through the
+    writer's paste-back."""
+    from bench import face_bench
+
+    rows = {r["preset"]: r for r in face_bench.preset_rows(presets=("medium", "superfast"), n=6)}
+    for r in rows.values():
+        assert r["size"] == "1920x1080" and r["bytes"] > 0 and r["psnr_db"] > 35, r
+    assert abs(rows["medium"]["psnr_db"] - rows["superfast"]["psnr_db"]) < 1.5, rows
+    memory = face_bench.memory_worker(0.4)
+    assert memory["frames"] == 10 and memory["peak_rss_mib"] > 100, memory
