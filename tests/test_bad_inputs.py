@@ -277,6 +277,44 @@ def test_wav2vec2_config_json_errors_name_the_file(smoke_dir, tmp_path, text, me
     assert str(folder) in str(err.value)
 
 
+_LOAD_AND_REPORT_PEAK = """
+import json, sys
+from keyface.audio import load_wav2vec2
+from keyface.checkpoints import CheckpointError
+try:
+    load_wav2vec2(sys.argv[1])
+    outcome = "loaded"
+except CheckpointError as e:
+    outcome = str(e)
+peak = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")][0] / 1024
+print(json.dumps({"outcome": outcome, "peak_mib": peak}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc")
+def test_encoder_config_sizes_cost_no_memory(smoke_dir, tmp_path):
+    """A config.json is a few bytes, and its sizes must not decide what is allocated. With
+    hidden_size 4096 (intermediate 16384) beside the smoke weights, a loader that builds the encoder
+    for real initialises 1.3 GB of weights before it finds that none fits (measured: peak RSS +1280
+    MiB). Built on the meta device, only the file's tensors are taken: a shape mismatch naming the
+    keys, at the peak memory of a normal load. (In a subprocess, for a clean peak.)"""
+    folder = tmp_path / "w2v"
+    shutil.copytree(smoke_dir / "wav2vec2-base-960h", folder)
+    cfg = folder / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "hidden_size": 4096, "intermediate_size": 16384}))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    runs = {}
+    for name, path in (("normal", smoke_dir / "wav2vec2-base-960h"), ("huge", folder)):
+        run = subprocess.run([sys.executable, "-c", _LOAD_AND_REPORT_PEAK, str(path)], env=env, capture_output=True,
+                             text=True, timeout=120, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-2000:]
+        runs[name] = json.loads(run.stdout.strip().splitlines()[-1])
+    assert runs["normal"]["outcome"] == "loaded"
+    assert "shape mismatch" in runs["huge"]["outcome"] and "(4096, 32)" in runs["huge"]["outcome"], runs["huge"]
+    assert str(folder) in runs["huge"]["outcome"]
+    assert runs["huge"]["peak_mib"] < runs["normal"]["peak_mib"] + 200, runs
+
+
 @pytest.mark.parametrize("text,message", [
     ('{"version":1,"valence":[[0,0],[1e308,1]],"arousal":[[0,0]]}', "valence\\[1\\]: time must be in 0..86400 seconds, got 1e\\+308"),
     ("[" * 100000 + "]" * 100000, "nested too deeply"),

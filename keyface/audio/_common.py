@@ -127,9 +127,18 @@ def fit_weight_norm(sd: dict, model_keys) -> dict:
 
 
 def load_strict(module: torch.nn.Module, sd: dict, source: str, what: str):
-    """:func:`keyface.checkpoints.load_strict` after renaming weight-norm keys to the module's layout."""
-    return checkpoints.load_strict(module, fit_weight_norm(sd, module.state_dict().keys()), source,
-                                   f"{what} built from its config")
+    """:func:`keyface.checkpoints.load_strict` after renaming weight-norm keys to the module's layout,
+    for a module built on the ``meta`` device (:func:`build_from_config`): the file's tensors are
+    taken as they are (in the dtype the module was built with), so only the file's own tensors are
+    ever allocated, never sizes read from its config."""
+    own = module.state_dict()
+    sd = fit_weight_norm(sd, own.keys())
+    sd = {k: v.to(own[k].dtype) if k in own and v.dtype != own[k].dtype else v for k, v in sd.items()}
+    checkpoints.load_strict(module, sd, source, f"{what} built from its config", assign=True)
+    empty = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if empty:  # a tensor the state dict does not hold (none in the released encoders)
+        raise CheckpointError(f"{source}: the {what} has tensors the file cannot fill: {', '.join(empty[:5])}")
+    return module
 
 
 def module_device_dtype(module: torch.nn.Module):
@@ -165,16 +174,20 @@ def hf_encoder_keys(sd: dict, source: str, model_keys, prefix: str, what: str) -
     return base
 
 
-def build_from_config(build, cfg, source, what: str):
-    """``build(cfg)`` (a transformers config + model constructor); a config value of the wrong type or
-    size (``"hidden_size": "abc"``) raises a CheckpointError naming the config instead of the
+def build_from_config(build, cfg, source, what: str, config_name: str = "config.json"):
+    """``build(cfg)`` (a transformers config + model constructor) on the ``meta`` device: the sizes in
+    a config cost no memory (a 100-byte config.json saying ``"hidden_size": 10**6`` would otherwise
+    allocate terabytes before any weight is read); :func:`load_strict` then takes the file's tensors,
+    and a size that differs from the file's is a shape mismatch naming the keys. A config value of the
+    wrong type (``"hidden_size": "abc"``) raises a CheckpointError naming the config instead of the
     constructor's TypeError / ValueError from deep inside transformers."""
     try:
-        return build(cfg)
+        with torch.device("meta"):
+            return build(cfg)
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - transformers / huggingface_hub raise their own validation errors
-        raise CheckpointError(f"{source}: its {what} config.json does not describe a usable model "
+        raise CheckpointError(f"{source}: its {what} {config_name} does not describe a usable model "
                               f"({type(err).__name__}: {err})"[:600]) from None
 
 # --------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from ._common import (
     as_batch,
     attention_block_rows,
     attention_units,
+    build_from_config,
     spans,
     load_strict,
     module_device_dtype,
@@ -354,7 +355,8 @@ def load_beats(path, dtype=None, device=None, operations=None) -> BEATs:
     if "conv_feature_layers" in f["cfg"] or "patch_embedding.weight" not in f["model"]:
         raise CheckpointError(f"{path}: this is not a BEATs checkpoint (no patch_embedding; a WavLM file?); use load_wavlm for WavLM")
     cfg = BEATsConfig.from_cfg(f["cfg"])
-    model = BEATs(cfg, dtype=torch.float32, operations=operations)
+    model = build_from_config(lambda c: BEATs(c, dtype=torch.float32, operations=operations), cfg, f["source"], "BEATs",
+                              config_name="checkpoint's cfg")
     load_strict(model, convert_state_dict(f["model"], cfg, f["source"]), f["source"], "BEATs")
     model = model.eval().requires_grad_(False)
     return model.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else model

@@ -287,7 +287,7 @@ def load_wavlm(path, config=None, dtype=None, device=None) -> WavLMEncoder:
             raise CheckpointError(f"{path}: this is a BEATs checkpoint, not WavLM; use load_beats for it")
         hf_config = wavlm_config_from_unilm(cfg)
         normalize = bool(cfg.get("normalize", False))
-        model = WavLMModel(hf_config)
+        model = build_from_config(WavLMModel, hf_config, f["source"], "WavLM", config_name="checkpoint's cfg")
         sd = convert_unilm_state_dict(f["model"], model.state_dict().keys(), f["source"])
     else:
         if f["cfg"].get("model_type", "wavlm") != "wavlm":
