@@ -51,7 +51,7 @@ from .networks import check_latent_size, mask_latent_hw
 from .planner import FPS, WINDOW, ClipPlan, plan_clip
 from .settings import DEFAULT_CHUNK_FRAMES, DEFAULT_CRF, DEFAULT_SEED, RenderSettings, check_attention
 from .vae import decode_memory
-from .validate import finite, number, stage_output
+from .validate import MAX_RESOLUTION, finite, integer, number, stage_output
 
 STAGE_KEYFRAMES = "keyframes"
 STAGE_INTERPOLATION = "interpolation"
@@ -231,9 +231,10 @@ def prepare_identity(image, size, mode: str = "crop") -> torch.Tensor:
         img = img.float() / 255.0
     finite("identity image", img, "the portrait's pixels must be numbers in 0..1")
     img = img.float()
-    th, tw = (int(size), int(size)) if isinstance(size, (int,)) else (int(size[0]), int(size[1]))
-    if th <= 0 or tw <= 0:
-        raise ValueError(f"identity size must be positive, got {size!r}")
+    sizes = tuple(size) if isinstance(size, (tuple, list, torch.Size)) else (size, size)
+    if len(sizes) != 2:
+        raise ValueError(f"identity size: expected an integer or (height, width), got {size!r}")
+    th, tw = (integer("identity size", s, 1, MAX_RESOLUTION) for s in sizes)  # NaN / 1e9 named, not a crash
     h, w = img.shape[:2]
     x = img.permute(2, 0, 1)[None]  # [1, 3, H, W]
     target_aspect = tw / th

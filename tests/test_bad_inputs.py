@@ -91,6 +91,19 @@ def test_nan_pixel_in_the_portrait_is_refused():
         P.prepare_identity(img, 32)
 
 
+@pytest.mark.parametrize("size,message", [
+    (float("nan"), r"identity size: expected an integer in 1\.\.8192, got nan"),
+    (1e9, r"identity size: expected an integer in 1\.\.8192, got 1000000000"),
+    ((32, 32, 3), r"identity size: expected an integer or \(height, width\), got \(32, 32, 3\)"),
+    ("512", r"identity size: expected an integer in 1\.\.8192, got '512' \(str\)"),
+])
+def test_identity_size_is_checked_by_name(size, message):
+    """A NaN size was a bare TypeError from indexing a float; a huge one a failed allocation."""
+    with pytest.raises(ValueError, match="^" + message):
+        P.prepare_identity(torch.rand(40, 52, 3), size)
+    assert P.prepare_identity(torch.rand(40, 52, 3), np.int64(16)).shape == (16, 16, 3)
+
+
 def _poisoned(module, attr_path):
     """A copy of ``module`` whose parameter at ``attr_path`` is all NaN (a broken model file)."""
     m = copy.deepcopy(module)
