@@ -8,6 +8,9 @@
 // warning). Constant before the first / after the last point.
 
 export const CURVE_VERSION = 1;
+// Latest point time in seconds: keyface/emotion.py's MAX_TIME_S (tests/test_curve_js_parity.py checks
+// they are equal), so a curve the server would refuse is refused while it is typed.
+export const MAX_TIME_S = 86400;
 export const INTERPOLATIONS = ["linear", "monotone"];
 export const DEFAULT_INTERPOLATION = "monotone";
 const KEYS = ["version", "valence", "arousal", "interpolation"];
@@ -76,6 +79,7 @@ function parseSeries(name, raw, warnings) {
       throw new CurveError(`${name}[${i}]: t and value must be finite`);
     }
     if (t < 0) throw new CurveError(`${name}[${i}]: time must be >= 0 seconds, got ${t}`);
+    if (t > MAX_TIME_S) throw new CurveError(`${name}[${i}]: time must be in 0..${MAX_TIME_S} seconds, got ${t}`);
     if (pts.length && t <= pts[pts.length - 1][0]) {
       const prev = pts[pts.length - 1][0];
       const what = t === prev ? "duplicate time" : "times are not sorted";

@@ -29,7 +29,8 @@ RUNNER = r"""
 import { readFileSync } from "node:fs";
 import * as cm from "./curve_math.mjs";
 const cases = JSON.parse(readFileSync(process.argv[2], "utf8"));
-const out = { valid: {}, invalid: {}, per_frame: {}, named: cm.NAMED_EMOTIONS, order: Object.keys(cm.NAMED_EMOTIONS) };
+const out = { valid: {}, invalid: {}, per_frame: {}, named: cm.NAMED_EMOTIONS, order: Object.keys(cm.NAMED_EMOTIONS),
+              max_time_s: cm.MAX_TIME_S };
 for (const c of cases.valid) {
   try {
     const curve = cm.parseCurve(c.text);
@@ -72,6 +73,10 @@ def js_results(tmp_path_factory):
 def test_named_emotions_identical(js_results):
     assert js_results["order"] == list(kfe.NAMED_EMOTIONS)
     assert {k: tuple(v) for k, v in js_results["named"].items()} == kfe.NAMED_EMOTIONS
+
+
+def test_latest_point_time_identical(js_results):
+    assert js_results["max_time_s"] == kfe.MAX_TIME_S
 
 
 @pytest.mark.parametrize("case", CASES["valid"], ids=[c["name"] for c in CASES["valid"]])
