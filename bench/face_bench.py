@@ -14,9 +14,9 @@ Rows:
   paste-back (warp + blend + encoding the larger picture) adds. ``paste_only`` times ``FacePaster.paste_uint8`` alone on the same frames and on
   512 px frames (the released model's size).
 * ``preset``: x264 alone (process CPU time per frame, after the RGB -> YUV conversion), file size and
-  PSNR against the frames, for the presets the writer could use at 1920x1080 (crf 18, mbtree off, one
-  thread, as the writer sets them): 100 frames of the test photo with its face crop, panned and zoomed
-  a little each frame, pasted back.
+  PSNR against the frames, for the presets the writer could use at 1920x1080 (the default crf 18 and
+  the writer's stream settings: ``video_io.add_h264_stream``): 100 frames of the test photo with its
+  face crop, panned and zoomed a little each frame, pasted back.
 * ``memory``: one subprocess per clip length streams that many seconds of 512 px frames into
   ``pipeline.mp4_writer(..., paste_back=...)`` at 1920x1080, as KeyFace Save Video does (pasted and
   encoded in the writer's thread, default preset); peak RSS (``VmHWM``) per length.
@@ -162,7 +162,8 @@ def preset_rows(presets=("medium", "veryfast", "superfast"), n=100):
 
     from keyface.face.framing import frame_face
     from keyface.face.paste import FacePaster
-    from keyface.video_io import read_image
+    from keyface.settings import DEFAULT_CRF
+    from keyface.video_io import add_h264_stream, read_image
 
     crop, face_crop, _ = frame_face(read_image(PHOTO), box=PHOTO_FACE_BOX, size=512)
     paster = FacePaster(face_crop, even=True)
@@ -181,10 +182,7 @@ def preset_rows(presets=("medium", "veryfast", "superfast"), n=100):
             path = os.path.join(tmp, f"{preset}.mp4")
             t0 = time.process_time()
             with av.open(path, "w") as container:
-                stream = container.add_stream("libx264", rate=FPS)
-                stream.width, stream.height, stream.pix_fmt = paster.width, paster.height, "yuv420p"
-                stream.options = {"crf": "18", "preset": preset, "x264-params": "mbtree=0"}
-                stream.codec_context.thread_count = 1
+                stream = add_h264_stream(container, paster.width, paster.height, FPS, DEFAULT_CRF, preset)
                 for i, frame in enumerate(yuv):
                     frame.pts = i
                     container.mux(stream.encode(frame))

@@ -4,8 +4,8 @@
   made from the input waveform. The optional frame filter (the face paste-back), conversion, encoding
   and muxing run in a background thread (up to MAX_QUEUED_BYTES of frames behind the caller), so they
   overlap the sampling; the bytes depend only on the frames and settings. The file is written
-  under a temporary name in the target folder and moved into place (``os.replace``) only when :meth:`Mp4Writer.close` succeeds; on an error or
-  :meth:`Mp4Writer.abort` nothing is left behind. With ``num_frames`` given, ``close`` checks that
+  under a temporary name in the target folder and moved into place (``os.replace``) only when
+  :meth:`Mp4Writer.close` succeeds; on an error or :meth:`Mp4Writer.abort` nothing is left behind. With ``num_frames`` given, ``close`` checks that
   exactly that many frames were written.
 * :func:`read_audio_file` decodes any audio (or video-with-audio) file to float32 ``[C, S]``.
 * :func:`read_image` reads an RGB image to float ``[H, W, 3]`` in 0..1 (EXIF orientation applied).
@@ -68,14 +68,13 @@ def _audio_float32(audio) -> np.ndarray:
 
 def frames_to_uint8(frames, out: np.ndarray | None = None) -> np.ndarray:
     """[n, H, W, 3] float in 0..1 (clamped) or uint8 -> contiguous uint8, truncating like the original.
-    ``out``: a uint8 array of the same shape to fill (converted frame by frame, so no full-size float
-    temporaries); returned."""
+    ``out``: a uint8 array of the same shape to fill (returned). Float frames are converted frame by
+    frame, so there are no full-size float temporaries."""
     a = _to_numpy(frames)
+    if a.dtype == np.uint8 and out is None:
+        return np.ascontiguousarray(a)
     if out is None:
-        if a.dtype == np.uint8:
-            return np.ascontiguousarray(a)
-        a = np.clip(a.astype(np.float32, copy=False), 0.0, 1.0) * 255.0
-        return np.ascontiguousarray(a.astype(np.uint8))
+        out = np.empty(a.shape, np.uint8)
     if a.dtype == np.uint8:
         np.copyto(out, a)
         return out
@@ -231,6 +230,24 @@ def default_preset(width: int, height: int) -> str:
     return "medium" if width * height <= FULL_RESOLUTION_PIXELS else "superfast"
 
 
+def add_h264_stream(container, width: int, height: int, fps: int, crf: int, preset: str):
+    """The writer's H.264 video stream (yuv420p, the settings below) added to an open PyAV container;
+    ``bench/face_bench.py`` times x264 with exactly these settings."""
+    vs = container.add_stream("libx264", rate=fps)
+    vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
+    # Resumed and Ray renders must equal uninterrupted ones byte for byte.
+    # mbtree=0: x264's macroblock-tree rate control was measured to read memory it never wrote
+    # at some frame widths (64-192 px of those tried; 128-1920 px widths were clean): the same
+    # frames gave other bytes depending on what the heap held (MALLOC_PERTURB_ changes them).
+    # Off for every size: +10.6% file size at the same crf, -0.2 dB PSNR (512 px portrait pan).
+    vs.options = {"crf": str(crf), "preset": preset, "x264-params": "mbtree=0"}
+    # One x264 thread: its output depends on the thread count, which differs between machines
+    # (a Ray driver, a resumed job elsewhere). The encoding overlaps the render instead: it runs
+    # in the writer's own thread (_EncoderThread).
+    vs.codec_context.thread_count = 1
+    return vs
+
+
 class Mp4Writer:
     """Streaming mp4 writer (H.264 yuv420p video + optional AAC audio), atomic on close.
 
@@ -273,19 +290,8 @@ class Mp4Writer:
                 # duration rounded to ms); the AAC rate is a multiple of 25, so both tracks stay exact
                 options["movie_timescale"] = str(_aac_rate(_sample_rate(sample_rate)))
             self._container = av.open(self._tmp, mode="w", format="mp4", options=options)
-            vs = self._container.add_stream("libx264", rate=self.fps)
-            vs.width, vs.height, vs.pix_fmt = self.width, self.height, "yuv420p"
-            # Resumed and Ray renders must equal uninterrupted ones byte for byte.
-            # mbtree=0: x264's macroblock-tree rate control was measured to read memory it never wrote
-            # at some frame widths (64-192 px of those tried; 128-1920 px widths were clean): the same
-            # frames gave other bytes depending on what the heap held (MALLOC_PERTURB_ changes them).
-            # Off for every size: +10.6% file size at the same crf, -0.2 dB PSNR (512 px portrait pan).
-            preset = preset or default_preset(self.width, self.height)
-            vs.options = {"crf": str(crf), "preset": preset, "x264-params": "mbtree=0"}
-            # One x264 thread: its output depends on the thread count, which differs between machines
-            # (a Ray driver, a resumed job elsewhere). The encoding overlaps the render instead: it runs
-            # in the writer's own thread (_EncoderThread).
-            vs.codec_context.thread_count = 1
+            vs = add_h264_stream(self._container, self.width, self.height, self.fps, crf,
+                                 preset or default_preset(self.width, self.height))
             self._vstream = vs
             self._audio = None
             if audio is not None:
@@ -363,9 +369,9 @@ class Mp4Writer:
         given = _to_numpy(frames)
         if given.ndim == 3:
             given = given[None]
-        expected = (self.height, self.width, 3) if self._frame_filter is None else None
-        if given.ndim != 4 or given.shape[1:] != (expected or given.shape[1:]):
-            size = "H, W, C" if expected is None else f"{self.height}, {self.width}, 3"
+        sized = self._frame_filter is None  # a filter takes frames of its own size
+        if given.ndim != 4 or (sized and given.shape[1:] != (self.height, self.width, 3)):
+            size = f"{self.height}, {self.width}, 3" if sized else "H, W, C"
             raise MediaError(f"frames: expected [n, {size}], got {given.shape}")
         if self.num_frames is not None and self.frames_written + given.shape[0] > self.num_frames:
             raise MediaError(

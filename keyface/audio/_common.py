@@ -133,7 +133,7 @@ def load_strict(module: torch.nn.Module, sd: dict, source: str, what: str):
     ever allocated, never sizes read from its config."""
     own = module.state_dict()
     sd = fit_weight_norm(sd, own.keys())
-    sd = {k: v.to(own[k].dtype) if k in own and v.dtype != own[k].dtype else v for k, v in sd.items()}
+    sd = {k: v.to(own[k].dtype) if k in own else v for k, v in sd.items()}  # .to: no copy when equal
     checkpoints.load_strict(module, sd, source, f"{what} built from its config", assign=True)
     empty = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if empty:  # a tensor the state dict does not hold (none in the released encoders)
