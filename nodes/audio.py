@@ -46,7 +46,7 @@ class EncoderProgress:
 
 class KeyFaceEncodeAudio:
     DESCRIPTION = ("Computes KeyFace's per-video-frame audio features (WavLM+BEATs for keyframes, wav2vec2+BEATs "
-                   "for interpolation) and the clip length in frames, round(seconds x 25). Also returns the clip "
+                   f"for interpolation) and the clip length in frames, round(seconds x {C.FPS:g}). Also returns the clip "
                    "(first item of a batch) cut or padded to exactly that many frames, and the fps, for Create Video.")
     CATEGORY = C.CATEGORY
     FUNCTION = "encode"
@@ -54,9 +54,9 @@ class KeyFaceEncodeAudio:
     RETURN_NAMES = ("audio_features", "frame_count", "audio", "fps")
     OUTPUT_TOOLTIPS = (
         "Audio features for Sample Keyframes and Interpolate.",
-        "Number of video frames the clip will have: round(seconds x 25), within half a frame of the audio.",
-        "The clip cut, or padded with silence, to exactly frame_count / 25 s (feed it to Create Video with fps).",
-        "Frames per second of the KeyFace video (25).",
+        f"Number of video frames the clip will have: round(seconds x {C.FPS:g}), within half a frame of the audio.",
+        f"The clip cut, or padded with silence, to exactly frame_count / {C.FPS:g} s (feed it to Create Video with fps).",
+        f"Frames per second of the KeyFace video ({C.FPS:g}).",
     )
 
     @classmethod

@@ -50,7 +50,7 @@ class KeyFaceDecode:
     FUNCTION = "decode"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
-    OUTPUT_TOOLTIPS = ("The video frames (25 fps), as many as KeyFace Encode Audio's frame_count.",)
+    OUTPUT_TOOLTIPS = (f"The video frames ({C.FPS:g} fps), as many as KeyFace Encode Audio's frame_count.",)
 
     @classmethod
     def INPUT_TYPES(cls):

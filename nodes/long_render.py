@@ -48,7 +48,7 @@ class KeyFaceLongRender(C.Mp4OutputNode):
             "vae": ("KEYFACE_VAE", {"tooltip": "From KeyFace Load VAE (identity encode and video decode)."}),
             "image": ("IMAGE", {"tooltip": "The portrait (first image of a batch)."}),
             "audio_features": ("KEYFACE_AUDIO_FEATURES", {"tooltip": "From KeyFace Encode Audio."}),
-            "audio": ("AUDIO", {"tooltip": "The speech, muxed into the mp4 (cut or padded to N / 25 s)."}),
+            "audio": ("AUDIO", {"tooltip": f"The speech, muxed into the mp4 (cut or padded to N / {C.FPS:g} s)."}),
             "seed": ("INT", {"default": D.seed, "min": 0, "max": MAX_SEED, "control_after_generate": False,
                              "tooltip": "Noise seed of both stages. Keep it fixed to resume: another seed is another job."}),
             "steps": ("INT", {"default": D.keyframe_steps, "min": 10, "max": 100, "tooltip": "Sampling steps of both stages (10 as released)."}),

@@ -19,7 +19,7 @@ log = logging.getLogger("keyface")
 
 class KeyFaceSaveVideo(C.Mp4OutputNode):
     DESCRIPTION = ("Decodes KeyFace latents in fixed chunks and streams them into an H.264/AAC mp4 in the output "
-                   "folder (flat memory for long clips). The audio is cut, or padded with silence, to the video length (N / 25 s).")
+                   f"folder (flat memory for long clips). The audio is cut, or padded with silence, to the video length (N / {C.FPS:g} s).")
     FUNCTION = "save"
 
     @classmethod

@@ -3,14 +3,18 @@
 ``nodes/`` reads it from the library (``nodes/_common.FPS``); ``js/`` gets it from the server (the
 ``keyface_fps`` option of KeyFace Emotion's ``curve`` input). So a number 25 in the code of ``nodes/``
 or ``js/`` (comments and text excluded) is a copy of the fact creeping back, and fails here. A 25 that
-means something else gets a name and an entry in ``NOT_THE_FRAME_RATE``.
+means something else gets a name and an entry in ``NOT_THE_FRAME_RATE``. The nodes' descriptions and
+tooltips that state the rate format ``FPS`` too (checked with the library's value changed).
 """
 
 from __future__ import annotations
 
 import ast
 import io
+import json
 import re
+import subprocess
+import sys
 import tokenize
 from pathlib import Path
 
@@ -139,3 +143,37 @@ def test_the_check_sees_a_copy(tmp_path, name, source, copies):
     (tmp_path / "js").mkdir()
     (tmp_path / name).write_text(source)
     assert len(frame_rate_copies(tmp_path)) == copies, frame_rate_copies(tmp_path)
+
+
+NODE_TEXTS_WITH_FPS_30 = r'''
+import importlib, importlib.util, json, sys
+sys.path.insert(0, sys.argv[2])
+import comfy_stubs
+comfy_stubs.install()
+root, name = sys.argv[1], "keyface_pack_fps_check"
+spec = importlib.util.spec_from_file_location(name, root + "/__init__.py", submodule_search_locations=[root])
+pack = importlib.util.module_from_spec(spec)
+sys.modules[name] = pack  # the package exists, its __init__ (which imports the nodes) has not run yet
+importlib.import_module(name + ".keyface.planner").FPS = 30
+spec.loader.exec_module(pack)
+texts = []
+for cls in pack.NODE_CLASS_MAPPINGS.values():
+    texts += [getattr(cls, "DESCRIPTION", "")] + list(getattr(cls, "OUTPUT_TOOLTIPS", ()))
+    for group in cls.INPUT_TYPES().values():
+        for input_spec in group.values():  # ("TYPE",) or ("TYPE", {options})
+            if len(input_spec) > 1 and isinstance(input_spec[1], dict):
+                texts.append(input_spec[1].get("tooltip", ""))
+print(json.dumps(texts))
+'''
+
+
+def test_node_texts_quote_the_library_frame_rate():
+    """Descriptions and tooltips that state the frame rate format ``keyface.planner.FPS``: with the
+    library's FPS set to 30 before the pack is imported, they say 30 and no text says 25."""
+    out = subprocess.run([sys.executable, "-c", NODE_TEXTS_WITH_FPS_30, str(ROOT), str(ROOT / "scripts")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    texts = json.loads(out.stdout)
+    says_25 = [t for t in texts if re.search(r"(?<![\d.])25(?![\d.])", t)]
+    assert not says_25, "node texts that write the frame rate as a literal 25:\n" + "\n".join(says_25)
+    assert sum(bool(re.search(r"(?<![\d.])30(?![\d.])", t)) for t in texts) >= 5, "texts stopped quoting the fps"
