@@ -15,12 +15,34 @@ COMFY=${KEYFACE_COMFYUI:-$ROOT/.comfyui}
 PY=${PYTHON:-python3}
 log() { printf '[setup %(%H:%M:%S)T] %s\n' -1 "$*"; }
 
+# Free KiB on the filesystem holding $1 (or its nearest existing parent); empty where df cannot tell.
+free_kib() {
+  local p=$1
+  while [ ! -e "$p" ]; do p=$(dirname "$p"); done
+  df -Pk "$p" 2>/dev/null | awk 'NR==2 {print $4}'
+}
+# The pinned torch is a CUDA build. Measured 2026-12-03 (a fresh venv, pip install -r
+# requirements-test.txt): 7,334 MiB of disk at the peak (the venv + pip's downloads in the temp
+# folder), 5,508 MiB once done. A full disk otherwise shows up as a pip traceback deep in a download.
+NEED_MIB=7334
+stamp="$VENV/.keyface-test-reqs"
+if ! cmp -s "$ROOT/requirements-test.txt" "$stamp" 2>/dev/null; then
+  for where in "$VENV" "${TMPDIR:-/tmp}"; do
+    free=$(free_kib "$where") || free=""
+    case $free in ''|*[!0-9]*) continue ;; esac  # no df, or output it cannot read: no warning
+    if [ "$free" -lt $((NEED_MIB * 1024)) ]; then
+      log "WARNING: only $((free / 1024)) MiB free on the disk of $where; installing the test stack took"
+      log "WARNING: $NEED_MIB MiB at its peak when measured (venv + pip's temporary downloads) and may fail with"
+      log "WARNING: 'No space left on device'. Free some space, or set KEYFACE_VENV / TMPDIR to a larger disk."
+    fi
+  done
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV"
   "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
-stamp="$VENV/.keyface-test-reqs"
 if ! cmp -s "$ROOT/requirements-test.txt" "$stamp" 2>/dev/null; then
   log "installing the test stack (torch 2.11 CUDA build from PyPI, runs on the CPU; ~70 s)"
   "${PIP[@]}" -r "$ROOT/requirements-test.txt"
