@@ -249,6 +249,21 @@ def free_memory(device) -> int:
     return int(mm().get_free_memory(device))
 
 
+def image_batch(num_frames: int, height: int, width: int, device, node: str, instead: str):
+    """An empty IMAGE batch [N, H, W, 3] (float32, as ComfyUI passes images) for a node to fill chunk by
+    chunk: one copy of the frames, where a list of chunks + ``torch.cat`` held two. Refused before it is
+    allocated where it does not fit in what the memory manager reports free on ``device``: a long clip at
+    a large size would otherwise swap or get the server killed. ``instead``: what to use for such clips."""
+    import torch
+
+    need = int(num_frames) * int(height) * int(width) * 3 * 4
+    free = free_memory(device)
+    if need > free:
+        raise MemoryError(f"{node}: {num_frames} frames of {width}x{height} are {need / 1e9:.1f} GB as an IMAGE "
+                          f"batch, more than the {free / 1e9:.1f} GB free ({torch.device(device).type}). {instead}")
+    return torch.empty((int(num_frames), int(height), int(width), 3), dtype=torch.float32, device=device)
+
+
 def render_defaults():
     """``keyface.settings.DEFAULTS`` (torch-free): the node inputs' defaults are the library's."""
     from ..keyface.settings import DEFAULTS

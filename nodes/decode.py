@@ -43,6 +43,10 @@ def decode_chunks(vae, segments, num_frames, chunk_frames, progress):
             yield chunk.to(out_device, torch.float32)
 
 
+LONG_CLIPS = ("For long clips use KeyFace Save Video, which decodes chunk by chunk into the mp4 (memory stays "
+              "flat), or render a shorter clip.")
+
+
 class KeyFaceDecode:
     DESCRIPTION = ("Decodes KeyFace Interpolate's latents with the SVD temporal decoder in fixed chunks (moved to "
                    "the CPU one by one), merges the frames segments share, and returns exactly frame_count frames.")
@@ -62,12 +66,15 @@ class KeyFaceDecode:
         }}
 
     def decode(self, vae, latent, chunk_frames):
-        import torch
-
         C.check_widgets(type(self), chunk_frames=chunk_frames)
         seg, n = segments_from_latent(latent)
-        frames = list(decode_chunks(vae, seg, n, chunk_frames, C.Progress()))
-        return (torch.cat(frames, 0),)
+        frames, at = None, 0
+        for chunk in decode_chunks(vae, seg, n, chunk_frames, C.Progress()):
+            if frames is None:  # the frame size is the first chunk's
+                frames = C.image_batch(n, chunk.shape[1], chunk.shape[2], chunk.device, "KeyFace Decode", LONG_CLIPS)
+            frames[at:at + chunk.shape[0]] = chunk
+            at += chunk.shape[0]
+        return (frames,)
 
 
 NODE_CLASS_MAPPINGS = {"KeyFaceDecode": KeyFaceDecode}

@@ -176,7 +176,9 @@ class KeyFacePasteBack:
 
         paster = FacePaster(face_crop, feather=float(feather), color_match=bool(color_match))
         n = int(images.shape[0])
-        out = torch.empty((n, paster.height, paster.width, 3), dtype=torch.float32)
+        out = C.image_batch(n, paster.height, paster.width, torch.device("cpu"), "KeyFace Paste Back",
+                            "For long clips give the face_crop to KeyFace Save Video instead: it pastes chunk by "
+                            "chunk into the mp4 (memory stays flat).")
         bar = comfy.utils.ProgressBar(n)
         for i in range(0, n, self.CHUNK):
             C.check_interrupt()

@@ -93,6 +93,13 @@ def test_paste_back_node_and_save_video_stream_full_size(N, models, clip, smoke_
     assert torch.allclose(pasted[:, :100, :100], untouched.expand(clip["n"], -1, -1, -1), atol=1e-6)
     assert (pasted[:, 280, 380] - torch.from_numpy(pic[280, 380]).float() / 255).abs().max() > 0.01
 
+    # a batch at the photo's size that does not fit in free memory is refused, naming Save Video's way
+    comfy_stubs.STATE.free_memory = clip["n"] * 600 * 799 * 3 * 4 - 1
+    with pytest.raises(MemoryError, match=rf"KeyFace Paste Back: {clip['n']} frames of 799x600 .* IMAGE batch.*"
+                                          "give the face_crop to KeyFace Save Video"):
+        N["KeyFacePasteBack"]().paste(frames, crop, 0.1, True)
+    comfy_stubs.STATE.free_memory = 64 << 30
+
     folder_paths.output_directory = str(tmp_path)
     out = N["KeyFaceSaveVideo"]().save(models["vae"], lat, clip["audio"], "kf/face", 4, 23, face_crop=crop,
                                        feather=0.1, color_match=True)

@@ -520,6 +520,22 @@ def test_decode_chunks_fit_the_free_memory_comfyui_reports(N, models, clip):
     torch.testing.assert_close(tight, roomy, rtol=0, atol=1e-5)
 
 
+def test_decoded_batch_that_does_not_fit_is_refused_by_name(N, models, clip):
+    """KeyFace Decode fills one IMAGE batch chunk by chunk; where the whole batch (N x H x W x 3 float32)
+    exceeds what ComfyUI reports free, it says so and points at KeyFace Save Video, instead of swapping or
+    getting the server killed. At exactly the batch's size it decodes."""
+    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, False, 2)
+    n = clip["n"]
+    need = n * 64 * 64 * 3 * 4
+    comfy_stubs.STATE.free_memory = need - 1
+    with pytest.raises(MemoryError, match=rf"KeyFace Decode: {n} frames of 64x64 are .* GB as an IMAGE batch, "
+                                          r"more than the .* GB free \(cpu\)\. For long clips use KeyFace Save Video"):
+        N["KeyFaceDecode"]().decode(models["vae"], lat, 16)
+    comfy_stubs.STATE.free_memory = need
+    frames, = N["KeyFaceDecode"]().decode(models["vae"], lat, 16)
+    assert frames.shape == (n, 64, 64, 3) and torch.isfinite(frames).all()
+
+
 # ---------------------------------------------------------------------------- LATENT convention
 def test_latent_holds_raw_vae_latents(N, models, clip):
     """ComfyUI LATENTs are raw VAE latents (its VAE encode/decode apply no scale factor): Interpolate
