@@ -74,6 +74,8 @@ class KeyFaceDecode:
                 frames = C.image_batch(n, chunk.shape[1], chunk.shape[2], chunk.device, "KeyFace Decode", LONG_CLIPS)
             frames[at:at + chunk.shape[0]] = chunk
             at += chunk.shape[0]
+        if at != n:  # never hand on a batch with unfilled (uninitialised) frames
+            raise RuntimeError(f"KeyFace Decode: the decoder gave {at} of the clip's {n} frames")
         return (frames,)
 
 

@@ -536,6 +536,16 @@ def test_decoded_batch_that_does_not_fit_is_refused_by_name(N, models, clip):
     assert frames.shape == (n, 64, 64, 3) and torch.isfinite(frames).all()
 
 
+def test_decode_never_returns_unfilled_frames(N, models, clip, monkeypatch):
+    """Decode fills a batch allocated uninitialised: a decoder that stops short is an error, not a batch
+    whose last frames are whatever the memory held."""
+    decode_mod = importlib.import_module(PACK + ".nodes.decode")
+    lat, = N["KeyFaceInterpolate"]().interpolate(models["it"], clip["kfs"], clip["feats"], 5, 10, 2.0, False, 2)
+    monkeypatch.setattr(decode_mod, "decode_chunks", lambda *a: iter([torch.zeros(3, 64, 64, 3)]))
+    with pytest.raises(RuntimeError, match=rf"the decoder gave 3 of the clip's {clip['n']} frames"):
+        N["KeyFaceDecode"]().decode(models["vae"], lat, 16)
+
+
 # ---------------------------------------------------------------------------- LATENT convention
 def test_latent_holds_raw_vae_latents(N, models, clip):
     """ComfyUI LATENTs are raw VAE latents (its VAE encode/decode apply no scale factor): Interpolate
