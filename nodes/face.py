@@ -174,6 +174,9 @@ class KeyFacePasteBack:
 
         from ..keyface.face.paste import FacePaster
 
+        if getattr(images, "ndim", 0) != 4:  # chunking a single [H, W, 3] frame would cut it into rows
+            raise ValueError(f"images: expected an IMAGE batch [n, s, s, 3] of KeyFace frames, got "
+                             f"{tuple(getattr(images, 'shape', ())) or type(images).__name__}")
         paster = FacePaster(face_crop, feather=float(feather), color_match=bool(color_match))
         n = int(images.shape[0])
         out = C.image_batch(n, paster.height, paster.width, torch.device("cpu"), "KeyFace Paste Back",
@@ -182,7 +185,7 @@ class KeyFacePasteBack:
         bar = comfy.utils.ProgressBar(n)
         for i in range(0, n, self.CHUNK):
             C.check_interrupt()
-            out[i:i + self.CHUNK] = paster.paste(images[i:i + self.CHUNK])
+            out[i:i + self.CHUNK] = paster.paste(images[i:i + self.CHUNK], what=f"images[{i}:{min(i + self.CHUNK, n)}]")
             bar.update_absolute(min(i + self.CHUNK, n), n)
         return (out,)
 

@@ -170,3 +170,19 @@ def test_cli_face_modes(models_dir, tmp_path, capsys):  # noqa: F811
     assert rc == 0, err
     assert "face: face 1 of 2" in err and "choose with --face-index" in err
     assert probe_mp4(out)["width"] == 1280
+
+
+def test_paste_back_names_the_bad_images(N):  # noqa: F811
+    """Paste Back's errors name its input and, for values, the frames: a single [H, W, 3] frame is
+    refused (chunking it would cut it into rows and report a shape the user never gave), and a NaN in
+    frame 20 names the chunk it is in."""
+    _, crop, _ = N["KeyFaceDetectCropFace"]().crop(_batch(ff.no_face()), "manual", 0, 1.0, 0.0, 0.0, 64, "mtcnn",
+                                                   300, 200, 160, 160)
+    with pytest.raises(ValueError, match=r"images: expected an IMAGE batch \[n, s, s, 3\] .*got \(64, 64, 3\)"):
+        N["KeyFacePasteBack"]().paste(torch.rand(64, 64, 3), crop, 0.1, True)
+    frames = torch.rand(24, 64, 64, 3)
+    frames[20, 5, 5, 1] = float("nan")
+    with pytest.raises(Exception, match=r"images\[16:24\]: hold NaN or infinite values"):
+        N["KeyFacePasteBack"]().paste(frames, crop, 0.1, True)
+    out, = N["KeyFacePasteBack"]().paste(frames[:20], crop, 0.1, True)
+    assert out.shape == (20, 600, 800, 3) and torch.isfinite(out).all()

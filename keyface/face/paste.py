@@ -115,18 +115,18 @@ class FacePaster:
         grid = self.grid.expand(x.shape[0], -1, -1, -1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False).permute(0, 2, 3, 1)
 
-    def _check(self, frames) -> torch.Tensor:
+    def _check(self, frames, what: str = "frames") -> torch.Tensor:
         f = torch.as_tensor(frames)
         if f.dim() == 3:
             f = f[None]
         if f.dim() != 4 or f.shape[-1] < 3 or f.shape[1] != f.shape[2]:
-            raise PasteError(f"frames: expected square KeyFace frames [n, s, s, 3], got {tuple(f.shape)}")
+            raise PasteError(f"{what}: expected square KeyFace frames [n, s, s, 3], got {tuple(f.shape)}")
         f = f[..., :3].detach().cpu()
         if f.dtype == torch.uint8:
             return f.float() / 255.0
         f = f.float()
         if not torch.isfinite(f.sum()):  # one cheap pass: any NaN / inf makes the sum non-finite
-            raise PasteError("frames: hold NaN or infinite values")
+            raise PasteError(f"{what}: hold NaN or infinite values")
         return f
 
     def _full_frames(self, n: int, reuse: bool) -> torch.Tensor:
@@ -151,9 +151,9 @@ class FacePaster:
         out[:, y0:y1, x0:x1] = blended.add_(0.5).clamp_(0, 255).to(torch.uint8)
         return out
 
-    def paste(self, frames) -> torch.Tensor:
-        """frames [n, s, s, 3] -> float32 [n, H, W, 3] in 0..1 (an IMAGE batch)."""
-        f = self._check(frames)
+    def paste(self, frames, what: str = "frames") -> torch.Tensor:
+        """frames [n, s, s, 3] -> float32 [n, H, W, 3] in 0..1 (an IMAGE batch); ``what`` names them in errors."""
+        f = self._check(frames, what)
         x0, y0, x1, y1 = self.region
         out = (self.background.float() / 255.0)[None].expand(f.shape[0], -1, -1, -1).clone()
         bg = out[:, y0:y1, x0:x1]
