@@ -15,11 +15,12 @@ COMFY=${KEYFACE_COMFYUI:-$ROOT/.comfyui}
 PY=${PYTHON:-python3}
 log() { printf '[setup %(%H:%M:%S)T] %s\n' -1 "$*"; }
 
-# Free KiB on the filesystem holding $1 (or its nearest existing parent); empty where df cannot tell.
-free_kib() {
+# "<free KiB> <mount point>" of the filesystem holding $1 (or its nearest existing parent); empty
+# where df cannot tell.
+disk_of() {
   local p=$1
   while [ ! -e "$p" ]; do p=$(dirname "$p"); done
-  df -Pk "$p" 2>/dev/null | awk 'NR==2 {print $4}'
+  df -Pk "$p" 2>/dev/null | awk 'NR==2 {print $4, $6}'
 }
 # The pinned torch is a CUDA build. Measured 2026-12-03 (a fresh venv, pip install -r
 # requirements-test.txt): 7,334 MiB of disk at the peak (the venv + pip's downloads in the temp
@@ -27,10 +28,14 @@ free_kib() {
 NEED_MIB=7334
 stamp="$VENV/.keyface-test-reqs"
 if ! cmp -s "$ROOT/requirements-test.txt" "$stamp" 2>/dev/null; then
+  warned=" "
   for where in "$VENV" "${TMPDIR:-/tmp}"; do
-    free=$(free_kib "$where") || free=""
-    case $free in ''|*[!0-9]*) continue ;; esac  # no df, or output it cannot read: no warning
+    free="" mount=""
+    read -r free mount < <(disk_of "$where") || true
+    case ${free:-} in ''|*[!0-9]*) continue ;; esac  # no df, or output it cannot read: no warning
+    case $warned in *" $mount "*) continue ;; esac  # the venv and the temp folder on one disk: once
     if [ "$free" -lt $((NEED_MIB * 1024)) ]; then
+      warned="$warned$mount "
       log "WARNING: only $((free / 1024)) MiB free on the disk of $where; installing the test stack took"
       log "WARNING: $NEED_MIB MiB at its peak when measured (venv + pip's temporary downloads) and may fail with"
       log "WARNING: 'No space left on device'. Free some space, or set KEYFACE_VENV / TMPDIR to a larger disk."

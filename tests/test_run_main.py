@@ -220,11 +220,13 @@ def test_server_command_and_model_folders(tmp_path, cpu):
     assert f"    vae: {tmp_path / 'models' / 'vae'}\n" in yaml
 
 
-@pytest.mark.parametrize("free_kib, warned", [(1_000_000, True), (50_000_000, False), ("n/a", False)])
-def test_setup_warns_before_installing_on_a_small_disk(tmp_path, free_kib, warned):
+@pytest.mark.parametrize("free_kib, disks, warnings", [(1_000_000, "two", 2), (1_000_000, "one", 1),
+                                                     (50_000_000, "two", 0), ("n/a", "two", 0)])
+def test_setup_warns_before_installing_on_a_small_disk(tmp_path, free_kib, disks, warnings):
     """A fresh install of the test stack needs ~7.3 GB of disk (scripts/setup_env.sh, NEED_MIB): with
-    less free where the venv or the temp folder goes, a warning with the numbers comes before pip (a
-    stand-in df reports the space; a stand-in python stops the script right after)."""
+    less free where the venv or the temp folder goes, a warning with the numbers comes before pip, once
+    per disk. A stand-in df reports the space (each folder its own disk, or both one); a missing python
+    stops the script right after, where it would create the venv."""
     import shutil
 
     bin_dir = tmp_path / "bin"
@@ -232,21 +234,22 @@ def test_setup_warns_before_installing_on_a_small_disk(tmp_path, free_kib, warne
     for tool in ("bash", "cmp", "dirname", "awk", "date"):
         if shutil.which(tool):
             (bin_dir / tool).symlink_to(shutil.which(tool))
+    mount = '"${@: -1}"' if disks == "two" else "/"
     df = bin_dir / "df"
     df.write_text(f"#!{shutil.which('bash')}\necho 'Filesystem 1024-blocks Used Available Capacity Mounted on'\n"
-                  f"echo '/dev/x 90000000 1 {free_kib} 99% /'\n")
+                  f"echo /dev/x 90000000 1 {free_kib} 99% {mount}\n")
     df.chmod(0o755)
-    venv = tmp_path / "new" / "venv"
+    venv, tmp = tmp_path / "new" / "venv", tmp_path / "tmp"
+    tmp.mkdir()
     r = subprocess.run([str(bin_dir / "bash"), str(ROOT / "scripts" / "setup_env.sh")], capture_output=True, text=True,
-                       timeout=60, env={"PATH": str(bin_dir), "KEYFACE_VENV": str(venv), "TMPDIR": str(tmp_path),
+                       timeout=60, env={"PATH": str(bin_dir), "KEYFACE_VENV": str(venv), "TMPDIR": str(tmp),
                                         "PYTHON": str(tmp_path / "no-python")})
     assert r.returncode != 0 and "no-python" in r.stderr  # stopped where it would create the venv
-    warnings = [line for line in r.stdout.splitlines() if "WARNING: only" in line]
-    if warned:
-        assert len(warnings) == 2, r.stdout
-        assert f"only {free_kib // 1024} MiB free on the disk of {venv}" in warnings[0]
-        assert f"on the disk of {tmp_path};" in warnings[1]
+    found = [line for line in r.stdout.splitlines() if "WARNING: only" in line]
+    assert len(found) == warnings, r.stdout
+    if warnings:
+        assert f"only {free_kib // 1024} MiB free on the disk of {venv}" in found[0]
         assert "7334 MiB at its peak" in r.stdout and "No space left on device" in r.stdout
-    else:
-        assert not warnings, r.stdout
+    if warnings == 2:
+        assert f"on the disk of {tmp};" in found[1]
     assert not venv.exists()
