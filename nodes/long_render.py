@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 
+from ..keyface.memory import LATENT_DOWNSCALE
 from . import _common as C
 from .sampling import MAX_SEED, encode_identity
 
@@ -80,8 +81,8 @@ class KeyFaceLongRender(C.Mp4OutputNode):
                         keep_job=keep_job)
 
         model = interpolation_model
-        if tuple(model.latent_hw) != (keyframe_model.resolution // 8,) * 2:
-            raise ValueError(f"interpolation_model makes {model.latent_hw[0] * 8} px video but keyframe_model "
+        if tuple(model.latent_hw) != (keyframe_model.resolution // LATENT_DOWNSCALE,) * 2:
+            raise ValueError(f"interpolation_model makes {model.latent_hw[0] * LATENT_DOWNSCALE} px video but keyframe_model "
                              f"{keyframe_model.resolution} px: use models of the same resolution")
         if autoguidance and model.bad is None:
             raise ValueError("interpolation_model: autoguidance is on but no autoguidance (bad) model was loaded")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
+from ..keyface.memory import LATENT_DOWNSCALE
 from . import _common as C
 from .decode import decode_chunks, segments_from_latent
 from .face import _paste_inputs, face_paster
@@ -48,7 +49,7 @@ class KeyFaceSaveVideo(C.Mp4OutputNode):
 
         C.check_widgets(type(self), filename_prefix=filename_prefix, chunk_frames=chunk_frames, crf=crf)
         seg, n = segments_from_latent(latent)
-        frame_size = int(seg.shape[-1]) * 8, int(seg.shape[-2]) * 8
+        frame_size = int(seg.shape[-1]) * LATENT_DOWNSCALE, int(seg.shape[-2]) * LATENT_DOWNSCALE
         paster = face_paster(face_crop, feather, color_match)  # None without a face_crop
         size = frame_size if paster is None else (paster.width, paster.height)
         waveform, sr = C.first_clip(audio)

@@ -27,7 +27,9 @@ disk_of() {
 # folder), 5,508 MiB once done. A full disk otherwise shows up as a pip traceback deep in a download.
 NEED_MIB=7334
 stamp="$VENV/.keyface-test-reqs"
-if ! cmp -s "$ROOT/requirements-test.txt" "$stamp" 2>/dev/null; then
+stack_missing=0  # the venv lacks the test stack of requirements-test.txt (or an older one)
+cmp -s "$ROOT/requirements-test.txt" "$stamp" 2>/dev/null || stack_missing=1
+if [ $stack_missing = 1 ]; then
   warned=" "
   for where in "$VENV" "${TMPDIR:-/tmp}"; do
     free="" mount=""
@@ -48,7 +50,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
-if ! cmp -s "$ROOT/requirements-test.txt" "$stamp" 2>/dev/null; then
+if [ $stack_missing = 1 ]; then
   log "installing the test stack (torch 2.11 CUDA build from PyPI, runs on the CPU; ~70 s)"
   "${PIP[@]}" -r "$ROOT/requirements-test.txt"
   cp "$ROOT/requirements-test.txt" "$stamp"

@@ -181,21 +181,29 @@ def test_readme_download_commands_give_what_run_sh_and_the_workflows_use(run_mai
         assert defaults["KeyFaceInterpolationModelLoader"] == [names["interpolation"], names["interpolation_bad"]], wf_path.name
 
 
+def _tools_dir(tmp_path, tools) -> Path:
+    """A folder of links to ``tools``: the whole PATH of a scripts/setup_env.sh run that must not
+    find anything else (apt-get, python3, the real df)."""
+    import shutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in tools:
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    return bin_dir
+
+
 @pytest.mark.parametrize("env,strict", [({}, False), ({"CI": "true"}, True), ({"KEYFACE_REQUIRE_BROWSER": "1"}, True)])
 def test_chromium_is_best_effort_except_in_ci(tmp_path, env, strict):
     """scripts/setup_env.sh on a machine without apt-get: a notice for scripts/test.sh, a failure
     under .ci/run's variables. PATH holds only the tools the script needs besides apt-get."""
-    import shutil
     import sys
 
     venv = Path(sys.prefix)
     stamp = venv / ".keyface-test-reqs"
     if not stamp.is_file() or stamp.read_bytes() != (ROOT / "requirements-test.txt").read_bytes():
         pytest.skip("runs only inside the venv scripts/setup_env.sh made (else it would pip install)")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("bash", "cmp", "dirname", "cp", "id", "tr"):
-        (bin_dir / tool).symlink_to(shutil.which(tool))
+    bin_dir = _tools_dir(tmp_path, ("bash", "cmp", "dirname", "cp", "id", "tr"))
     r = subprocess.run([str(bin_dir / "bash"), str(ROOT / "scripts" / "setup_env.sh")], capture_output=True, text=True,
                        timeout=60, env={"PATH": str(bin_dir), "KEYFACE_VENV": str(venv), "KEYFACE_SKIP_COMFYUI": "1",
                                         "KEYFACE_WITH_BROWSER": "1", "KEYFACE_CHROMIUM": str(tmp_path / "none"), **env})
@@ -229,11 +237,7 @@ def test_setup_warns_before_installing_on_a_small_disk(tmp_path, free_kib, disks
     stops the script right after, where it would create the venv."""
     import shutil
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("bash", "cmp", "dirname", "awk", "date"):
-        if shutil.which(tool):
-            (bin_dir / tool).symlink_to(shutil.which(tool))
+    bin_dir = _tools_dir(tmp_path, ("bash", "cmp", "dirname", "awk"))
     mount = '"${@: -1}"' if disks == "two" else "/"
     df = bin_dir / "df"
     df.write_text(f"#!{shutil.which('bash')}\necho 'Filesystem 1024-blocks Used Available Capacity Mounted on'\n"
